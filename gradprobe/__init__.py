@@ -1,0 +1,26 @@
+"""gradprobe: gradient-conflict diagnostics for multimodal LLMs.
+
+Measures how video fine-tuning gradients align with image gradients in a shared
+model, per frame budget, with confidence intervals and the threshold m*.
+"""
+
+from gradprobe._version import __version__
+from gradprobe.errors import BudgetError, DataError, GradprobeError, InputError, ModelError
+from gradprobe.estimators.align import AlignInterrupted, AlignReport, Progress, align
+from gradprobe.probe import GradientProbe, ReferenceStore, select_parameters
+
+__all__ = [
+    "AlignInterrupted",
+    "AlignReport",
+    "BudgetError",
+    "DataError",
+    "GradientProbe",
+    "GradprobeError",
+    "InputError",
+    "ModelError",
+    "Progress",
+    "ReferenceStore",
+    "__version__",
+    "align",
+    "select_parameters",
+]

@@ -1,0 +1,1 @@
+"""Estimators built on the probe engine."""

@@ -1,0 +1,214 @@
+"""GradientProbe: streamed per-parameter gradient statistics from backward hooks.
+
+Each selected parameter gets a ``Tensor.register_post_accumulate_grad_hook``. When
+autograd has accumulated that parameter's gradient, the hook computes, in fp32
+(fp64 for fp64 models):
+
+* the dot products of the gradient with every row of a :class:`ReferenceStore`,
+* its squared norm,
+* optionally the dot with a running-sum row and then adds the gradient into it,
+* optionally adds the gradient into one row of another store,
+
+then may free the gradient (``p.grad = None``). Results stay on the parameter's
+device as small tensors until the batch ends; one transfer per device brings
+them to the host. No flattened copy of the whole gradient is ever made.
+
+Hooks exist only inside :meth:`GradientProbe.attached` and are removed in
+``finally``, also when the run raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradprobe.errors import InputError
+from gradprobe.probe.select import Selection
+from gradprobe.probe.store import ReferenceStore
+
+LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+
+
+@dataclass
+class BatchGrad:
+    """What the hooks measured for one batch, per parameter (host, float64)."""
+
+    loss: float
+    dots: np.ndarray  # (P, R): dot with each reference row
+    sqnorm: np.ndarray  # (P,)
+    pair: np.ndarray | None  # (P,): dot with the running sum before adding, or None
+    fired: np.ndarray  # (P,) bool: the parameter received a gradient
+    finite: bool  # every gradient entry finite (and the loss)
+
+    def by_module(self, values: np.ndarray, index: np.ndarray, n_modules: int) -> np.ndarray:
+        """Sum per-parameter ``values`` (P, ...) into modules."""
+        out = np.zeros((n_modules,) + values.shape[1:], dtype=np.float64)
+        np.add.at(out, index, values)
+        return out
+
+
+@dataclass
+class _Job:
+    refs: ReferenceStore | None
+    accumulate: ReferenceStore | None
+    accumulate_row: int
+    pair_sum: ReferenceStore | None
+    free_grads: bool
+    results: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class GradientProbe:
+    """Streams gradient statistics of a model's selected parameters during backward.
+
+    Args:
+        model: any ``torch.nn.Module``.
+        selection: the parameters to watch (see :func:`gradprobe.probe.select.select_parameters`).
+
+    Example:
+        >>> import torch
+        >>> from gradprobe.probe import GradientProbe, select_parameters
+        >>> model = torch.nn.Linear(3, 1)
+        >>> probe = GradientProbe(model, select_parameters(model))
+        >>> with probe.attached():
+        ...     r = probe.run_batch(lambda m, b: m(b).sum(), torch.ones(2, 3))
+        >>> float(r.sqnorm.sum())  # |grad W|^2 + |grad b|^2 = 3*2^2 + 2^2
+        16.0
+    """
+
+    def __init__(self, model: torch.nn.Module, selection: Selection) -> None:
+        self.model = model
+        self.selection = selection
+        self.params = list(selection.params)
+        self.module_names = selection.module_names
+        pos = {m: i for i, m in enumerate(self.module_names)}
+        self.module_index = np.array([pos[m] for m in selection.modules], dtype=np.int64)
+        self.acc_dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
+        self._job: _Job | None = None
+        self._handles: list[Any] = []
+
+    # ------------------------------------------------------------------ hooks
+    @property
+    def active(self) -> bool:
+        """True while hooks are registered."""
+        return bool(self._handles)
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[GradientProbe]:
+        """Register the hooks for the duration of the block; always remove them."""
+        if self._handles:
+            raise InputError("this GradientProbe is already attached")
+        try:
+            for i, p in enumerate(self.params):
+                self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(i)))
+            yield self
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+            self._job = None
+
+    def _make_hook(self, i: int) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            job = self._job
+            if job is None or p.grad is None:
+                return
+            g = p.grad.reshape(-1)
+            acc = self.acc_dtype
+            ga = g if g.dtype == acc else g.to(acc)
+            parts = []
+            if job.refs is not None:
+                ref = job.refs.tensors[i]
+                if ref.device != ga.device:
+                    ref = ref.to(ga.device, non_blocking=True)
+                parts.append(torch.mv(ref if ref.dtype == acc else ref.to(acc), ga))
+            parts.append(torch.dot(ga, ga).reshape(1))
+            if job.pair_sum is not None:
+                s = job.pair_sum.tensors[i]
+                s_dev = s if s.device == ga.device else s.to(ga.device, non_blocking=True)
+                s_row = s_dev[0] if s_dev.dtype == acc else s_dev[0].to(acc)
+                parts.append(torch.dot(s_row, ga).reshape(1))
+                # a non-finite gradient must not poison later batches' pair dots
+                s[0].add_(torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0).to(device=s.device, dtype=s.dtype))
+            if job.accumulate is not None:
+                t = job.accumulate.tensors[i]
+                t[job.accumulate_row].add_(g.to(device=t.device, dtype=t.dtype))
+            job.results[i] = torch.cat(parts)
+            if job.free_grads:
+                p.grad = None
+
+        return hook
+
+    # ------------------------------------------------------------------ batches
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def run_batch(
+        self,
+        loss_fn: LossFn,
+        batch: Any,
+        *,
+        refs: ReferenceStore | None = None,
+        accumulate: ReferenceStore | None = None,
+        accumulate_row: int = 0,
+        pair_sum: ReferenceStore | None = None,
+        free_grads: bool = True,
+    ) -> BatchGrad:
+        """Forward and backward one batch with the hooks measuring.
+
+        Args:
+            loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+            batch: passed to ``loss_fn`` untouched.
+            refs: dot every gradient with each row of this store.
+            accumulate: add the gradient into row ``accumulate_row`` of this store.
+            pair_sum: a one-row store; the hook dots the gradient with it, then adds the gradient in.
+            free_grads: set ``p.grad = None`` in the hook once measured.
+
+        Returns:
+            A :class:`BatchGrad` (host arrays, float64).
+        """
+        if not self._handles:
+            raise InputError("GradientProbe.run_batch needs the probe attached (use `with probe.attached():`)")
+        self.zero_grad()
+        self._job = _Job(refs, accumulate, accumulate_row, pair_sum, free_grads)
+        try:
+            loss = loss_fn(self.model, batch)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise InputError("loss_fn must return a scalar tensor")
+            if not loss.requires_grad:
+                raise InputError("loss_fn returned a tensor that does not require grad: no selected parameter is in its graph")
+            loss.backward()
+            job = self._job
+        finally:
+            self._job = None
+        if free_grads:
+            self.zero_grad()  # parameters whose hook did not fire hold no grad either
+        return self._collect(job, float(loss.detach()), refs.rows if refs is not None else 0, pair_sum is not None)
+
+    def _collect(self, job: _Job, loss: float, n_refs: int, has_pair: bool) -> BatchGrad:
+        width = n_refs + 1 + int(has_pair)
+        P = len(self.params)
+        table = np.zeros((P, width), dtype=np.float64)
+        fired = np.zeros(P, dtype=bool)
+        by_device: dict[torch.device, list[int]] = {}
+        for i, t in job.results.items():
+            by_device.setdefault(t.device, []).append(i)
+        for idx in by_device.values():
+            stacked = torch.stack([job.results[i] for i in idx]).to("cpu", torch.float64).numpy()
+            table[idx] = stacked
+            fired[idx] = True
+        finite = bool(np.isfinite(table).all()) and math.isfinite(loss)
+        return BatchGrad(
+            loss=loss,
+            dots=table[:, :n_refs],
+            sqnorm=table[:, n_refs],
+            pair=table[:, n_refs + 1] if has_pair else None,
+            fired=fired,
+            finite=finite,
+        )

@@ -1,0 +1,1 @@
+"""Outputs: summary.json schemas, CSV tables, plots (plots read saved outputs only)."""

@@ -1,0 +1,93 @@
+"""Output files: summary.json and the CSV tables, written and read back."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from gradprobe.errors import DataError
+
+ALIGN_SCHEMA = "gradprobe.align/1"
+SUMMARY = "summary.json"
+ALIGNMENT = "alignment.csv"
+MODULES = "modules.csv"
+MODULE_BATCHES = "module_batches.csv"
+IMAGES = "images.csv"
+
+
+def _clean(x: Any) -> Any:
+    """Make a value JSON-safe: NaN/inf become None, numpy scalars plain Python."""
+    if isinstance(x, Mapping):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
+        try:
+            x = x.item()
+        except (ValueError, AttributeError):
+            pass
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_json(path: str | os.PathLike[str], obj: Mapping[str, Any]) -> None:
+    """Write JSON atomically (temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+class RowSink:
+    """Appends rows to a CSV file as they are computed, flushing each one.
+
+    A run that is killed keeps every row already written. The columns are fixed
+    by the first row; later rows must have the same keys.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._fh = None
+        self._writer: csv.DictWriter[str] | None = None
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        if self._writer is None:
+            self._fh = open(self.path, "w", newline="")  # noqa: SIM115 - closed in close()
+            self._writer = csv.DictWriter(self._fh, fieldnames=list(row))
+            self._writer.writeheader()
+        self._writer.writerow(dict(row))
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def read_align_dir(out_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
+    """Read ``summary.json``, ``alignment.csv`` and ``modules.csv`` of an align output dir.
+
+    Raises:
+        DataError: if the directory or a file is missing, or the schema is not ``gradprobe.align/1``.
+    """
+    d = Path(out_dir)
+    if not d.is_dir():
+        raise DataError(f"{d}: no such output directory")
+    for name in (SUMMARY, ALIGNMENT, MODULES):
+        if not (d / name).is_file():
+            raise DataError(f"{d / name}: missing; is {d} the --out directory of `gradprobe align`?")
+    try:
+        summary = json.loads((d / SUMMARY).read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{d / SUMMARY}: not valid JSON ({e})") from None
+    if summary.get("schema") != ALIGN_SCHEMA:
+        raise DataError(f"{d / SUMMARY}: schema is {summary.get('schema')!r}, expected {ALIGN_SCHEMA!r}")
+    return summary, pd.read_csv(d / ALIGNMENT), pd.read_csv(d / MODULES)

@@ -1,0 +1,46 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+class TinyNet(torch.nn.Module):
+    """A small nonlinear model with named blocks, an unused parameter and a shared (tied) weight."""
+
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.embed = torch.nn.Linear(5, 6).to(dtype)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(6, 6).to(dtype) for _ in range(2)])
+        self.head = torch.nn.Linear(6, 3).to(dtype)
+        self.unused = torch.nn.Parameter(torch.randn(4, dtype=dtype, generator=g))
+        for p in self.parameters():
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.5)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        for b in self.blocks:
+            h = h + torch.tanh(b(h))
+        h = torch.tanh(self.blocks[0](h))  # block 0 used twice: its grad accumulates over two uses
+        return self.head(h)
+
+
+def tiny_loss(model, batch):
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+def make_batches(n, seed, shift=0.0, dtype=torch.float64, size=4):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(size, 5, generator=g, dtype=dtype) + shift, torch.randint(0, 3, (size,), generator=g))
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture
+def tiny():
+    return TinyNet()
