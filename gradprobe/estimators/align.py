@@ -38,6 +38,8 @@ __all__ = ["AlignInterrupted", "AlignReport", "Progress", "align"]
 
 #: Default largest number of image groups (reference rows) kept.
 MAX_DEFAULT_GROUPS = 8
+#: Fewer image groups than this and the intervals can under-cover (see tests/test_planted.py).
+MIN_GOOD_GROUPS = 4
 
 
 class Progress:
@@ -241,6 +243,11 @@ def align(
                     "only one image group: intervals treat ḡ_img as exact and norm_img is unavailable; "
                     "use more image batches or image_groups >= 2"
                 )
+            elif store.rows < MIN_GOOD_GROUPS:
+                warn(
+                    f"only {store.rows} image groups: with fewer than {MIN_GOOD_GROUPS} the intervals may "
+                    "under-cover when image-batch noise dominates; use more image batches or image_groups"
+                )
 
             # ---- video phase
             pair_store = ReferenceStore(selection.params, 1, ref_dtype, reference_device) if video_norms else None
@@ -391,7 +398,7 @@ def _finalize(
         cos = np.where((img_norm_est > 0) & (vnorm > 0), d / (img_norm_est * np.where(vnorm > 0, vnorm, 1.0)), np.nan)
         pairs_ok = acc.pair_valid and settings["video_norms"]
         vid_sq_unb = stats.unbiased_sqnorm_from_pairs(acc.pair, J) if pairs_ok else None
-        boot_ci = stats.percentile_ci(draws[m]) if m in draws else None
+        boot_ci = stats.percentile_ci(draws[m], df=ci.df) if m in draws else None
         norm_img = stats.sqrt_or_none(img_sq_unb)
         norm_vid = stats.sqrt_or_none(vid_sq_unb)
         info_means = {}
