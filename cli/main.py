@@ -1,0 +1,206 @@
+"""The ``gradprobe`` command line: thin commands that parse options and call the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="gradprobe",
+    help="Gradient-conflict diagnostics for multimodal LLMs: image–video gradient alignment across frame budgets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _fmt(x: Any, spec: str = ".4g") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def _ci(c: Any) -> str:
+    return "—" if not c else f"[{c[0]:.3g}, {c[1]:.3g}]"
+
+
+def render_align(summary: dict[str, Any], console: Console) -> None:
+    """Print the alignment table and the m* lines."""
+    t = Table(title="image–video gradient alignment A(m) = ⟨ḡ_img, g_vid^(m)⟩", title_justify="left")
+    for col in ("m", "n", "mean A(m)", "95% CI (t)", "95% CI (boot)", "frac<0", "mean cos", "‖E g_img‖", "‖E g_vid‖"):
+        t.add_column(col, justify="right")
+    for b in summary["budgets"]:
+        if b.get("mean") is None:
+            t.add_row(str(b["frames"]), str(b.get("n", 0)), "—", "—", "—", "—", "—", "—", "—")
+            continue
+        style = "red" if b["ci95_t"] and b["ci95_t"][1] < 0 else ("green" if b["ci95_t"] and b["ci95_t"][0] > 0 else "")
+        t.add_row(
+            str(b["frames"]), str(b["n"]), _fmt(b["mean"]), _ci(b["ci95_t"]), _ci(b["ci95_boot"]),
+            _fmt(b["frac_negative"], ".2f"), _fmt(b["mean_cos"], ".3f"), _fmt(b["norm_img"]), _fmt(b["norm_vid"]),
+            style=style,
+        )
+    console.print(t)
+    ms = summary["m_star"]
+    boot = ", ".join(f"{k}: {v:.2f}" for k, v in ms.get("bootstrap", {}).items() if v > 0)
+    console.print(
+        f"m* (empirical, smallest m with mean A(m) ≤ 0): [bold]{ms['empirical'] if ms['empirical'] is not None else 'none in the grid'}[/]"
+        f"   zero crossing (log2 interpolation): {_fmt(ms['zero_crossing'], '.3g')}"
+    )
+    if boot:
+        console.print(f"bootstrap distribution of m*: {boot}")
+    if ms.get("note"):
+        console.print(f"[dim]{ms['note']}[/]")
+    s = summary["settings"]
+    im = summary["image"]
+    console.print(
+        f"[dim]{im['n_batches']} image batches in {im['groups']} groups; {s['n_params']:,} parameters in "
+        f"{s['n_modules']} modules; intervals carry image-group and video-batch uncertainty[/]"
+    )
+    for w in summary.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+class _RichProgress:
+    def __init__(self, console: Console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          console=console, transient=True)
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _RichProgress:
+        self.p.start()
+        return self
+
+    def __exit__(self, *a: object) -> None:
+        self.p.stop()
+
+    def start(self, phase: str, total: int | None) -> None:
+        self.tasks[phase] = self.p.add_task(phase, total=total)
+
+    def advance(self, phase: str) -> None:
+        self.p.advance(self.tasks[phase])
+
+    def finish(self, phase: str) -> None:
+        self.p.remove_task(self.tasks.pop(phase))
+
+
+@app.command()
+def align(
+    frames: Annotated[str, typer.Option(help="Frame budgets m, comma-separated.")] = "8,16,32,64",
+    model: Annotated[str | None, typer.Option(help="Model checkpoint directory (default: the toy).")] = None,
+    image_data: Annotated[str | None, typer.Option(help="JSONL of image records.")] = None,
+    video_data: Annotated[str | None, typer.Option(help="JSONL of video records.")] = None,
+    data_root: Annotated[str | None, typer.Option(help="Directory media paths are relative to (default: each JSONL's).")] = None,
+    image_batches: Annotated[int, typer.Option(help="K, image minibatches for ḡ_img.")] = 8,
+    video_batches: Annotated[int, typer.Option(help="J, video minibatches per budget (same clips at every m).")] = 12,
+    batch_size: Annotated[int, typer.Option(help="Image minibatch size.")] = 16,
+    video_batch_size: Annotated[int, typer.Option(help="Video minibatch size.")] = 4,
+    include: Annotated[list[str] | None, typer.Option(help="Regex of parameter names to probe (repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Regex of parameter names to skip (repeatable).")] = None,
+    roles: Annotated[str | None, typer.Option(help="Parameter roles: vision,projector,language,head.")] = None,
+    image_groups: Annotated[int | None, typer.Option(help="G, image-group means kept (default: largest divisor of K ≤ 8).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str | None, typer.Option(help="Model dtype (default float32 on CPU, bfloat16 on GPU).")] = None,
+    reference_device: Annotated[str, typer.Option(help="Where ḡ_img lives: model (its device) or cpu (pinned).")] = "model",
+    reference_dtype: Annotated[str | None, typer.Option(help="dtype of ḡ_img (default float32).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap and of the run.")] = 0,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
+    out: Annotated[str, typer.Option(help="Output directory.")] = "gradprobe-align",
+    json_out: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout instead of the table.")] = False,
+    cache_dir: Annotated[str | None, typer.Option(help="Toy cache directory (default $GRADPROBE_CACHE or ~/.cache/gradprobe).")] = None,
+) -> None:
+    """Measure A(m) = ⟨ḡ_img, g_vid^(m)⟩ per frame budget, with 95% CIs and the threshold m*."""
+    from gradprobe import AlignInterrupted, GradprobeError
+    from gradprobe.run import AlignOptions, run_align
+
+    opts = AlignOptions(
+        frames=frames, model=model, image_data=image_data, video_data=video_data, data_root=data_root,
+        image_batches=image_batches, video_batches=video_batches, batch_size=batch_size,
+        video_batch_size=video_batch_size, include=include or [], exclude=exclude or [], roles=roles,
+        image_groups=image_groups, device=device, dtype=dtype, reference_device=reference_device,
+        reference_dtype=reference_dtype, seed=seed, n_boot=n_boot, out=out, cache_dir=cache_dir,
+    )
+    out_console = Console() if not json_out else err
+    try:
+        with _RichProgress(err) as progress:
+            report = run_align(opts, progress=progress, log=lambda s: err.print(f"[dim]{s}[/]"))
+    except GradprobeError as e:
+        _fail(str(e))
+    except AlignInterrupted as e:
+        render_align(e.report.summary, out_console)
+        err.print(f"[yellow]interrupted:[/] partial results written to {out}")
+        raise typer.Exit(130) from None
+    if json_out:
+        sys.stdout.write(json.dumps(report.summary, indent=2) + "\n")
+    else:
+        render_align(report.summary, out_console)
+    err.print(f"wrote {Path(out) / 'summary.json'}, alignment.csv, modules.csv")
+
+
+@app.command()
+def plot(
+    out_dir: Annotated[str, typer.Argument(help="An output directory of `gradprobe align`.")],
+) -> None:
+    """Draw the alignment curve and the module × budget heatmap (PNG) from saved outputs."""
+    from gradprobe import GradprobeError
+    from gradprobe.report.plots import plot_dir
+
+    try:
+        paths = plot_dir(out_dir)
+    except GradprobeError as e:
+        _fail(str(e))
+    for p in paths:
+        Console().print(f"wrote {p}")
+
+
+@app.command()
+def toy(
+    cache_dir: Annotated[str | None, typer.Option(help="Cache directory (default $GRADPROBE_CACHE or ~/.cache/gradprobe).")] = None,
+    steps: Annotated[int, typer.Option(help="Image-stage training steps.")] = 900,
+    train_images: Annotated[int, typer.Option(help="Training images.")] = 4000,
+    seed: Annotated[int, typer.Option(help="Seed of data, initialisation and training.")] = 0,
+    rebuild: Annotated[bool, typer.Option(help="Build again even if cached.")] = False,
+) -> None:
+    """Build (or find) the cached toy model and print its held-out image accuracy."""
+    from gradprobe import GradprobeError
+    from gradprobe.toybox import ToySpec, ensure_toy
+
+    try:
+        spec = ToySpec(seed=seed, steps=steps, n_train_images=train_images)
+        t = ensure_toy(spec, cache_dir, rebuild=rebuild, log=lambda s: err.print(f"[dim]{s}[/]"))
+    except GradprobeError as e:
+        _fail(str(e))
+    acc = t.info["image_accuracy"]
+    init = t.info["initial_image_accuracy"]
+    c = Console()
+    c.print(f"toy model: {t.model_dir}")
+    c.print(f"data:      {t.data_dir}")
+    c.print(
+        f"held-out image accuracy ({acc['n']} questions): free {acc['free']:.3f}, answer-restricted "
+        f"{acc['restricted']:.3f} (before training: {init['free']:.3f} / {init['restricted']:.3f}; "
+        f"majority answer {acc['majority']:.3f})"
+    )
+
+
+def main() -> None:
+    """Console-script entry point: one-line errors for bad input, exit code 2."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: records, video decoding, frame samplers, and the ShapesWorld synthetic world."""

@@ -1,0 +1,253 @@
+"""ShapesWorld: a procedurally generated image and video world with known answers.
+
+Images (PNG) hold 1–4 small coloured shapes on a grey canvas; their questions need
+fine spatial detail (colour, shape, existence, count, left/right position), like
+MME's perception subtasks. Videos (MP4, 64 frames) mix four question kinds that
+need different temporal budgets:
+
+* ``static`` — an attribute visible in every frame (one frame suffices);
+* ``motion`` — the direction a shape moves (two frames);
+* ``order`` — which of two shapes appears first (a frame inside a short window);
+* ``blink`` — how many times a small light blinks (dense sampling).
+
+Each video record carries ``m_min``, the smallest budget m for which the uniform
+sampler Φ_m (:func:`gradprobe.data.sampling.uniform_indices`) shows enough to
+answer, computed by brute force from the generated timeline. Records are
+LLaVA-style JSONL lines; each also carries ``qtype`` and ``choices`` (the valid
+answers of its question type, for answer-restricted scoring). Everything is
+deterministic by seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from gradprobe.data.sampling import uniform_indices
+from gradprobe.data.video import write_mp4
+
+SIZE = 64
+VIDEO_FRAMES = 64
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 80, 220),
+    "yellow": (230, 210, 40),
+}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUND = (120, 120, 120)
+NUMBERS = ("1", "2", "3", "4")
+YESNO = ("yes", "no")
+SIDES = ("left", "right")
+DIRECTIONS = ("left", "right", "up", "down")
+
+IMAGE_QTYPES = ("colour", "exist", "count", "position")
+VIDEO_QTYPES = ("static", "motion", "order", "blink")
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    colour: str
+    x: float  # centre, pixels
+    y: float
+    r: float  # half-size, pixels
+
+
+def draw(shapes: list[Shape], size: int = SIZE, light: bool = False) -> np.ndarray:
+    """Render shapes (and optionally the blinking light, top-left corner) to (H, W, 3) uint8."""
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    for s in shapes:
+        c = COLOURS[s.colour]
+        box = [s.x - s.r, s.y - s.r, s.x + s.r, s.y + s.r]
+        if s.kind == "circle":
+            d.ellipse(box, fill=c)
+        elif s.kind == "square":
+            d.rectangle(box, fill=c)
+        else:
+            d.polygon([(s.x, s.y - s.r), (s.x - s.r, s.y + s.r), (s.x + s.r, s.y + s.r)], fill=c)
+    if light:
+        d.rectangle([1, 1, 6, 6], fill=(255, 255, 255))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _place(rng: np.random.Generator, n: int, r_lo: float = 5, r_hi: float = 8) -> list[tuple[float, float, float]]:
+    """n non-overlapping (x, y, r) placements inside the canvas."""
+    out: list[tuple[float, float, float]] = []
+    for _ in range(1000):
+        if len(out) == n:
+            break
+        r = float(rng.uniform(r_lo, r_hi))
+        x, y = (float(v) for v in rng.uniform(r + 9, SIZE - r - 2, size=2))
+        if all((x - a) ** 2 + (y - b) ** 2 > (r + c + 2) ** 2 for a, b, c in out):
+            out.append((x, y, r))
+    return out
+
+
+def _record(rid: str, key: str, path: str, question: str, answer: str, qtype: str, choices: tuple[str, ...],
+            **extra: Any) -> dict[str, Any]:
+    return {
+        "id": rid,
+        key: path,
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"},
+            {"from": "gpt", "value": answer},
+        ],
+        "qtype": qtype,
+        "choices": list(choices),
+        **extra,
+    }
+
+
+def image_sample(rng: np.random.Generator) -> tuple[np.ndarray, str, str, str, tuple[str, ...]]:
+    """One image with a question: returns (pixels, question, answer, qtype, choices)."""
+    n = int(rng.integers(1, 5))
+    spots = _place(rng, n)
+    shapes = [Shape(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), x, y, r) for x, y, r in spots]
+    qtype = str(rng.choice(IMAGE_QTYPES))
+    if qtype == "colour":
+        s = shapes[int(rng.integers(len(shapes)))]
+        same = [t for t in shapes if t.kind == s.kind]
+        if len(same) == 1:
+            return draw(shapes), f"what colour is the {s.kind} ?", s.colour, qtype, tuple(COLOURS)
+        qtype = "exist"
+    if qtype == "exist":
+        if rng.random() < 0.5:
+            s = shapes[int(rng.integers(len(shapes)))]
+            kind, colour = s.kind, s.colour
+        else:
+            kind, colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
+        yes = any(t.kind == kind and t.colour == colour for t in shapes)
+        return draw(shapes), f"is there a {colour} {kind} ?", "yes" if yes else "no", qtype, YESNO
+    if qtype == "count":
+        return draw(shapes), "how many shapes are there ?", str(len(shapes)), qtype, NUMBERS
+    # position: a shape unique by colour and kind, left or right half
+    s = shapes[int(rng.integers(len(shapes)))]
+    if sum(t.kind == s.kind and t.colour == s.colour for t in shapes) > 1 or abs(s.x - SIZE / 2) < 4:
+        return draw(shapes), "how many shapes are there ?", str(len(shapes)), "count", NUMBERS
+    side = "left" if s.x < SIZE / 2 else "right"
+    return draw(shapes), f"is the {s.colour} {s.kind} on the left or the right ?", side, "position", SIDES
+
+
+def _m_min(answerable: "callable[[np.ndarray], bool]", total: int = VIDEO_FRAMES) -> int:
+    """Smallest m whose uniform sample of frame indices makes the question answerable."""
+    for m in range(1, 4 * total + 1):
+        if answerable(uniform_indices(total, m)):
+            return m
+    return 4 * total
+
+
+def video_sample(rng: np.random.Generator, qtype: str | None = None) -> tuple[np.ndarray, str, str, str,
+                                                                               tuple[str, ...], int]:
+    """One 64-frame clip with a question: (frames, question, answer, qtype, choices, m_min)."""
+    T = VIDEO_FRAMES
+    qtype = qtype or str(rng.choice(VIDEO_QTYPES))
+    kind = str(rng.choice(SHAPES))
+    colour = str(rng.choice(list(COLOURS)))
+    if qtype == "static":
+        (x, y, r), = _place(rng, 1)
+        dx, dy = rng.uniform(-0.08, 0.08, size=2)  # slight drift, no clear direction
+        frames = np.stack([draw([Shape(kind, colour, x + dx * t, y + dy * t, r)]) for t in range(T)])
+        if rng.random() < 0.5:
+            return frames, f"what colour is the {kind} ?", colour, qtype, tuple(COLOURS), 1
+        other = str(rng.choice([k for k in SHAPES if k != kind])) if rng.random() < 0.5 else kind
+        ans = "yes" if other == kind else "no"
+        return frames, f"is there a {colour} {other} in the video ?", ans, qtype, YESNO, 1
+    if qtype == "motion":
+        direction = str(rng.choice(DIRECTIONS))
+        r = 6.0
+        lo, hi = r + 9, SIZE - r - 2
+        start = {"left": (hi, (lo + hi) / 2), "right": (lo, (lo + hi) / 2),
+                 "up": ((lo + hi) / 2, hi), "down": ((lo + hi) / 2, lo)}[direction]
+        step = (hi - lo) / (T - 1)
+        vx, vy = {"left": (-step, 0), "right": (step, 0), "up": (0, -step), "down": (0, step)}[direction]
+        frames = np.stack([draw([Shape(kind, colour, start[0] + vx * t, start[1] + vy * t, r)]) for t in range(T)])
+        return frames, f"which way does the {kind} move ?", direction, qtype, DIRECTIONS, 2
+    if qtype == "order":
+        kinds = [str(k) for k in rng.choice(SHAPES, size=2, replace=False)]
+        t1 = int(rng.integers(4, 40))
+        t2 = t1 + int(rng.integers(2, 10))  # the first shape is alone for a short window
+        spots = _place(rng, 2)
+        cols = [str(c) for c in rng.choice(list(COLOURS), size=2)]
+        frames = np.stack([
+            draw([Shape(kinds[i], cols[i], *spots[i]) for i, ti in enumerate((t1, t2)) if t >= ti])
+            for t in range(T)
+        ])
+        m_min = _m_min(lambda idx: bool(np.any((idx >= t1) & (idx < t2))))
+        return frames, "which shape appears first ?", kinds[0], qtype, SHAPES, m_min
+    # blink: a light blinks n times, each for 2 frames, with gaps of at least 3 dark frames
+    n = int(rng.integers(1, 4))
+    (x, y, r), = _place(rng, 1)
+    starts = sorted(int(s) for s in rng.choice(np.arange(2, T - 3, 6), size=n, replace=False))
+    on = np.zeros(T, dtype=bool)
+    for s in starts:
+        on[s : s + 2] = True
+    frames = np.stack([draw([Shape(kind, colour, x, y, r)], light=bool(on[t])) for t in range(T)])
+
+    def countable(idx: np.ndarray) -> bool:
+        seen = on[idx]
+        runs = int(np.sum(seen[1:] & ~seen[:-1]) + seen[0])
+        return runs == n and all(np.any((idx >= s) & (idx < s + 2)) for s in starts)
+
+    return frames, "how many times does the light blink ?", str(n), "blink", NUMBERS[:3], _m_min(countable)
+
+
+def generate(
+    root: str | os.PathLike[str],
+    *,
+    n_images: int,
+    n_videos: int,
+    seed: int = 0,
+    split: str = "train",
+) -> tuple[Path, Path]:
+    """Write ShapesWorld files under ``root`` and return the image and video JSONL paths.
+
+    Files: ``root/{split}_images/*.png``, ``root/{split}_videos/*.mp4``,
+    ``root/{split}_images.jsonl``, ``root/{split}_videos.jsonl``.
+    """
+    root = Path(root)
+    rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
+    img_dir, vid_dir = root / f"{split}_images", root / f"{split}_videos"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    vid_dir.mkdir(parents=True, exist_ok=True)
+    img_jsonl, vid_jsonl = root / f"{split}_images.jsonl", root / f"{split}_videos.jsonl"
+    with open(img_jsonl, "w") as fh:
+        for i in range(n_images):
+            pix, q, a, qt, ch = image_sample(rng)
+            rel = f"{split}_images/{i:06d}.png"
+            Image.fromarray(pix).save(root / rel)
+            fh.write(json.dumps(_record(f"{split}-img-{i:06d}", "image", rel, q, a, qt, ch)) + "\n")
+    with open(vid_jsonl, "w") as fh:
+        for i in range(n_videos):
+            frames, q, a, qt, ch, m_min = video_sample(rng, VIDEO_QTYPES[i % len(VIDEO_QTYPES)])
+            rel = f"{split}_videos/{i:06d}.mp4"
+            write_mp4(root / rel, frames)
+            fh.write(json.dumps(_record(f"{split}-vid-{i:06d}", "video", rel, q, a, qt, ch, m_min=m_min)) + "\n")
+    return img_jsonl, vid_jsonl
+
+
+def vocabulary() -> list[str]:
+    """Every word ShapesWorld questions and answers use (for training a tokenizer)."""
+    words: set[str] = set(COLOURS) | set(SHAPES) | set(NUMBERS) | set(YESNO) | set(SIDES) | set(DIRECTIONS)
+    for text in _question_templates():
+        words.update(text.split())
+    return sorted(words)
+
+
+def _question_templates() -> Iterator[str]:
+    yield "what colour is the shape ?"
+    yield "is there a in the video ?"
+    yield "how many shapes are there ?"
+    yield "is the on the left or the right ?"
+    yield "which way does the move ?"
+    yield "which shape appears first ?"
+    yield "how many times does the light blink ?"

@@ -1,0 +1,107 @@
+"""Seaborn plots of saved alignment outputs. Plots read files only, never a live run."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from gradprobe.report.io import read_align_dir
+
+
+def _mpl() -> Any:
+    import matplotlib
+
+    if not os.environ.get("MPLBACKEND"):
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def alignment_curve(summary: dict[str, Any], batches: pd.DataFrame, ax: Any = None) -> Any:
+    """Mean alignment A(m) ± 95% CI against m (log2 axis), per-batch points, zero line, m* marked."""
+    import seaborn as sns
+
+    plt = _mpl()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    rows = [b for b in summary["budgets"] if b.get("mean") is not None]
+    if not rows:
+        ax.set_title("no budget measured")
+        return ax
+    fr = [b["frames"] for b in rows]
+    mean = [b["mean"] for b in rows]
+    ok = batches[batches["finite"].astype(bool)] if "finite" in batches else batches
+    sns.stripplot(
+        data=ok, x="frames", y="value", native_scale=True, log_scale=2, color="0.6", size=3, alpha=0.6,
+        jitter=0.08, ax=ax,
+    )
+    ci = [(b["ci95_t"] or [b["mean"], b["mean"]]) for b in rows]
+    lo = [m - c[0] for m, c in zip(mean, ci, strict=True)]
+    hi = [c[1] - m for m, c in zip(mean, ci, strict=True)]
+    ax.errorbar(fr, mean, yerr=[lo, hi], fmt="o-", color="C0", capsize=4, lw=2, label="mean A(m), 95% CI (t)")
+    ax.axhline(0.0, color="k", lw=0.8, ls="--")
+    ms = summary.get("m_star") or {}
+    if ms.get("empirical") is not None:
+        ax.axvline(ms["empirical"], color="C3", lw=1.2, ls=":", label=f"m* = {ms['empirical']} (empirical)")
+    if ms.get("zero_crossing") is not None:
+        ax.axvline(ms["zero_crossing"], color="C1", lw=1.0, ls="-.", label=f"zero crossing ≈ {ms['zero_crossing']:.1f}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(fr)
+    ax.set_xticklabels([str(f) for f in fr])
+    ax.set_xlabel("frame budget m")
+    ax.set_ylabel("⟨ḡ_img, g_vid⟩ per video batch")
+    n = rows[0]["n"]
+    ax.set_title(f"image–video gradient alignment ({n} video batches per budget)")
+    ax.legend(fontsize=8, loc="best")
+    return ax
+
+
+def module_heatmap(modules: pd.DataFrame, ax: Any = None, value: str = "mean_cos") -> Any:
+    """Module × budget heatmap of the mean per-module cosine (or another ``modules.csv`` column)."""
+    import seaborn as sns
+
+    plt = _mpl()
+    order = list(dict.fromkeys(modules["module"]))
+    table = modules.pivot_table(index="module", columns="frames", values=value, aggfunc="first").reindex(order)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.2 * table.shape[1] + 4, 0.32 * table.shape[0] + 1.5))
+    finite = table.abs().stack()
+    vmax = float(finite.max()) if len(finite) and math.isfinite(float(finite.max())) else 1.0
+    sns.heatmap(table, cmap="RdBu_r", center=0.0, vmin=-vmax, vmax=vmax, annot=table.shape[0] <= 30, fmt=".2f",
+                cbar_kws={"label": value}, ax=ax)
+    ax.set_xlabel("frame budget m")
+    ax.set_ylabel("")
+    ax.set_title(f"per-module {value.replace('_', ' ')} with ḡ_img")
+    return ax
+
+
+def plot_dir(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Draw ``alignment_curve.png`` and ``modules_heatmap.png`` into an align output dir.
+
+    Raises:
+        DataError: if the directory is not an align output dir.
+    """
+    plt = _mpl()
+    summary, batches, modules = read_align_dir(out_dir)
+    d = Path(out_dir)
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    alignment_curve(summary, batches, ax)
+    fig.tight_layout()
+    paths.append(d / "alignment_curve.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    if len(modules):
+        n_mod = modules["module"].nunique()
+        fig, ax = plt.subplots(figsize=(1.1 * modules["frames"].nunique() + 5, 0.32 * n_mod + 1.8))
+        module_heatmap(modules, ax)
+        fig.tight_layout()
+        paths.append(d / "modules_heatmap.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths

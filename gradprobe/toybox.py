@@ -1,0 +1,168 @@
+"""The embedded default: ShapesWorld data plus a toy Qwen2.5-VL trained on its images.
+
+:func:`ensure_toy` builds it once and caches it: it generates the data, creates
+the toy model and processor (saved and reloaded with ``from_pretrained``), and
+trains the image stage with transformers' ``Trainer`` so the default model has
+real image skill to lose. The cache lives in the user cache directory
+(``GRADPROBE_CACHE`` or an explicit directory moves it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradprobe.errors import InputError
+
+#: Bump when the toy's data, model or training recipe changes, so stale caches are not reused.
+TOY_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ToySpec:
+    """What to build. The defaults make the toy of ``gradprobe align``; tests use a smaller one."""
+
+    seed: int = 0
+    steps: int = 900
+    batch_size: int = 32
+    lr: float = 3e-4
+    n_train_images: int = 4000
+    n_eval_images: int = 300
+    n_probe_images: int = 256
+    n_train_videos: int = 400
+    n_eval_videos: int = 100
+    n_probe_videos: int = 96
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "n_train_images", "n_eval_images", "n_probe_images", "n_probe_videos"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+
+    @property
+    def key(self) -> str:
+        return (
+            f"toy-v{TOY_VERSION}-s{self.seed}-n{self.steps}-b{self.batch_size}-lr{self.lr:g}"
+            f"-i{self.n_train_images}.{self.n_eval_images}.{self.n_probe_images}"
+            f"-v{self.n_train_videos}.{self.n_eval_videos}.{self.n_probe_videos}"
+        )
+
+
+@dataclass(frozen=True)
+class Toy:
+    """A built toy: where its model and data are, and its held-out image accuracy."""
+
+    root: Path
+    spec: ToySpec
+    info: dict[str, Any]
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    def data(self, split: str, kind: str) -> Path:
+        """Path of a JSONL file: split in train/eval/probe, kind in images/videos."""
+        return self.data_dir / f"{split}_{kind}.jsonl"
+
+
+def default_cache_dir() -> Path:
+    """``$GRADPROBE_CACHE``, else ``$XDG_CACHE_HOME/gradprobe``, else ``~/.cache/gradprobe``."""
+    env = os.environ.get("GRADPROBE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "gradprobe"
+
+
+def ensure_toy(
+    spec: ToySpec | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    rebuild: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Toy:
+    """Return the cached toy, building it first if needed.
+
+    Args:
+        spec: what to build (default :class:`ToySpec`).
+        cache_dir: where toys are cached (default :func:`default_cache_dir`).
+        rebuild: build again even if cached.
+        log: receives progress lines.
+    """
+    spec = spec or ToySpec()
+    log = log or (lambda s: None)
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    target = root / spec.key
+    done = target / "toy.json"
+    if done.is_file() and not rebuild:
+        return Toy(target, spec, json.loads(done.read_text()))
+    tmp = root / (spec.key + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    info = _build(spec, tmp, log)
+    (tmp / "toy.json").write_text(json.dumps(info, indent=2) + "\n")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return Toy(target, spec, info)
+
+
+def _build(spec: ToySpec, root: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    from gradprobe.data import shapesworld as sw
+    from gradprobe.models import toy
+    from gradprobe.train.image_stage import train_image_stage
+
+    t0 = time.time()
+    data = root / "data"
+    log(f"generating ShapesWorld under {data}")
+    sw.generate(data, n_images=spec.n_train_images, n_videos=spec.n_train_videos, seed=spec.seed, split="train")
+    sw.generate(data, n_images=spec.n_eval_images, n_videos=spec.n_eval_videos, seed=spec.seed, split="eval")
+    sw.generate(data, n_images=spec.n_probe_images, n_videos=spec.n_probe_videos, seed=spec.seed, split="probe")
+    init = root / "init"
+    toy.create(init, sw.vocabulary(), seed=spec.seed)
+    model, processor = toy.load(init)
+    from gradprobe.train.evaluate import accuracy
+
+    eval_images = toy.read_records(data / "eval_images.jsonl")
+    init_acc = accuracy(model, toy.ToyCollator(processor, data), eval_images)
+    log(f"training the image stage: {spec.steps} steps of batch {spec.batch_size} (lr {spec.lr:g})")
+    result = train_image_stage(
+        model,
+        processor,
+        toy.read_records(data / "train_images.jsonl"),
+        data,
+        out_dir=root / "trainer",
+        steps=spec.steps,
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+        seed=spec.seed,
+    )
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    shutil.rmtree(init)
+    shutil.rmtree(root / "trainer", ignore_errors=True)
+    # reload through from_pretrained, so the accuracy is that of the saved checkpoint
+    model, processor = toy.load(root / "model")
+    acc_img = accuracy(model, toy.ToyCollator(processor, data), eval_images)
+    return {
+        "version": TOY_VERSION,
+        "spec": spec.__dict__,
+        "image_accuracy": acc_img,
+        "initial_image_accuracy": init_acc,
+        "final_train_loss": result["final_loss"],
+        "train_seconds": result["seconds"],
+        "build_seconds": time.time() - t0,
+        "torch": torch.__version__,
+    }

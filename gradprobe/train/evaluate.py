@@ -1,0 +1,60 @@
+"""Accuracy of a model on ShapesWorld-style records, scored two ways.
+
+* ``free``: the argmax over the whole vocabulary at the first answer position
+  equals the answer token (exact match of a one-word answer).
+* ``restricted``: the argmax over the question's valid answers (its ``choices``)
+  equals the answer, as yes/no and multiple-choice benchmarks score.
+
+A model that stops producing the words some answers use loses free accuracy
+but not restricted accuracy; the pair separates lost perception from
+answer-vocabulary drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+
+@torch.no_grad()
+def accuracy(
+    model: torch.nn.Module,
+    collator: Any,
+    records: Sequence[Mapping[str, Any]],
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Free and answer-restricted accuracy, with the majority-answer baseline.
+
+    Returns:
+        ``{"free", "restricted", "majority", "n"}``.
+    """
+    tok = collator.processor.tokenizer
+    was_training = model.training
+    model.eval()
+    free = restricted = 0
+    answers = []
+    try:
+        for i in range(0, len(records), batch_size):
+            chunk = records[i : i + batch_size]
+            batch = collator(chunk)
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            labels = batch["labels"]
+            for r, rec in enumerate(chunk):
+                pos = int((labels[r] != -100).nonzero()[0])
+                target = int(labels[r, pos])
+                row = logits[r, pos - 1]
+                free += int(row.argmax()) == target
+                choices = tok.convert_tokens_to_ids(list(rec.get("choices") or []))
+                if choices:
+                    best = choices[int(row[torch.tensor(choices)].argmax())]
+                    restricted += best == target
+                else:
+                    restricted += int(row.argmax()) == target
+                answers.append(rec["conversations"][1]["value"])
+    finally:
+        model.train(was_training)
+    n = len(records)
+    majority = max(answers.count(a) for a in set(answers)) / n if n else float("nan")
+    return {"free": free / n, "restricted": restricted / n, "majority": majority, "n": n}
