@@ -44,3 +44,18 @@ def make_batches(n, seed, shift=0.0, dtype=torch.float64, size=4):
 @pytest.fixture
 def tiny():
     return TinyNet()
+
+
+TINY_TOY = dict(
+    steps=6, batch_size=8, n_train_images=48, n_eval_images=24, n_probe_images=32,
+    n_train_videos=4, n_eval_videos=4, n_probe_videos=12,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_toy(tmp_path_factory):
+    """A tiny toy built through the real path (ShapesWorld files, save_pretrained, Trainer, from_pretrained)."""
+    from gradprobe.toybox import ToySpec, ensure_toy
+
+    cache = tmp_path_factory.mktemp("toycache")
+    return ensure_toy(ToySpec(**TINY_TOY), cache)

@@ -24,9 +24,11 @@ def _mpl() -> Any:
 
 def alignment_curve(summary: dict[str, Any], batches: pd.DataFrame, ax: Any = None) -> Any:
     """Mean alignment A(m) ± 95% CI against m (log2 axis), per-batch points, zero line, m* marked."""
+    import numpy as np
     import seaborn as sns
 
     plt = _mpl()
+    sns.set_theme(style="whitegrid", context="notebook")
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
     rows = [b for b in summary["budgets"] if b.get("mean") is not None]
@@ -36,10 +38,9 @@ def alignment_curve(summary: dict[str, Any], batches: pd.DataFrame, ax: Any = No
     fr = [b["frames"] for b in rows]
     mean = [b["mean"] for b in rows]
     ok = batches[batches["finite"].astype(bool)] if "finite" in batches else batches
-    sns.stripplot(
-        data=ok, x="frames", y="value", native_scale=True, log_scale=2, color="0.6", size=3, alpha=0.6,
-        jitter=0.08, ax=ax,
-    )
+    jitter = np.random.default_rng(0).uniform(-0.08, 0.08, len(ok))
+    ax.scatter(ok["frames"].to_numpy() * 2.0**jitter, ok["value"], s=10, color="0.55", alpha=0.6,
+               label="per video batch", zorder=1)
     ci = [(b["ci95_t"] or [b["mean"], b["mean"]]) for b in rows]
     lo = [m - c[0] for m, c in zip(mean, ci, strict=True)]
     hi = [c[1] - m for m, c in zip(mean, ci, strict=True)]

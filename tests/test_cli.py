@@ -1,0 +1,162 @@
+"""The command line end to end on a tiny toy, and its one-line errors for bad input."""
+
+import json
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import gradprobe.run
+from cli.main import app
+from gradprobe.toybox import ToySpec
+
+runner = CliRunner()
+
+
+def _paths(toy):
+    return [
+        "--model", str(toy.model_dir),
+        "--image-data", str(toy.data("probe", "images")),
+        "--video-data", str(toy.data("probe", "videos")),
+    ]
+
+
+SMALL = ["--image-batches", "4", "--batch-size", "4", "--video-batches", "3", "--video-batch-size", "2",
+         "--n-boot", "200"]
+
+
+def test_align_end_to_end(tiny_toy, tmp_path):
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["align", "--frames", "4,8", *_paths(tiny_toy), *SMALL, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "m*" in r.output and "95% CI" in r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["schema"] == "gradprobe.align/1"
+    assert [b["frames"] for b in summary["budgets"]] == [4, 8]
+    for b in summary["budgets"]:
+        for key in ("n", "mean", "stderr", "ci95_t", "ci95_boot", "frac_negative", "mean_cos", "norm_img", "norm_vid"):
+            assert key in b
+        assert b["n"] == 3
+        assert b["batch_info"]["video_visual_tokens"] == 2 * b["frames"] // 2 * 16
+    assert set(summary["m_star"]) >= {"empirical", "bootstrap", "zero_crossing"}
+    rows = pd.read_csv(out / "alignment.csv")
+    assert len(rows) == 2 * 3 and set(rows["frames"]) == {4, 8}
+    mods = pd.read_csv(out / "modules.csv")
+    assert "model.language_model.layers.0" in set(mods["module"])
+    assert set(mods["role"].dropna()) == {"vision", "projector", "language", "head"}
+    # module subtotals add up to the overall mean
+    for m, grp in mods.groupby("frames"):
+        total = next(b["mean"] for b in summary["budgets"] if b["frames"] == m)
+        assert grp["mean"].sum() == pytest.approx(total, rel=1e-6)
+
+    r = runner.invoke(app, ["plot", str(out)])
+    assert r.exit_code == 0, r.output
+    for png in ("alignment_curve.png", "modules_heatmap.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_align_json_to_stdout(tiny_toy, tmp_path):
+    r = runner.invoke(app, ["align", "--frames", "2", *_paths(tiny_toy), *SMALL, "--json", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    start = r.stdout.index("{")
+    summary = json.loads(r.stdout[start:])
+    assert summary == json.loads((tmp_path / "summary.json").read_text())
+
+
+def test_roles_select_parameters(tiny_toy, tmp_path):
+    r = runner.invoke(app, ["align", "--frames", "4", *_paths(tiny_toy), *SMALL, "--roles", "projector",
+                            "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    mods = pd.read_csv(tmp_path / "modules.csv")
+    assert list(mods["module"]) == ["model.visual.merger"]
+
+
+def test_default_toy_path(tiny_toy, tmp_path, monkeypatch):
+    """No --model/--data: the cached toy default is used (here the tiny one)."""
+    monkeypatch.setattr(gradprobe.run, "DEFAULT_TOY", ToySpec(**{**tiny_toy.spec.__dict__}))
+    r = runner.invoke(app, ["align", "--frames", "2,4", *SMALL, "--cache-dir", str(tiny_toy.root.parent),
+                            "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["meta"]["source"] == "toy"
+
+
+def test_toy_command_prints_accuracy(tiny_toy):
+    spec = tiny_toy.spec
+    r = runner.invoke(app, ["toy", "--cache-dir", str(tiny_toy.root.parent), "--steps", str(spec.steps),
+                            "--train-images", str(spec.n_train_images)], env={"COLUMNS": "200"})
+    # the tiny spec differs from the command's defaults in its other sizes, so it builds its own: just check output
+    assert r.exit_code == 0, r.output
+    assert "held-out image accuracy" in r.output
+
+
+def _one_line_error(r, needle):
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    err = [ln for ln in lines if ln.startswith("error:")]
+    assert len(err) == 1, r.output
+    assert needle in err[0], err[0]
+
+
+@pytest.mark.parametrize(
+    "frames, needle",
+    [("8,x", "'x' is not a positive integer"), ("0", "0 is not a positive integer"), ("-4", "-4 is not"),
+     ("", "empty frame grid"), ("8,8", "given twice"), ("7", "even count")],
+)
+def test_bad_frames(tiny_toy, frames, needle):
+    r = runner.invoke(app, ["align", "--frames", frames, *_paths(tiny_toy)], env={"COLUMNS": "300"})
+    _one_line_error(r, needle)
+
+
+def test_missing_data_file(tiny_toy, tmp_path):
+    args = _paths(tiny_toy)
+    args[3] = str(tmp_path / "nope.jsonl")
+    _one_line_error(runner.invoke(app, ["align", *args], env={"COLUMNS": "300"}), "data file not found")
+
+
+def test_empty_data_file(tiny_toy, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    args = _paths(tiny_toy)
+    args[5] = str(empty)
+    _one_line_error(runner.invoke(app, ["align", *args], env={"COLUMNS": "300"}), "data file is empty")
+
+
+def test_bad_json_line(tiny_toy, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "image": "x.png"}\n{not json\n')
+    args = _paths(tiny_toy)
+    args[3] = str(bad)
+    _one_line_error(runner.invoke(app, ["align", *args], env={"COLUMNS": "300"}), "bad.jsonl:2: not valid JSON")
+
+
+def test_unknown_model_path(tiny_toy, tmp_path):
+    args = _paths(tiny_toy)
+    args[1] = str(tmp_path / "no-model")
+    _one_line_error(runner.invoke(app, ["align", *args], env={"COLUMNS": "300"}), "model path not found")
+
+
+def test_unsupported_architecture(tiny_toy, tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    args = _paths(tiny_toy)
+    args[1] = str(d)
+    _one_line_error(runner.invoke(app, ["align", *args], env={"COLUMNS": "300"}), "not supported; supported:")
+
+
+def test_partial_paths(tiny_toy):
+    _one_line_error(runner.invoke(app, ["align", "--model", str(tiny_toy.model_dir)], env={"COLUMNS": "300"}),
+                    "give all of --model")
+
+
+def test_too_few_records(tiny_toy):
+    r = runner.invoke(app, ["align", *_paths(tiny_toy), *SMALL, "--video-batches", "100"], env={"COLUMNS": "300"})
+    _one_line_error(r, "12 video records, need 200")
+
+
+def test_plot_of_missing_dir(tmp_path):
+    _one_line_error(runner.invoke(app, ["plot", str(tmp_path / "nothing")], env={"COLUMNS": "300"}),
+                    "no such output directory")

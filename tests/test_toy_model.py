@@ -1,0 +1,47 @@
+"""The engine on the real Qwen2.5-VL toy: streamed statistics equal the float64 brute force."""
+
+import numpy as np
+import pytest
+import torch
+
+import gradprobe
+from gradprobe.models import toy
+from gradprobe.probe import select_parameters
+from gradprobe.probe._reference import reference_alignment
+
+
+def test_toy_qwen_float64_matches_bruteforce(tiny_toy):
+    model, processor = toy.load(tiny_toy.model_dir, dtype=torch.float64)
+    imgs = toy.read_records(tiny_toy.data("probe", "images"))[:8]
+    vids = toy.read_records(tiny_toy.data("probe", "videos"))[:6]
+    ic = toy.ToyCollator(processor, tiny_toy.data_dir)
+    images = [{k: v.double() if v.is_floating_point() else v for k, v in ic(imgs[i : i + 2]).items()}
+              for i in range(0, 8, 2)]
+    videos = {}
+    for m in (2, 6):
+        vc = toy.ToyCollator(processor, tiny_toy.data_dir, frames=m)
+        videos[m] = [{k: v.double() if v.is_floating_point() else v for k, v in vc(vids[i : i + 2]).items()}
+                     for i in range(0, 6, 2)]
+    rep = gradprobe.align(model, images, videos, toy.loss_fn, image_groups=2, n_boot=0,
+                          role_of=toy.role_of, module_of=toy.module_of)
+    sel = select_parameters(model, module_of=toy.module_of)
+    ref = reference_alignment(model, sel.names, sel.modules, images, videos, toy.loss_fn, 2)
+    for b in rep.summary["budgets"]:
+        D = ref["D"][b["frames"]]
+        assert b["mean"] == pytest.approx(D.mean(), rel=1e-10)
+        rows = rep.batches[rep.batches.frames == b["frames"]].sort_values("batch")
+        np.testing.assert_allclose(rows["value"], D.mean(axis=0), rtol=1e-10)
+        for name, Dm in ref["mod_D"][b["frames"]].items():
+            got = rep.modules[(rep.modules.frames == b["frames"]) & (rep.modules.module == name)]["mean"].item()
+            assert got == pytest.approx(Dm.mean(), rel=1e-9, abs=1e-12 * abs(D).max())
+
+
+def test_toy_roles_cover_every_parameter(tiny_toy):
+    model, _ = toy.load(tiny_toy.model_dir)
+    roles = {toy.role_of(n) for n, _ in model.named_parameters()}
+    assert roles == {"vision", "projector", "language", "head"}
+
+
+def test_odd_budget_is_refused():
+    with pytest.raises(gradprobe.BudgetError, match="even count"):
+        toy.check_budget(7)
