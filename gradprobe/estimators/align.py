@@ -273,7 +273,7 @@ def align(
                         acc.idx.append(j)
                         acc.losses.append(r.loss)
                         acc.info.append(info)
-                        if r.pair is not None:
+                        if r.pair is not None and acc.pair_valid:
                             acc.pair += float(r.pair.sum())
                             acc.mod_pair += r.by_module(r.pair, midx, n_mod)
                         img_norm = math.sqrt(max(gram_mod.sum(axis=0).mean(), 0.0))

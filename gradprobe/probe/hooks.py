@@ -60,7 +60,7 @@ class _Job:
     accumulate_row: int
     pair_sum: ReferenceStore | None
     free_grads: bool
-    results: dict[int, torch.Tensor] = field(default_factory=dict)
+    results: dict[int, tuple[Any, torch.Tensor, Any]] = field(default_factory=dict)
 
 
 class GradientProbe:
@@ -121,24 +121,24 @@ class GradientProbe:
             g = p.grad.reshape(-1)
             acc = self.acc_dtype
             ga = g if g.dtype == acc else g.to(acc)
-            parts = []
+            dots = None
             if job.refs is not None:
                 ref = job.refs.tensors[i]
                 if ref.device != ga.device:
                     ref = ref.to(ga.device, non_blocking=True)
-                parts.append(torch.mv(ref if ref.dtype == acc else ref.to(acc), ga))
-            parts.append(torch.dot(ga, ga).reshape(1))
+                dots = torch.mv(ref if ref.dtype == acc else ref.to(acc), ga)
+            pair = None
             if job.pair_sum is not None:
                 s = job.pair_sum.tensors[i]
                 s_dev = s if s.device == ga.device else s.to(ga.device, non_blocking=True)
-                s_row = s_dev[0] if s_dev.dtype == acc else s_dev[0].to(acc)
-                parts.append(torch.dot(s_row, ga).reshape(1))
-                # a non-finite gradient must not poison later batches' pair dots
-                s[0].add_(torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0).to(device=s.device, dtype=s.dtype))
+                pair = torch.dot(s_dev[0] if s_dev.dtype == acc else s_dev[0].to(acc), ga)
+                # a non-finite gradient poisons the running sum; callers then withhold the pair
+                # statistic for the rest of its budget (the per-batch dots stay exact)
+                s[0].add_(g if g.dtype == s.dtype and g.device == s.device else g.to(device=s.device, dtype=s.dtype))
             if job.accumulate is not None:
                 t = job.accumulate.tensors[i]
                 t[job.accumulate_row].add_(g.to(device=t.device, dtype=t.dtype))
-            job.results[i] = torch.cat(parts)
+            job.results[i] = (dots, torch.dot(ga, ga), pair)
             if job.free_grads:
                 p.grad = None
 
@@ -192,23 +192,22 @@ class GradientProbe:
         return self._collect(job, float(loss.detach()), refs.rows if refs is not None else 0, pair_sum is not None)
 
     def _collect(self, job: _Job, loss: float, n_refs: int, has_pair: bool) -> BatchGrad:
-        width = n_refs + 1 + int(has_pair)
         P = len(self.params)
-        table = np.zeros((P, width), dtype=np.float64)
+        dots = np.zeros((P, n_refs), dtype=np.float64)
+        sq = np.zeros(P, dtype=np.float64)
+        pair = np.zeros(P, dtype=np.float64) if has_pair else None
         fired = np.zeros(P, dtype=bool)
         by_device: dict[torch.device, list[int]] = {}
-        for i, t in job.results.items():
-            by_device.setdefault(t.device, []).append(i)
-        for idx in by_device.values():
-            stacked = torch.stack([job.results[i] for i in idx]).to("cpu", torch.float64).numpy()
-            table[idx] = stacked
+        for i, (_, s, _) in job.results.items():
+            by_device.setdefault(s.device, []).append(i)
+        for idx in by_device.values():  # one transfer per device and quantity
+            res = [job.results[i] for i in idx]
+            sq[idx] = torch.stack([r[1] for r in res]).to("cpu", torch.float64).numpy()
+            if n_refs:
+                dots[idx] = torch.stack([r[0] for r in res]).to("cpu", torch.float64).numpy()
+            if has_pair:
+                pair[idx] = torch.stack([r[2] for r in res]).to("cpu", torch.float64).numpy()
             fired[idx] = True
-        finite = bool(np.isfinite(table).all()) and math.isfinite(loss)
-        return BatchGrad(
-            loss=loss,
-            dots=table[:, :n_refs],
-            sqnorm=table[:, n_refs],
-            pair=table[:, n_refs + 1] if has_pair else None,
-            fired=fired,
-            finite=finite,
-        )
+        # the pair column is not part of this batch's own finiteness (a poisoned running sum is the caller's)
+        finite = bool(np.isfinite(dots).all() and np.isfinite(sq).all()) and math.isfinite(loss)
+        return BatchGrad(loss=loss, dots=dots, sqnorm=sq, pair=pair, fired=fired, finite=finite)

@@ -1,0 +1,41 @@
+"""Docs that run: the README's Python example and the notebooks."""
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert blocks, "README has no python example"
+    monkeypatch.chdir(tmp_path)
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+
+
+@pytest.fixture(scope="module")
+def align_dir(tiny_toy, tmp_path_factory):
+    from gradprobe.run import AlignOptions, run_align
+
+    out = tmp_path_factory.mktemp("align")
+    run_align(AlignOptions(
+        frames="2,4", model=str(tiny_toy.model_dir), image_data=str(tiny_toy.data("probe", "images")),
+        video_data=str(tiny_toy.data("probe", "videos")), image_batches=4, batch_size=4, video_batches=3,
+        video_batch_size=2, n_boot=100, out=str(out),
+    ))
+    return out
+
+
+def test_alignment_notebook_executes(align_dir, monkeypatch):
+    monkeypatch.setenv("GRADPROBE_ALIGN_DIR", str(align_dir))
+    nb = nbformat.read(ROOT / "notebooks" / "alignment_curves.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(align_dir)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    pngs = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(pngs) == 2  # the curve and the heatmap
