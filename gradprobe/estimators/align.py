@@ -249,6 +249,8 @@ def align(
                     "under-cover when image-batch noise dominates; use more image batches or image_groups"
                 )
 
+            img_norm = math.sqrt(max(gram_mod.sum(axis=0).mean(), 0.0))  # ‖ḡ_img‖ of the estimate itself
+
             # ---- video phase
             pair_store = ReferenceStore(selection.params, 1, ref_dtype, reference_device) if video_norms else None
             for m in frames:
@@ -276,7 +278,6 @@ def align(
                         if r.pair is not None and acc.pair_valid:
                             acc.pair += float(r.pair.sum())
                             acc.mod_pair += r.by_module(r.pair, midx, n_mod)
-                        img_norm = math.sqrt(max(gram_mod.sum(axis=0).mean(), 0.0))
                         vn = math.sqrt(max(r.sqnorm.sum(), 0.0))
                         d = float(d_col.mean())
                         row.update(
