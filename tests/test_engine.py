@@ -129,3 +129,34 @@ def test_probe_counts_gradient_of_shared_weight_once(tiny):
         r = probe.run_batch(tiny_loss, batch)
     g = torch.autograd.grad(tiny_loss(tiny, batch), [tiny.blocks[0].weight])[0]
     assert rel(r.sqnorm.sum(), float((g * g).sum())) <= RTOL
+
+
+def test_reference_on_cpu_equals_model_device(tiny):
+    a, _ = _run(tiny, 2)
+    b, _ = _run(tiny, 2, reference_device="cpu")
+    assert a.summary["budgets"] == b.summary["budgets"]
+
+
+def test_bfloat16_reference_is_close():
+    from conftest import TinyNet
+
+    net = TinyNet(dtype=torch.float32)
+    images = make_batches(4, seed=1, dtype=torch.float32)
+    videos = {2: make_batches(4, seed=2, shift=0.5, dtype=torch.float32)}
+    full = gradprobe.align(net, images, videos, tiny_loss, n_boot=0)
+    half = gradprobe.align(net, images, videos, tiny_loss, n_boot=0, reference_dtype="bfloat16")
+    assert half.summary["settings"]["reference_dtype"] == "bfloat16"
+    f, h = full.summary["budgets"][0], half.summary["budgets"][0]
+    assert h["mean"] == pytest.approx(f["mean"], rel=2e-2)
+    assert h["mean"] != f["mean"]  # the rows really are stored in bf16
+
+
+def test_bad_reference_options(tiny):
+    with pytest.raises(gradprobe.InputError, match="reference_device"):
+        _run(tiny, 2, reference_device="gpu0")
+    with pytest.raises(gradprobe.InputError, match="unknown dtype"):
+        _run(tiny, 2, reference_dtype="int8")
+    with pytest.raises(gradprobe.InputError, match="cannot be split"):
+        gradprobe.align(tiny, make_batches(5, 1), {2: make_batches(2, 2)}, tiny_loss, image_groups=2)
+    with pytest.raises(gradprobe.InputError, match="unknown role"):
+        gradprobe.align(tiny, make_batches(2, 1), {2: make_batches(2, 2)}, tiny_loss, roles="decoder")
