@@ -26,6 +26,12 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _wide_console() -> Console:
+    """A terminal keeps its own width; piped output gets room for the whole table."""
+    c = Console()
+    return c if c.is_terminal else Console(width=110)
+
+
 def _fmt(x: Any, spec: str = ".4g") -> str:
     return "—" if x is None else format(x, spec)
 
@@ -37,8 +43,8 @@ def _ci(c: Any) -> str:
 def render_align(summary: dict[str, Any], console: Console) -> None:
     """Print the alignment table and the m* lines."""
     t = Table(title="image–video gradient alignment A(m) = ⟨ḡ_img, g_vid^(m)⟩", title_justify="left")
-    for col in ("m", "n", "mean A(m)", "95% CI (t)", "95% CI (boot)", "frac<0", "mean cos", "‖E g_img‖", "‖E g_vid‖"):
-        t.add_column(col, justify="right")
+    for col in ("m", "n", "mean A", "95% CI (t)", "95% CI (boot)", "A<0", "cos", "‖Eg_img‖", "‖Eg_vid‖"):
+        t.add_column(col, justify="right", no_wrap=True)
     for b in summary["budgets"]:
         if b.get("mean") is None:
             t.add_row(str(b["frames"]), str(b.get("n", 0)), "—", "—", "—", "—", "—", "—", "—")
@@ -131,7 +137,7 @@ def align(
         image_groups=image_groups, device=device, dtype=dtype, reference_device=reference_device,
         reference_dtype=reference_dtype, seed=seed, n_boot=n_boot, out=out, cache_dir=cache_dir,
     )
-    out_console = Console() if not json_out else err
+    out_console = _wide_console() if not json_out else err
     try:
         with _RichProgress(err) as progress:
             report = run_align(opts, progress=progress, log=lambda s: err.print(f"[dim]{s}[/]"))

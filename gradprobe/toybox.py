@@ -23,7 +23,7 @@ import torch
 from gradprobe.errors import InputError
 
 #: Bump when the toy's data, model or training recipe changes, so stale caches are not reused.
-TOY_VERSION = 1
+TOY_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -114,9 +114,13 @@ def build_processor(words: Sequence[str]) -> Any:
     image_processor = Qwen2VLImageProcessor(
         patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=px, max_pixels=px
     )
+    policy = {}
+    if hasattr(Qwen2VLVideoProcessor, "cap_pixels_per_frame"):
+        # fixed per-frame resolution at every budget (newer transformers ask for the choice explicitly)
+        policy["cap_pixels_per_frame"] = False
     video_processor = Qwen2VLVideoProcessor(
         patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=px, max_pixels=px * 256,
-        do_sample_frames=False,
+        do_sample_frames=False, **policy,
     )
     return Qwen2_5_VLProcessor(
         image_processor=image_processor, tokenizer=fast, video_processor=video_processor, chat_template=CHAT_TEMPLATE
@@ -227,7 +231,7 @@ class ToyCollator:
         if not p.is_file():
             raise DataError(f"{p}: image file not found")
         with Image.open(p) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))  # a writable copy
 
     def _video(self, rel: str) -> np.ndarray:
         from gradprobe.data.video import read_frames
