@@ -91,7 +91,7 @@ def test_toy_command_prints_accuracy(tiny_toy):
     assert "held-out image accuracy" in r.output
 
 
-def _one_line_error(r, needle):
+def assert_one_line_error(r, needle):
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output
     lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
@@ -107,56 +107,43 @@ def _one_line_error(r, needle):
 )
 def test_bad_frames(tiny_toy, frames, needle):
     r = runner.invoke(app, ["align", "--frames", frames, *_paths(tiny_toy)], env={"COLUMNS": "300"})
-    _one_line_error(r, needle)
+    assert_one_line_error(r, needle)
 
 
-def test_missing_data_file(tiny_toy, tmp_path):
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "slot, make, needle",
+    [
+        (3, lambda d: d / "nope.jsonl", "data file not found"),
+        (5, lambda d: _write(d, "empty.jsonl", "\n"), "data file is empty"),
+        (3, lambda d: _write(d, "bad.jsonl", '{"id": 1, "image": "x.png"}\n{not json\n'), "bad.jsonl:2: not valid JSON"),
+        (1, lambda d: d / "no-model", "model path not found"),
+        (1, lambda d: _write(d, "config.json", '{"architectures": ["GPT2LMHeadModel"]}').parent,
+         "not supported; supported:"),
+    ],
+    ids=["missing-data", "empty-data", "bad-json-line", "unknown-model-path", "unsupported-architecture"],
+)
+def test_bad_paths(tiny_toy, tmp_path, slot, make, needle):
     args = _paths(tiny_toy)
-    args[3] = str(tmp_path / "nope.jsonl")
-    _one_line_error(runner.invoke(app, ["align", *args], env={"COLUMNS": "300"}), "data file not found")
-
-
-def test_empty_data_file(tiny_toy, tmp_path):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n")
-    args = _paths(tiny_toy)
-    args[5] = str(empty)
-    _one_line_error(runner.invoke(app, ["align", *args], env={"COLUMNS": "300"}), "data file is empty")
-
-
-def test_bad_json_line(tiny_toy, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"id": 1, "image": "x.png"}\n{not json\n')
-    args = _paths(tiny_toy)
-    args[3] = str(bad)
-    _one_line_error(runner.invoke(app, ["align", *args], env={"COLUMNS": "300"}), "bad.jsonl:2: not valid JSON")
-
-
-def test_unknown_model_path(tiny_toy, tmp_path):
-    args = _paths(tiny_toy)
-    args[1] = str(tmp_path / "no-model")
-    _one_line_error(runner.invoke(app, ["align", *args], env={"COLUMNS": "300"}), "model path not found")
-
-
-def test_unsupported_architecture(tiny_toy, tmp_path):
-    d = tmp_path / "m"
-    d.mkdir()
-    (d / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
-    args = _paths(tiny_toy)
-    args[1] = str(d)
-    _one_line_error(runner.invoke(app, ["align", *args], env={"COLUMNS": "300"}), "not supported; supported:")
+    args[slot] = str(make(tmp_path))
+    assert_one_line_error(runner.invoke(app, ["align", *args], env={"COLUMNS": "300"}), needle)
 
 
 def test_partial_paths(tiny_toy):
-    _one_line_error(runner.invoke(app, ["align", "--model", str(tiny_toy.model_dir)], env={"COLUMNS": "300"}),
+    assert_one_line_error(runner.invoke(app, ["align", "--model", str(tiny_toy.model_dir)], env={"COLUMNS": "300"}),
                     "give all of --model")
 
 
 def test_too_few_records(tiny_toy):
     r = runner.invoke(app, ["align", *_paths(tiny_toy), *SMALL, "--video-batches", "100"], env={"COLUMNS": "300"})
-    _one_line_error(r, "12 video records, need 200")
+    assert_one_line_error(r, "12 video records, need 200")
 
 
 def test_plot_of_missing_dir(tmp_path):
-    _one_line_error(runner.invoke(app, ["plot", str(tmp_path / "nothing")], env={"COLUMNS": "300"}),
+    assert_one_line_error(runner.invoke(app, ["plot", str(tmp_path / "nothing")], env={"COLUMNS": "300"}),
                     "no such output directory")

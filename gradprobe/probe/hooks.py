@@ -126,7 +126,10 @@ class GradientProbe:
                 ref = job.refs.tensors[i]
                 if ref.device != ga.device:
                     ref = ref.to(ga.device, non_blocking=True)
-                dots = torch.mv(ref if ref.dtype == acc else ref.to(acc), ga)
+                if ref.dtype == acc:
+                    dots = torch.mv(ref, ga)
+                else:  # cast one row at a time: the transient is one row, not all G of a large tensor
+                    dots = torch.stack([torch.dot(ref[r].to(acc), ga) for r in range(ref.shape[0])])
             pair = None
             if job.pair_sum is not None:
                 s = job.pair_sum.tensors[i]
