@@ -1,0 +1,295 @@
+"""Alignment along a training run: the run's own update gradient against a held-out image probe.
+
+:class:`AlignmentMonitor` is the plain-loop API: call :meth:`AlignmentMonitor.before_step`
+after ``backward()`` (and after clipping), right before ``optimizer.step()``. Every
+``every`` optimizer steps it
+
+1. recomputes the image probe gradient ḡ_img at the current parameters from K held-out
+   image batches, with ``torch.autograd.grad`` so the ``.grad`` the optimizer will use is
+   never touched, in eval mode and with the RNG state saved and restored;
+2. reads the update gradient (``p.grad`` of the selected parameters: accumulated over
+   micro-batches and clipped, as the optimizer will see it) and computes
+   ``<g_update, ḡ_img>``, its cosine, both norms, per module, and an interval over the
+   image groups;
+3. applies the guard: ``observe`` (record only), ``warn``, ``stop`` (ask the loop to end
+   cleanly), or ``project`` (A-GEM: when ``<g_update, ḡ_img> < 0`` remove the conflicting
+   component, ``g ← g − (<g, ḡ>/‖ḡ‖²) ḡ``, in place, before the optimizer step).
+
+Between probe steps, ``project`` keeps using the latest ḡ_img (refreshed every
+``every`` steps); the other guards act on probe steps only. Each probe appends a row to
+the trajectory file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradprobe.errors import DataError, InputError
+from gradprobe.estimators import stats
+from gradprobe.probe.hooks import LossFn
+from gradprobe.probe.select import ModuleOf, RoleOf, select_parameters
+from gradprobe.probe.store import ReferenceStore, resolve_dtype
+
+GUARDS = ("observe", "warn", "stop", "project")
+TRAJECTORY = "gradprobe_trajectory.jsonl"
+
+
+@contextlib.contextmanager
+def _isolated(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and saved RNG state inside; both restored, so the run continues bit for bit."""
+    was_training = model.training
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        model.eval()
+        yield
+    finally:
+        model.train(was_training)
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+class AlignmentMonitor:
+    """Watches ``<g_update, ḡ_img>`` along a training run.
+
+    Args:
+        model: the model being trained.
+        image_batches: K held-out image batches (the probe set), reused at every probe.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+        every: probe every this many optimizer steps (the first step is probed).
+        guard: ``observe``, ``warn``, ``stop`` or ``project``.
+        image_groups: G image-group means (default: the largest divisor of K ≤ 8).
+        include, exclude, roles, role_of, module_of: parameter selection.
+        reference_dtype: dtype of the image-group rows (default float32; float64 for float64 models).
+        trajectory: JSONL file that probe rows are appended to (None: keep in memory only).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> loss_fn = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+        >>> probe_set = [(torch.randn(4, 2), torch.randn(4, 1)) for _ in range(4)]
+        >>> mon = AlignmentMonitor(model, probe_set, loss_fn, every=2)
+        >>> for step in range(4):
+        ...     opt.zero_grad()
+        ...     loss_fn(model, (torch.randn(4, 2), torch.randn(4, 1))).backward()
+        ...     row = mon.before_step(step)
+        ...     opt.step()
+        >>> [r["step"] for r in mon.rows]
+        [0, 2]
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        image_batches: Sequence[Any],
+        loss_fn: LossFn,
+        *,
+        every: int = 50,
+        guard: str = "observe",
+        image_groups: int | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        roles: str | Sequence[str] | None = None,
+        role_of: RoleOf | None = None,
+        module_of: ModuleOf | None = None,
+        reference_dtype: str | torch.dtype | None = None,
+        trajectory: str | os.PathLike[str] | None = None,
+    ) -> None:
+        from gradprobe.estimators.align import _default_groups
+
+        if guard not in GUARDS:
+            raise InputError(f"guard: unknown action {guard!r}; use one of {', '.join(GUARDS)}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise InputError(f"every: expected a positive integer, got {every!r}")
+        self.images = list(image_batches)
+        K = len(self.images)
+        if K == 0:
+            raise DataError("the image probe set is empty")
+        self.groups = _default_groups(K) if image_groups is None else image_groups
+        if self.groups < 1 or K % self.groups:
+            raise InputError(f"image_groups: {K} image batches cannot be split into {self.groups} equal groups")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.every = every
+        self.guard = guard
+        self.selection = select_parameters(
+            model, include=include, exclude=exclude, roles=roles, role_of=role_of, module_of=module_of
+        )
+        self.params = list(self.selection.params)
+        self.acc_dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
+        self.store = ReferenceStore(self.params, self.groups, resolve_dtype(reference_dtype, self.acc_dtype))
+        self.modules = self.selection.module_names
+        pos = {m: i for i, m in enumerate(self.modules)}
+        self.module_index = np.array([pos[m] for m in self.selection.modules])
+        self.trajectory = Path(trajectory) if trajectory is not None else None
+        self.rows: list[dict[str, Any]] = []
+        self.fired = {"warn": 0, "stop": 0, "project": 0}
+        self.should_stop = False
+        self.stop_reason: str | None = None
+        self._have_reference = False
+        self._ref_sqnorm = 0.0
+
+    # ------------------------------------------------------------------ reference
+    def refresh_reference(self) -> dict[str, Any]:
+        """Recompute the image-group mean gradients at the current parameters."""
+        per = len(self.images) // self.groups
+        self.store.zero_()
+        bad = np.zeros(self.groups, dtype=bool)
+        losses = []
+        with _isolated(self.model):
+            for k, batch in enumerate(self.images):
+                g = k // per
+                loss = self.loss_fn(self.model, batch)
+                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+                losses.append(float(loss.detach()))
+                for t, gr in zip(self.store.tensors, grads, strict=True):
+                    if gr is not None:
+                        t[g].add_(gr.reshape(-1).to(device=t.device, dtype=t.dtype))
+                if not math.isfinite(losses[-1]) or any(
+                    gr is not None and not bool(torch.isfinite(gr).all()) for gr in grads
+                ):
+                    bad[g] = True
+                del grads, loss
+        self.store.scale_(torch.full((self.groups,), 1.0 / per, dtype=torch.float64))
+        keep = [g for g in range(self.groups) if not bad[g]]
+        if not keep:
+            self._have_reference = False
+            return {"image_loss": float(np.mean(losses)), "image_groups_used": 0}
+        gram = np.zeros((len(keep), len(keep)))
+        for gm in self.store.gram(self.acc_dtype):
+            gram += gm.to(torch.float64).numpy()[np.ix_(keep, keep)]
+        self._keep = keep
+        self._ref_sqnorm = float(gram.mean())  # ‖ḡ_img‖² of the estimate used for projection and cos
+        self._have_reference = True
+        return {
+            "image_loss": float(np.nanmean(losses)),
+            "image_groups_used": len(keep),
+            "image_norm": stats.sqrt_or_none(stats.unbiased_sqnorm_from_gram(gram)),
+        }
+
+    # ------------------------------------------------------------------ update
+    def _update_dots(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Per parameter: dots of p.grad with the kept group rows (P, G'), and squared norms (P,)."""
+        P = len(self.params)
+        dots = np.zeros((P, len(self._keep)))
+        sq = np.zeros(P)
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            g = p.grad.reshape(-1).to(self.acc_dtype)
+            ref = self.store.tensors[i][self._keep]
+            ref = ref.to(device=g.device, dtype=self.acc_dtype)
+            dots[i] = torch.mv(ref, g).to("cpu", torch.float64).numpy()
+            sq[i] = float(torch.dot(g, g))
+        finite = bool(np.isfinite(dots).all() and np.isfinite(sq).all())
+        return dots, sq, finite
+
+    def _project(self, coef: float) -> None:
+        """``p.grad -= coef * ḡ_img`` over the selected parameters (ḡ_img = mean of the kept rows)."""
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            mean = self.store.tensors[i][self._keep].to(self.acc_dtype).mean(dim=0)
+            p.grad.add_(mean.reshape(p.grad.shape).to(device=p.grad.device, dtype=p.grad.dtype), alpha=-coef)
+
+    def before_step(self, step: int) -> dict[str, Any] | None:
+        """Call after backward and clipping, right before ``optimizer.step()``.
+
+        Returns:
+            The trajectory row on probe steps, else None.
+        """
+        due = step % self.every == 0
+        if not due and not (self.guard == "project" and self._have_reference):
+            return None
+        row: dict[str, Any] = {"step": step}
+        if due:
+            row.update(self.refresh_reference())
+        if not self._have_reference:
+            if due:
+                row.update(finite=False, note="no finite image-probe group")
+                self._record(row)
+            return row if due else None
+        dots, sq, finite = self._update_dots()
+        col = dots.sum(axis=0)  # (G',) dot of the update with each group mean
+        a = float(col.mean())
+        un = math.sqrt(max(float(sq.sum()), 0.0))
+        cos = a / (un * math.sqrt(self._ref_sqnorm)) if un > 0 and self._ref_sqnorm > 0 else float("nan")
+        if not finite:
+            msg = f"step {step}: non-finite update gradient"
+            if due:
+                row.update(finite=False, note=msg)
+                self._record(row)
+            warnings.warn(msg, stacklevel=2)
+            if self.guard == "stop":
+                self._stop(msg)
+            return row if due else None
+        projected = False
+        if self.guard == "project" and a < 0 and self._ref_sqnorm > 0:
+            self._project(a / self._ref_sqnorm)
+            self.fired["project"] += 1
+            projected = True
+        if not due:
+            return None
+        # spread over the image groups (the update itself is one vector, so that is the only source)
+        se = float(np.std(col, ddof=1) / math.sqrt(len(col))) if len(col) >= 2 else None
+        mod_dots = np.zeros((len(self.modules), dots.shape[1]))
+        np.add.at(mod_dots, self.module_index, dots)
+        row.update(
+            finite=True,
+            alignment=a,
+            alignment_stderr=se,
+            cos=cos,
+            update_norm=un,
+            reference_norm=math.sqrt(max(self._ref_sqnorm, 0.0)),
+            projected=projected,
+            modules={m: float(mod_dots[i].mean()) for i, m in enumerate(self.modules)},
+        )
+        if a < 0 and self.guard in ("warn", "stop"):
+            self.fired[self.guard] += 1
+            msg = f"step {step}: update gradient conflicts with the image probe (<g_update, ḡ_img> = {a:.4g}, cos {cos:.3f})"
+            warnings.warn(msg, stacklevel=2)
+            if self.guard == "stop":
+                self._stop(msg)
+        self._record(row)
+        return row
+
+    def _stop(self, msg: str) -> None:
+        self.should_stop = True
+        self.stop_reason = msg
+
+    def _record(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self.trajectory is not None:
+            self.trajectory.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.trajectory, "a") as fh:
+                fh.write(json.dumps(_jsonable(row)) + "\n")
+
+    def truncate_trajectory(self, last_step: int) -> int:
+        """Drop trajectory rows after ``last_step`` (on resume from a checkpoint); return rows kept."""
+        if self.trajectory is None or not self.trajectory.is_file():
+            return 0
+        keep = [ln for ln in self.trajectory.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
+        tmp = self.trajectory.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, self.trajectory)
+        return len(keep)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
