@@ -1,0 +1,97 @@
+"""A transformers ``TrainerCallback`` that watches image–video alignment during the real run.
+
+The run's own update gradient is the video gradient: in ``on_pre_optimizer_step`` (after
+accumulation and clipping) the callback hands the model to an :class:`AlignmentMonitor`,
+which recomputes the held-out image probe gradient at the current parameters and dots it
+with the update. Rows go to ``<output_dir>/gradprobe_trajectory.jsonl``; scalars go through
+the Trainer's own logging (``trainer.log``) when the callback is bound to the trainer
+(:meth:`AlignmentCallback.bind`, done by :func:`watch`), so TensorBoard, W&B and CSV
+loggers receive them; unbound, they are added to the next ``on_log`` call's ``logs``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from gradprobe.train.monitor import TRAJECTORY, AlignmentMonitor
+
+
+def hf_loss(model: Any, batch: Mapping[str, Any]) -> Any:
+    """The model's own loss on a batch that carries ``labels``."""
+    return model(**batch).loss
+
+
+class AlignmentCallback(TrainerCallback):
+    """Probe ``<g_update, ḡ_img>`` every ``every`` optimizer steps of a ``Trainer`` run.
+
+    Args:
+        image_batches: held-out image batches (already collated, on the model's device).
+        loss_fn: ``loss_fn(model, batch)``; default: ``model(**batch).loss``.
+        every: probe every this many optimizer steps.
+        guard: ``observe``, ``warn``, ``stop`` or ``project`` (see :mod:`gradprobe.train.monitor`).
+        **monitor_options: passed to :class:`AlignmentMonitor` (selection, image_groups, ...).
+    """
+
+    def __init__(self, image_batches: Sequence[Any], loss_fn: Any = None, *, every: int = 50,
+                 guard: str = "observe", **monitor_options: Any) -> None:
+        self.image_batches = list(image_batches)
+        self.loss_fn = loss_fn or hf_loss
+        self.every = every
+        self.guard = guard
+        self.options = monitor_options
+        self.monitor: AlignmentMonitor | None = None
+        self._trainer: Any = None
+        self._pending: dict[str, float] | None = None
+
+    def bind(self, trainer: Any) -> AlignmentCallback:
+        """Log through ``trainer.log`` (reaches every logging integration)."""
+        self._trainer = trainer
+        return self
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self.monitor = AlignmentMonitor(
+            model, self.image_batches, self.loss_fn, every=self.every, guard=self.guard,
+            trajectory=Path(args.output_dir) / TRAJECTORY, **self.options,
+        )
+        # resumed from a checkpoint after step S: rows of steps >= S are recomputed, so drop them
+        self.monitor.truncate_trajectory(state.global_step - 1)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        row = self.monitor.before_step(state.global_step)
+        if row is not None and row.get("finite"):
+            self._pending = {
+                "gradprobe/alignment": row["alignment"],
+                "gradprobe/cos": row["cos"],
+                "gradprobe/update_norm": row["update_norm"],
+                "gradprobe/image_probe_loss": row["image_loss"],
+            }
+        if self.monitor.should_stop:
+            control.should_training_stop = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._pending and self._trainer is not None:
+            pending, self._pending = self._pending, None
+            self._trainer.log(pending)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if self._pending and logs is not None:
+            logs.update(self._pending)
+            self._pending = None
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        m = self.monitor
+        report = {"guard": self.guard, "fired": m.fired, "probes": len(m.rows), "stop_reason": m.stop_reason}
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.output_dir) / "gradprobe_guard.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def watch(trainer: Any, image_batches: Sequence[Any], **options: Any) -> AlignmentCallback:
+    """Add an :class:`AlignmentCallback` to ``trainer`` and bind it for logging."""
+    cb = AlignmentCallback(image_batches, **options).bind(trainer)
+    trainer.add_callback(cb)
+    return cb

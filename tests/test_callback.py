@@ -1,0 +1,87 @@
+"""The Trainer callback on the real toy: observe mode leaves the run bitwise unchanged; rows and logs appear."""
+
+import json
+
+import pytest
+import torch
+
+from gradprobe.models import toy
+from gradprobe.train.callback import AlignmentCallback, watch
+from gradprobe.train.image_stage import _Records
+
+
+def _trainer(tiny_toy, out, steps=4, callbacks=(), max_grad_norm=1.0):
+    from transformers import Trainer, TrainingArguments
+
+    model, processor = toy.load(tiny_toy.model_dir)
+    records = toy.read_records(tiny_toy.data("probe", "videos"))[:8]
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=1e-3, max_grad_norm=max_grad_norm, logging_steps=1, save_strategy="no", report_to="none",
+        seed=0, data_seed=0, use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=_Records(records),
+                      data_collator=toy.ToyCollator(processor, tiny_toy.data_dir, frames=2),
+                      callbacks=list(callbacks))
+    return trainer, model, processor
+
+
+def _probe_set(tiny_toy, processor):
+    recs = toy.read_records(tiny_toy.data("probe", "images"))[:8]
+    coll = toy.ToyCollator(processor, tiny_toy.data_dir)
+    return [coll(recs[i : i + 2]) for i in range(0, 8, 2)]
+
+
+def test_observe_mode_is_bitwise_identical(tiny_toy, tmp_path):
+    plain, model_a, _ = _trainer(tiny_toy, tmp_path / "a")
+    plain.train()
+    watched, model_b, processor = _trainer(tiny_toy, tmp_path / "b")
+    cb = watch(watched, _probe_set(tiny_toy, processor), every=1, role_of=toy.role_of, module_of=toy.module_of)
+    watched.train()
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    rows = [json.loads(x) for x in (tmp_path / "b" / "gradprobe_trajectory.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["finite"] and r["update_norm"] > 0 for r in rows)
+    assert "model.visual.merger" in rows[0]["modules"]
+    logged = [h for h in watched.state.log_history if "gradprobe/alignment" in h]
+    assert len(logged) == 4
+    assert cb.monitor.fired == {"warn": 0, "stop": 0, "project": 0}
+
+
+def test_unbound_callback_adds_to_logs(tiny_toy, tmp_path):
+    class Capture(AlignmentCallback):
+        seen = []
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            super().on_log(args, state, control, logs=logs, **kw)
+            self.seen.append(dict(logs or {}))
+
+    trainer, _, processor = _trainer(tiny_toy, tmp_path, steps=2)
+    cb = Capture(_probe_set(tiny_toy, processor), every=1)
+    trainer.add_callback(cb)
+    trainer.train()
+    assert any("gradprobe/cos" in logs for logs in cb.seen)
+
+
+def test_stop_guard_ends_training(tiny_toy, tmp_path):
+    """A planted conflict: the probe uses -loss, so ḡ_img flips sign against a positively aligned update."""
+    trainer, _, processor = _trainer(tiny_toy, tmp_path, steps=6)
+    cb = watch(trainer, _probe_set(tiny_toy, processor), loss_fn=lambda m, b: -m(**b).loss, every=1, guard="stop")
+    with pytest.warns(UserWarning, match="step 0: update gradient conflicts"):
+        trainer.train()
+    assert trainer.state.global_step == 1  # the conflicting step is taken, then training ends cleanly
+    guard = json.loads((tmp_path / "gradprobe_guard.json").read_text())
+    assert guard["fired"]["stop"] == 1 and guard["stop_reason"].startswith("step 0")
+
+
+def test_project_guard_changes_only_conflicting_steps(tiny_toy, tmp_path):
+    trainer, model, processor = _trainer(tiny_toy, tmp_path, steps=3)
+    cb = watch(trainer, _probe_set(tiny_toy, processor), loss_fn=lambda m, b: -m(**b).loss, every=1,
+               guard="project")
+    trainer.train()
+    assert cb.monitor.fired["project"] == 3
+    assert all(r["projected"] for r in cb.monitor.rows)
