@@ -10,18 +10,19 @@ from gradprobe.train.callback import AlignmentCallback, watch
 from gradprobe.train.image_stage import _Records
 
 
-def _trainer(tiny_toy, out, steps=4, callbacks=(), max_grad_norm=1.0):
+def _trainer(tiny_toy, out, steps=4, callbacks=(), max_grad_norm=1.0, save_steps=None, weights=None):
     from transformers import Trainer, TrainingArguments
 
-    model, processor = toy.load(tiny_toy.model_dir)
+    model, processor = toy.load(weights or tiny_toy.model_dir)
     records = toy.read_records(tiny_toy.data("probe", "videos"))[:8]
     args = TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        learning_rate=1e-3, max_grad_norm=max_grad_norm, logging_steps=1, save_strategy="no", report_to="none",
+        learning_rate=1e-3, max_grad_norm=max_grad_norm, logging_steps=1, report_to="none",
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
         seed=0, data_seed=0, use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=_Records(records),
+    trainer = Trainer(model=model, args=args, train_dataset=_Records(records), processing_class=processor,
                       data_collator=toy.ToyCollator(processor, tiny_toy.data_dir, frames=2),
                       callbacks=list(callbacks))
     return trainer, model, processor
@@ -85,3 +86,23 @@ def test_project_guard_changes_only_conflicting_steps(tiny_toy, tmp_path):
     trainer.train()
     assert cb.monitor.fired["project"] == 3
     assert all(r["projected"] for r in cb.monitor.rows)
+
+
+def test_resume_appends_without_duplicates(tiny_toy, tmp_path):
+    trainer, _, processor = _trainer(tiny_toy, tmp_path, steps=4, save_steps=2)
+    watch(trainer, _probe_set(tiny_toy, processor), every=1)
+    trainer.train()
+    path = tmp_path / "gradprobe_trajectory.jsonl"
+    first = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["step"] for r in first] == [0, 1, 2, 3]
+    # resume from the step-2 checkpoint: rows of steps 2 and 3 are recomputed, not duplicated.
+    # The weights come through from_pretrained: transformers' Trainer resume does not map the
+    # legacy key names save_pretrained writes for Qwen2.5-VL and would keep the initial weights.
+    trainer, _, processor = _trainer(tiny_toy, tmp_path, steps=4, save_steps=2, weights=tmp_path / "checkpoint-2")
+    watch(trainer, _probe_set(tiny_toy, processor), every=1)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    again = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["step"] for r in again] == [0, 1, 2, 3]
+    assert again[:2] == first[:2]
+    for a, b in zip(again[2:], first[2:]):
+        assert a["alignment"] == pytest.approx(b["alignment"], rel=1e-4)
