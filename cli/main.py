@@ -171,6 +171,46 @@ def plot(
 
 
 @app.command()
+def sft(
+    out: Annotated[str, typer.Option(help="Output directory: checkpoints, trajectory, final model.")] = "gradprobe-sft",
+    frames: Annotated[int, typer.Option(help="Frame budget m (with --manifest: for clips it does not list).")] = 8,
+    manifest: Annotated[str | None, typer.Option(help='Per-sample budgets: JSONL lines {"id", "frames"}.')] = None,
+    model: Annotated[str | None, typer.Option(help="Model checkpoint directory (default: the toy).")] = None,
+    video_data: Annotated[str | None, typer.Option(help="JSONL of video training records.")] = None,
+    image_probe: Annotated[str | None, typer.Option(help="JSONL of held-out image records for the probe.")] = None,
+    data_root: Annotated[str | None, typer.Option(help="Directory media paths are relative to.")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 60,
+    batch_size: Annotated[int, typer.Option(help="Video batch size.")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay).")] = 1e-4,
+    lora: Annotated[bool, typer.Option(help="Train LoRA adapters on the language model (peft).")] = False,
+    probe_every: Annotated[int, typer.Option(help="Probe alignment every N optimizer steps.")] = 10,
+    guard: Annotated[str, typer.Option(help="observe, warn, stop or project.")] = "observe",
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
+    cache_dir: Annotated[str | None, typer.Option(help="Toy cache directory.")] = None,
+) -> None:
+    """Video-SFT with transformers' Trainer, watching update–image-probe alignment along the run."""
+    from gradprobe import GradprobeError
+    from gradprobe.train.sft import SFTOptions, run_sft
+
+    opts = SFTOptions(out=out, frames=frames, manifest=manifest,
+                      model=model, video_data=video_data, image_probe=image_probe, data_root=data_root,
+                      steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, lora=lora,
+                      probe_every=probe_every, guard=guard, save_steps=save_steps, seed=seed, resume=resume,
+                      cache_dir=cache_dir)
+    try:
+        summary = run_sft(opts, log=lambda s: err.print(f"[dim]{s}[/]"))
+    except GradprobeError as e:
+        _fail(str(e))
+    Console().print(
+        f"trained {summary['steps']} steps (loss {summary['train_loss']:.4g}); {summary['probes']} alignment probes "
+        f"in {summary['trajectory']}; guard {summary['guard']['action']} fired {summary['guard']['fired']}"
+    )
+
+
+@app.command()
 def toy(
     cache_dir: Annotated[str | None, typer.Option(help="Cache directory (default $GRADPROBE_CACHE or ~/.cache/gradprobe).")] = None,
     steps: Annotated[int, typer.Option(help="Image-stage training steps.")] = 900,

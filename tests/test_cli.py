@@ -147,3 +147,4 @@ def test_too_few_records(tiny_toy):
 def test_plot_of_missing_dir(tmp_path):
     assert_one_line_error(runner.invoke(app, ["plot", str(tmp_path / "nothing")], env={"COLUMNS": "300"}),
                     "no such output directory")
+

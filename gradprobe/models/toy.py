@@ -213,7 +213,7 @@ class ToyCollator:
     """
 
     def __init__(self, processor: Any, root: str | os.PathLike[str], frames: int | None = None,
-                 cache: dict[str, np.ndarray] | None = None) -> None:
+                 cache: dict[str, np.ndarray] | None = None, frames_of: Mapping[str, int] | None = None) -> None:
         self.processor = processor
         self.root = Path(root)
         self.frames = frames
@@ -221,8 +221,9 @@ class ToyCollator:
         tok = processor.tokenizer
         self.pad_id = tok.pad_token_id
         self.assistant_id = tok.convert_tokens_to_ids("assistant")
-        if frames is not None:
-            check_budget(frames)
+        self.frames_of = dict(frames_of or {})
+        for m in ([frames] if frames is not None else []) + list(self.frames_of.values()):
+            check_budget(m)
 
     def _image(self, rel: str) -> np.ndarray:
         from PIL import Image
@@ -233,15 +234,15 @@ class ToyCollator:
         with Image.open(p) as im:
             return np.array(im.convert("RGB"))  # a writable copy
 
-    def _video(self, rel: str) -> np.ndarray:
+    def _video(self, rel: str, m: int | None) -> np.ndarray:
         from gradprobe.data.video import read_frames
 
         if rel not in self.cache:
             self.cache[rel] = read_frames(self.root / rel)
         frames = self.cache[rel]
-        if self.frames is None:
-            raise BudgetError("a video record needs a frame budget")
-        return frames[uniform_indices(len(frames), self.frames)]
+        if m is None:
+            raise BudgetError(f"{rel}: a video record needs a frame budget (--frames or a manifest entry)")
+        return frames[uniform_indices(len(frames), m)]
 
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         texts, images, videos = [], [], []
@@ -252,7 +253,7 @@ class ToyCollator:
                 images.append(self._image(r["image"]))
             elif "video" in r:
                 kind = "video"
-                videos.append(self._video(r["video"]))
+                videos.append(self._video(r["video"], self.frames_of.get(str(r.get("id")), self.frames)))
             else:
                 raise DataError(f"record {r.get('id')!r}: has neither 'image' nor 'video'")
             msgs = [

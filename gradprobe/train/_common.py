@@ -1,0 +1,50 @@
+"""Pieces shared by the toy's image stage and the Video-SFT runner."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+
+class Records(torch.utils.data.Dataset):
+    """A list of records as a map-style dataset (the collator does the work)."""
+
+    def __init__(self, records: Sequence[Mapping[str, Any]]) -> None:
+        self.records = list(records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Mapping[str, Any]:
+        return self.records[i]
+
+
+def training_args(out_dir: str | os.PathLike[str], *, steps: int, batch_size: int, lr: float, seed: int,
+                  **extra: Any) -> Any:
+    """AdamW with linear warmup and cosine decay, clipping at 1.0, deterministic CPU-friendly loading."""
+    from transformers import TrainingArguments
+
+    options: dict[str, Any] = dict(
+        output_dir=str(out_dir),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 20),
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=max(1, steps // 10),
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    options.update(extra)
+    return TrainingArguments(**options)

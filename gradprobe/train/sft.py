@@ -1,0 +1,183 @@
+"""``gradprobe sft``: Video-SFT with transformers' ``Trainer``, watched by the alignment callback.
+
+Trains on LLaVA-style video records with a fixed frame budget (``frames``) or per-sample
+budgets from a manifest (JSONL lines ``{"id", "frames"}``), full fine-tuning or LoRA
+(peft). Every ``probe_every`` optimizer steps an :class:`AlignmentCallback` measures the
+alignment of the run's update with a held-out image probe gradient; rows go to
+``<out>/gradprobe_trajectory.jsonl``. Checkpoints are the Trainer's own; ``resume``
+continues from the last one in ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradprobe._checks import check_positive_int
+from gradprobe.errors import DataError, InputError
+from gradprobe.train.monitor import GUARDS, TRAJECTORY
+
+
+@dataclass
+class SFTOptions:
+    """Options of :func:`run_sft` (the command line's ``gradprobe sft``)."""
+
+    out: str
+    frames: int | None = 8
+    manifest: str | None = None
+    model: str | None = None
+    video_data: str | None = None
+    image_probe: str | None = None
+    data_root: str | None = None
+    steps: int = 60
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lora: bool = False
+    lora_rank: int = 8
+    probe_every: int = 10
+    probe_batches: int = 4
+    probe_batch_size: int = 8
+    guard: str = "observe"
+    save_steps: int = 20
+    seed: int = 0
+    resume: bool = False
+    cache_dir: str | None = None
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, int]:
+    """Per-sample frame budgets: JSONL lines ``{"id": ..., "frames": m}``.
+
+    Raises:
+        DataError: missing file, bad line, or a non-positive budget.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: manifest not found")
+    out: dict[str, int] = {}
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            rid, m = str(rec["id"]), rec["frames"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"{p}:{n}: expected a JSON object with 'id' and 'frames'") from None
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise DataError(f"{p}:{n}: frames must be a positive integer, got {m!r}")
+        out[rid] = m
+    if not out:
+        raise DataError(f"{p}: manifest is empty")
+    return out
+
+
+def _lora(model: torch.nn.Module, rank: int) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+    )
+    return get_peft_model(model, cfg)
+
+
+def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
+    """Run Video-SFT with the alignment callback; return the run summary (also in ``<out>/sft_summary.json``).
+
+    Raises:
+        GradprobeError: bad options, paths or records.
+    """
+    from transformers import Trainer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from gradprobe.models import toy as adapter
+    from gradprobe.run import DEFAULT_TOY, _architecture
+    from gradprobe.toybox import ensure_toy
+    from gradprobe.train._common import Records, training_args
+    from gradprobe.train.callback import watch
+
+    log = log or (lambda s: None)
+    for name in ("steps", "batch_size", "grad_accum", "probe_every", "probe_batches", "probe_batch_size",
+                 "save_steps", "lora_rank"):
+        check_positive_int(name.replace("_", "-"), getattr(opts, name))
+    if opts.guard not in GUARDS:
+        raise InputError(f"guard: unknown action {opts.guard!r}; use one of {', '.join(GUARDS)}")
+    frames_of = read_manifest(opts.manifest) if opts.manifest else {}
+    if opts.frames is None and not frames_of:
+        raise InputError("give --frames or --manifest")
+    given = [opts.model, opts.video_data, opts.image_probe]
+    if not any(given):
+        toy = ensure_toy(DEFAULT_TOY, opts.cache_dir, log=log)
+        model_dir, video_path, image_path = toy.model_dir, toy.data("train", "videos"), toy.data("probe", "images")
+    elif all(given):
+        model_dir, video_path, image_path = Path(opts.model), Path(opts.video_data), Path(opts.image_probe)
+    else:
+        raise InputError("give all of --model, --video-data and --image-probe, or none of them for the toy default")
+    _architecture(Path(model_dir))
+    videos = adapter.read_records(video_path)
+    if not all("video" in r for r in videos):
+        raise DataError(f"{video_path}: every record must have a 'video' field")
+    if frames_of:
+        missing = [r.get("id") for r in videos if str(r.get("id")) not in frames_of]
+        if missing and opts.frames is None:
+            raise DataError(f"{opts.manifest}: no budget for record {missing[0]!r} and no --frames fallback")
+    images = adapter.read_records(image_path)
+    need = opts.probe_batches * opts.probe_batch_size
+    if len(images) < need:
+        raise DataError(f"{image_path}: {len(images)} image records, need {need} for the image probe")
+    out = Path(opts.out)
+    last = get_last_checkpoint(str(out)) if opts.resume and out.is_dir() else None
+    if opts.resume and last is None:
+        raise InputError(f"--resume: no checkpoint-* directory in {out}")
+    if not opts.resume and (out / TRAJECTORY).exists():
+        raise InputError(f"{out} already holds a run; use --resume to continue it or another --out")
+    # weights through from_pretrained (the Trainer's own resume does not map Qwen2.5-VL's saved key names)
+    model, processor = adapter.load(last or model_dir)
+    if opts.lora:
+        if last is not None:
+            from peft import PeftModel
+
+            base, _ = adapter.load(model_dir)
+            model = PeftModel.from_pretrained(base, last, is_trainable=True)
+        else:
+            model = _lora(model, opts.lora_rank)
+    video_root = Path(opts.data_root) if opts.data_root else Path(video_path).parent
+    image_root = Path(opts.data_root) if opts.data_root else Path(image_path).parent
+    collator = adapter.ToyCollator(processor, video_root, frames=opts.frames, frames_of=frames_of)
+    probe_collate = adapter.ToyCollator(processor, image_root)
+    probe = [probe_collate(images[i * opts.probe_batch_size : (i + 1) * opts.probe_batch_size])
+             for i in range(opts.probe_batches)]
+    args = training_args(
+        out, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, seed=opts.seed,
+        gradient_accumulation_steps=opts.grad_accum, save_strategy="steps", save_steps=opts.save_steps,
+        logging_steps=max(1, min(opts.probe_every, opts.steps // 10 or 1)),
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Records(videos), data_collator=collator,
+                      processing_class=processor)
+    cb = watch(trainer, probe, every=opts.probe_every, guard=opts.guard, role_of=adapter.role_of,
+               module_of=adapter.module_of)
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=last)
+    trainer.save_model(str(out / "final"))
+    summary = {
+        "schema": "gradprobe.sft/1",
+        "options": asdict(opts),
+        "model": str(model_dir),
+        "resumed_from": last,
+        "steps": trainer.state.global_step,
+        "train_loss": float(result.training_loss),
+        "seconds": time.time() - t0,
+        "guard": {"action": opts.guard, "fired": cb.monitor.fired, "stop_reason": cb.monitor.stop_reason},
+        "probes": len(cb.monitor.rows),
+        "trajectory": str(out / TRAJECTORY),
+    }
+    (out / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
