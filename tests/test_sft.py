@@ -61,3 +61,37 @@ def test_sft_bad_input(tiny_toy, tmp_path):
     assert r.exit_code == 2 and "frames must be a positive integer" in r.output
     r = runner.invoke(app, _args(tiny_toy, tmp_path / "c", "--resume"))
     assert r.exit_code == 2 and "no checkpoint" in r.output
+
+
+def test_sft_evaluates_and_plots(tiny_toy, tmp_path):
+    out = tmp_path / "ev"
+    r = runner.invoke(app, _args(tiny_toy, out, "--steps", "4", "--eval-every", "2",
+                                 "--eval-image-data", str(tiny_toy.data("eval", "images")),
+                                 "--eval-video-data", str(tiny_toy.data("eval", "videos"))))
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (out / "gradprobe_eval.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [0, 2, 4]
+    for x in rows:
+        assert 0 <= x["image_free"] <= x["image_restricted"] <= 1  # restricting to valid answers can only help
+        assert x["n_image"] == 24 and x["n_video"] == 4
+    r = runner.invoke(app, ["plot", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (out / "trajectory.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluation_does_not_change_the_run(tiny_toy, tmp_path):
+    """Weights after a run with evaluation equal those after the same run without it."""
+    import torch
+
+    from gradprobe.models import toy as adapter
+
+    base = _args(tiny_toy, tmp_path / "x", "--steps", "2")
+    assert runner.invoke(app, base).exit_code == 0
+    ev = _args(tiny_toy, tmp_path / "y", "--steps", "2", "--eval-every", "1",
+               "--eval-image-data", str(tiny_toy.data("eval", "images")),
+               "--eval-video-data", str(tiny_toy.data("eval", "videos")))
+    assert runner.invoke(app, ev).exit_code == 0
+    a, _ = adapter.load(tmp_path / "x" / "final")
+    b, _ = adapter.load(tmp_path / "y" / "final")
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka

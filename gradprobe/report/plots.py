@@ -81,15 +81,66 @@ def module_heatmap(modules: pd.DataFrame, ax: Any = None, value: str = "mean_cos
     return ax
 
 
+def _jsonl(path: Path) -> pd.DataFrame:
+    import json
+
+    if not path.is_file():
+        return pd.DataFrame()
+    return pd.DataFrame([json.loads(x) for x in path.read_text().splitlines() if x.strip()])
+
+
+def training_trajectory(traj: pd.DataFrame, evals: pd.DataFrame, axes: Any = None) -> Any:
+    """Two panels against optimizer step: cos(g_update, ḡ_img) and held-out accuracies."""
+    import seaborn as sns
+
+    plt = _mpl()
+    sns.set_theme(style="whitegrid", context="notebook")
+    if axes is None:
+        _, axes = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    ax0, ax1 = axes
+    if len(traj) and "cos" in traj:
+        ok = traj[traj["finite"].astype(bool)] if "finite" in traj else traj
+        ax0.plot(ok["step"], ok["cos"], "o-", color="C0", label="cos(g_update, ḡ_img)")
+        if "projected" in ok and ok["projected"].fillna(False).astype(bool).any():
+            pr = ok[ok["projected"].fillna(False).astype(bool)]
+            ax0.scatter(pr["step"], pr["cos"], color="C3", zorder=3, label="projected")
+        ax0.axhline(0.0, color="k", lw=0.8, ls="--")
+        ax0.set_ylabel("cosine")
+        ax0.legend(fontsize=8)
+    ax0.set_title("alignment of the run's update with the held-out image probe")
+    if len(evals):
+        for col, style, label in (("image_free", "C1-", "image (free)"), ("image_restricted", "C1--", "image (restricted)"),
+                                  ("video_free", "C2-", "video (free)"), ("video_restricted", "C2--", "video (restricted)")):
+            ax1.plot(evals["step"], evals[col], style, marker="o", ms=3, label=label)
+        ax1.set_ylim(0, 1)
+        ax1.legend(fontsize=8, ncol=2)
+    else:
+        ax1.text(0.5, 0.5, "no evaluation rows", ha="center", transform=ax1.transAxes)
+    ax1.set_ylabel("held-out accuracy")
+    ax1.set_xlabel("optimizer step")
+    return axes
+
+
 def plot_dir(out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Draw ``alignment_curve.png`` and ``modules_heatmap.png`` into an align output dir.
+    """Draw the plots of an output dir: ``gradprobe align`` (alignment curve, module heatmap) or
+    ``gradprobe sft`` (training trajectory).
 
     Raises:
-        DataError: if the directory is not an align output dir.
+        DataError: if the directory is neither.
     """
+    from gradprobe.train.eval_callback import EVAL_FILE
+    from gradprobe.train.monitor import TRAJECTORY
+
     plt = _mpl()
-    summary, batches, modules = read_align_dir(out_dir)
     d = Path(out_dir)
+    if d.is_dir() and not (d / "summary.json").exists() and (d / TRAJECTORY).is_file():
+        fig, axes = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+        training_trajectory(_jsonl(d / TRAJECTORY), _jsonl(d / EVAL_FILE), axes)
+        fig.tight_layout()
+        fig.savefig(d / "trajectory.png", dpi=120)
+        plt.close(fig)
+        return [d / "trajectory.png"]
+    summary, batches, modules = read_align_dir(out_dir)
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     alignment_curve(summary, batches, ax)

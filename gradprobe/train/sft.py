@@ -42,6 +42,11 @@ class SFTOptions:
     lora: bool = False
     lora_rank: int = 8
     probe_every: int = 10
+    eval_every: int | None = None
+    eval_images: int = 200
+    eval_videos: int = 64
+    eval_image_data: str | None = None
+    eval_video_data: str | None = None
     probe_batches: int = 4
     probe_batch_size: int = 8
     guard: str = "observe"
@@ -117,8 +122,10 @@ def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
     if not any(given):
         toy = ensure_toy(DEFAULT_TOY, opts.cache_dir, log=log)
         model_dir, video_path, image_path = toy.model_dir, toy.data("train", "videos"), toy.data("probe", "images")
+        eval_paths = (toy.data("eval", "images"), toy.data("eval", "videos"))
     elif all(given):
         model_dir, video_path, image_path = Path(opts.model), Path(opts.video_data), Path(opts.image_probe)
+        eval_paths = None
     else:
         raise InputError("give all of --model, --video-data and --image-probe, or none of them for the toy default")
     _architecture(Path(model_dir))
@@ -160,8 +167,25 @@ def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
         gradient_accumulation_steps=opts.grad_accum, save_strategy="steps", save_steps=opts.save_steps,
         logging_steps=max(1, min(opts.probe_every, opts.steps // 10 or 1)),
     )
+    if opts.eval_image_data or opts.eval_video_data:
+        if not (opts.eval_image_data and opts.eval_video_data):
+            raise InputError("give both --eval-image-data and --eval-video-data")
+        eval_paths = (Path(opts.eval_image_data), Path(opts.eval_video_data))
+    callbacks = []
+    if eval_paths is not None:
+        from gradprobe.train.eval_callback import AccuracyCallback
+
+        eval_budget = opts.frames if opts.frames is not None else max(frames_of.values())
+        callbacks.append(AccuracyCallback(
+            adapter.read_records(eval_paths[0])[: opts.eval_images],
+            adapter.read_records(eval_paths[1])[: opts.eval_videos],
+            adapter.ToyCollator(processor, Path(opts.data_root) if opts.data_root else eval_paths[0].parent),
+            adapter.ToyCollator(processor, Path(opts.data_root) if opts.data_root else eval_paths[1].parent,
+                                frames=eval_budget),
+            every=opts.eval_every or opts.probe_every,
+        ))
     trainer = Trainer(model=model, args=args, train_dataset=Records(videos), data_collator=collator,
-                      processing_class=processor)
+                      processing_class=processor, callbacks=callbacks)
     cb = watch(trainer, probe, every=opts.probe_every, guard=opts.guard, role_of=adapter.role_of,
                module_of=adapter.module_of)
     t0 = time.time()
@@ -177,6 +201,7 @@ def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
         "seconds": time.time() - t0,
         "guard": {"action": opts.guard, "fired": cb.monitor.fired, "stop_reason": cb.monitor.stop_reason},
         "probes": len(cb.monitor.rows),
+        "evaluations": callbacks[0].rows if callbacks else [],
         "trajectory": str(out / TRAJECTORY),
     }
     (out / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,64 @@
+"""Held-out accuracy along a Trainer run, scored free and answer-restricted.
+
+Rows go to ``<output_dir>/gradprobe_eval.jsonl``: ``{"step", "image_free", "image_restricted",
+"video_free", "video_restricted", "n_image", "n_video"}``. Step s is the model after s optimizer
+steps, as in the alignment trajectory (whose row s probes the update applied after s steps).
+Evaluation runs in eval mode with the RNG state restored, so it does not change the run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from gradprobe.train.evaluate import accuracy
+from gradprobe.train.monitor import _isolated
+
+EVAL_FILE = "gradprobe_eval.jsonl"
+
+
+class AccuracyCallback(TrainerCallback):
+    """Evaluate image and video accuracy every ``every`` optimizer steps (and before the first).
+
+    Args:
+        image_records, video_records: held-out records with ``choices``.
+        image_collator, video_collator: collators that keep labels (the video one at the evaluation budget).
+        every: evaluate every this many steps.
+    """
+
+    def __init__(self, image_records: Sequence[Mapping[str, Any]], video_records: Sequence[Mapping[str, Any]],
+                 image_collator: Any, video_collator: Any, *, every: int) -> None:
+        self.images, self.videos = list(image_records), list(video_records)
+        self.image_collator, self.video_collator = image_collator, video_collator
+        self.every = every
+        self.rows: list[dict[str, Any]] = []
+
+    def _evaluate(self, args: Any, step: int, model: Any) -> None:
+        with _isolated(model):
+            img = accuracy(model, self.image_collator, self.images)
+            vid = accuracy(model, self.video_collator, self.videos)
+        row = {
+            "step": step,
+            "image_free": img["free"], "image_restricted": img["restricted"], "n_image": img["n"],
+            "video_free": vid["free"], "video_restricted": vid["restricted"], "n_video": vid["n"],
+        }
+        self.rows.append(row)
+        with open(Path(args.output_dir) / EVAL_FILE, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        path = Path(args.output_dir) / EVAL_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():  # resumed: rows after the checkpoint are recomputed
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < state.global_step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+        if state.global_step == 0:
+            self._evaluate(args, 0, model)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if state.global_step % self.every == 0 or control.should_training_stop or state.global_step >= state.max_steps:
+            self._evaluate(args, state.global_step, model)
