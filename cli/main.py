@@ -186,6 +186,8 @@ def sft(
     lora: Annotated[bool, typer.Option(help="Train LoRA adapters on the language model (peft).")] = False,
     probe_every: Annotated[int, typer.Option(help="Probe alignment every N optimizer steps.")] = 10,
     guard: Annotated[str, typer.Option(help="observe, warn, stop or project.")] = "observe",
+    probe_frames: Annotated[str | None, typer.Option(help="Also track A(m) and m* at these budgets along the run, e.g. 2,8,16.")] = None,
+    video_probe: Annotated[str | None, typer.Option(help="JSONL of held-out video records for --probe-frames (toy: its probe split).")] = None,
     eval_every: Annotated[int | None, typer.Option(help="Evaluate held-out accuracy every N steps (default: --probe-every).")] = None,
     eval_image_data: Annotated[str | None, typer.Option(help="JSONL of held-out image records to score (toy: its eval split).")] = None,
     eval_video_data: Annotated[str | None, typer.Option(help="JSONL of held-out video records to score.")] = None,
@@ -202,7 +204,7 @@ def sft(
                       model=model, video_data=video_data, image_probe=image_probe, data_root=data_root,
                       steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, lora=lora,
                       probe_every=probe_every, guard=guard, save_steps=save_steps, seed=seed, resume=resume,
-                      eval_every=eval_every, eval_image_data=eval_image_data, eval_video_data=eval_video_data,
+                      probe_frames=probe_frames, video_probe=video_probe, eval_every=eval_every, eval_image_data=eval_image_data, eval_video_data=eval_video_data,
                       cache_dir=cache_dir)
     try:
         summary = run_sft(opts, log=lambda s: err.print(f"[dim]{s}[/]"))

@@ -106,3 +106,29 @@ def test_resume_appends_without_duplicates(tiny_toy, tmp_path):
     assert again[:2] == first[:2]
     for a, b in zip(again[2:], first[2:]):
         assert a["alignment"] == pytest.approx(b["alignment"], rel=1e-4)
+
+
+def test_multi_budget_probe_along_the_run(tiny_toy, tmp_path):
+    trainer, model_a, processor = _trainer(tiny_toy, tmp_path / "a", steps=4)
+    vids = toy.read_records(tiny_toy.data("probe", "videos"))[:6]
+    video_probe = {m: [toy.ToyCollator(processor, tiny_toy.data_dir, frames=m)(vids[i : i + 2]) for i in (0, 2, 4)]
+                   for m in (2, 4)}
+    cb = watch(trainer, _probe_set(tiny_toy, processor), every=2, video_probe=video_probe)
+    trainer.train()
+    rows = [json.loads(x) for x in (tmp_path / "a" / "gradprobe_budgets.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    for r in rows:
+        assert [b["frames"] for b in r["budgets"]] == [2, 4] and all(b["n"] == 3 for b in r["budgets"])
+        assert set(r["m_star"]) >= {"empirical", "bootstrap", "zero_crossing"}
+    assert len(cb.budget_rows) == 3
+    # the step-0 row is the probe of the untouched model: it equals a direct align() call
+    import gradprobe
+
+    fresh, _ = toy.load(tiny_toy.model_dir)
+    direct = gradprobe.align(fresh, _probe_set(tiny_toy, processor), video_probe, lambda m, b: m(**b).loss, n_boot=0)
+    assert rows[0]["budgets"][0]["mean"] == pytest.approx(direct.summary["budgets"][0]["mean"], rel=1e-6)
+    # and the run itself is unchanged by the probing
+    plain, model_b, _ = _trainer(tiny_toy, tmp_path / "b", steps=4)
+    plain.train()
+    for (k, va), (_, vb) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
+        assert torch.equal(va, vb), k

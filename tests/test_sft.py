@@ -36,6 +36,18 @@ def test_sft_writes_trajectory_and_resumes(tiny_toy, tmp_path):
     assert json.loads((out / "sft_summary.json").read_text())["resumed_from"].endswith("checkpoint-4")
 
 
+def test_sft_tracks_budgets(tiny_toy, tmp_path):
+    out = tmp_path / "bud"
+    r = runner.invoke(app, _args(tiny_toy, out, "--steps", "2", "--probe-frames", "2,4",
+                                 "--video-probe", str(tiny_toy.data("probe", "videos"))))
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (out / "gradprobe_budgets.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [0, 2] and [b["frames"] for b in rows[0]["budgets"]] == [2, 4]
+    r = runner.invoke(app, _args(tiny_toy, tmp_path / "odd", "--probe-frames", "3",
+                                 "--video-probe", str(tiny_toy.data("probe", "videos"))))
+    assert r.exit_code == 2 and "even count" in r.output
+
+
 def test_sft_manifest_and_lora(tiny_toy, tmp_path):
     from gradprobe.models import toy as adapter
 

@@ -48,3 +48,18 @@ def training_args(out_dir: str | os.PathLike[str], *, steps: int, batch_size: in
     )
     options.update(extra)
     return TrainingArguments(**options)
+
+
+def truncate_jsonl(path: str | os.PathLike[str], last_step: int) -> int:
+    """Keep only the rows with ``step <= last_step`` of a JSONL file (on resume); return how many remain."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        return 0
+    keep = [ln for ln in p.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, p)
+    return len(keep)

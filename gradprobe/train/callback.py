@@ -7,6 +7,12 @@ with the update. Rows go to ``<output_dir>/gradprobe_trajectory.jsonl``; scalars
 the Trainer's own logging (``trainer.log``) when the callback is bound to the trainer
 (:meth:`AlignmentCallback.bind`, done by :func:`watch`), so TensorBoard, W&B and CSV
 loggers receive them; unbound, they are added to the next ``on_log`` call's ``logs``.
+
+With ``video_probe`` (budget m → fixed video batches, the same clips at every m), every
+``budgets_every`` steps the callback also runs :func:`gradprobe.align` at the current
+parameters (after the optimizer step, when gradients are already zeroed) and appends A(m)
+with intervals and m* to ``<output_dir>/gradprobe_budgets.jsonl``, so the threshold can be
+followed along the run.
 """
 
 from __future__ import annotations
@@ -18,7 +24,11 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from gradprobe.train.monitor import TRAJECTORY, AlignmentMonitor
+from gradprobe.train._common import truncate_jsonl
+from gradprobe.train.monitor import TRAJECTORY, AlignmentMonitor, _isolated
+
+#: Rows of the multi-budget probe: A(m) and m* per probe step.
+BUDGETS = "gradprobe_budgets.jsonl"
 
 
 def hf_loss(model: Any, batch: Mapping[str, Any]) -> Any:
@@ -38,8 +48,12 @@ class AlignmentCallback(TrainerCallback):
     """
 
     def __init__(self, image_batches: Sequence[Any], loss_fn: Any = None, *, every: int = 50,
-                 guard: str = "observe", **monitor_options: Any) -> None:
+                 guard: str = "observe", video_probe: Mapping[int, Sequence[Any]] | None = None,
+                 budgets_every: int | None = None, **monitor_options: Any) -> None:
         self.image_batches = list(image_batches)
+        self.video_probe = dict(video_probe) if video_probe else None
+        self.budgets_every = budgets_every or every
+        self.budget_rows: list[dict[str, Any]] = []
         self.loss_fn = loss_fn or hf_loss
         self.every = every
         self.guard = guard
@@ -60,6 +74,28 @@ class AlignmentCallback(TrainerCallback):
         )
         # resumed from a checkpoint after step S: rows of steps >= S are recomputed, so drop them
         self.monitor.truncate_trajectory(state.global_step - 1)
+        if self.video_probe is not None:
+            truncate_jsonl(Path(args.output_dir) / BUDGETS, state.global_step)  # row S precedes checkpoint S
+            if state.global_step == 0:
+                self._budgets(args, 0, model)
+
+    def _budgets(self, args: Any, step: int, model: Any) -> None:
+        """A(m) and m* on the fixed video probe set at every budget, at the current parameters."""
+        import warnings
+
+        from gradprobe.estimators.align import align
+
+        opts = {k: v for k, v in self.options.items() if k in ("include", "exclude", "roles", "role_of",
+                                                                 "module_of", "image_groups", "reference_dtype")}
+        with _isolated(model), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # per-run notes stay in the row itself
+            rep = align(model, self.image_batches, self.video_probe, self.loss_fn, n_boot=500, **opts)
+        keep = ("frames", "n", "mean", "stderr", "ci95_t", "ci95_boot", "frac_negative", "mean_cos")
+        row = {"step": step, "budgets": [{k: b.get(k) for k in keep} for b in rep.summary["budgets"]],
+               "m_star": rep.summary["m_star"], "warnings": rep.summary["warnings"]}
+        self.budget_rows.append(row)
+        with open(Path(args.output_dir) / BUDGETS, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         row = self.monitor.before_step(state.global_step)
@@ -73,7 +109,10 @@ class AlignmentCallback(TrainerCallback):
         if self.monitor.should_stop:
             control.should_training_stop = True
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        # gradients are already zeroed here, so the multi-budget probe disturbs nothing
+        if self.video_probe is not None and state.global_step % self.budgets_every == 0:
+            self._budgets(args, state.global_step, model)
         if self._pending and self._trainer is not None:
             pending, self._pending = self._pending, None
             self._trainer.log(pending)

@@ -15,6 +15,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from gradprobe.train._common import truncate_jsonl
 from gradprobe.train.evaluate import accuracy
 from gradprobe.train.monitor import _isolated
 
@@ -51,11 +52,9 @@ class AccuracyCallback(TrainerCallback):
             fh.write(json.dumps(row) + "\n")
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        path = Path(args.output_dir) / EVAL_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_file():  # resumed: rows after the checkpoint are recomputed
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < state.global_step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        # resumed from checkpoint S: row S was written (in on_step_end) before S was saved; later rows are redone
+        truncate_jsonl(Path(args.output_dir) / EVAL_FILE, state.global_step)
         if state.global_step == 0:
             self._evaluate(args, 0, model)
 

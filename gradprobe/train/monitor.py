@@ -278,13 +278,9 @@ class AlignmentMonitor:
 
     def truncate_trajectory(self, last_step: int) -> int:
         """Drop trajectory rows after ``last_step`` (on resume from a checkpoint); return rows kept."""
-        if self.trajectory is None or not self.trajectory.is_file():
-            return 0
-        keep = [ln for ln in self.trajectory.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
-        tmp = self.trajectory.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, self.trajectory)
-        return len(keep)
+        from gradprobe.train._common import truncate_jsonl
+
+        return truncate_jsonl(self.trajectory, last_step) if self.trajectory is not None else 0
 
 
 def _jsonable(x: Any) -> Any:

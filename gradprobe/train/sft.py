@@ -42,6 +42,9 @@ class SFTOptions:
     lora: bool = False
     lora_rank: int = 8
     probe_every: int = 10
+    probe_frames: str | None = None
+    video_probe: str | None = None
+    video_probe_batches: int = 3
     eval_every: int | None = None
     eval_images: int = 200
     eval_videos: int = 64
@@ -123,9 +126,11 @@ def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
         toy = ensure_toy(DEFAULT_TOY, opts.cache_dir, log=log)
         model_dir, video_path, image_path = toy.model_dir, toy.data("train", "videos"), toy.data("probe", "images")
         eval_paths = (toy.data("eval", "images"), toy.data("eval", "videos"))
+        video_probe_path = toy.data("probe", "videos")
     elif all(given):
         model_dir, video_path, image_path = Path(opts.model), Path(opts.video_data), Path(opts.image_probe)
         eval_paths = None
+        video_probe_path = Path(opts.video_probe) if opts.video_probe else None
     else:
         raise InputError("give all of --model, --video-data and --image-probe, or none of them for the toy default")
     _architecture(Path(model_dir))
@@ -186,8 +191,28 @@ def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
         ))
     trainer = Trainer(model=model, args=args, train_dataset=Records(videos), data_collator=collator,
                       processing_class=processor, callbacks=callbacks)
+    video_probe = None
+    if opts.probe_frames:
+        from gradprobe._checks import parse_frames
+
+        grid = parse_frames(opts.probe_frames)
+        for m in grid:
+            adapter.check_budget(m)
+        if video_probe_path is None:
+            raise InputError("--probe-frames needs --video-probe (a JSONL of held-out video records)")
+        clips = adapter.read_records(video_probe_path)
+        n = opts.video_probe_batches * opts.batch_size
+        if len(clips) < n:
+            raise DataError(f"{video_probe_path}: {len(clips)} video records, need {n} for the budget probe")
+        vroot = Path(opts.data_root) if opts.data_root else video_probe_path.parent
+        cache: dict[str, Any] = {}
+        video_probe = {
+            m: [adapter.ToyCollator(processor, vroot, frames=m, cache=cache)(clips[i : i + opts.batch_size])
+                for i in range(0, n, opts.batch_size)]
+            for m in grid
+        }
     cb = watch(trainer, probe, every=opts.probe_every, guard=opts.guard, role_of=adapter.role_of,
-               module_of=adapter.module_of)
+               module_of=adapter.module_of, video_probe=video_probe)
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(out / "final"))
