@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 from gradprobe.errors import BudgetError, InputError
@@ -57,8 +56,3 @@ def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
         raise InputError(f"{name}: expected an integer >= {minimum}, got {value}")
     return value
 
-
-def check_probability(name: str, value: float) -> float:
-    if not (isinstance(value, (int, float)) and 0.0 < float(value) < 1.0) or math.isnan(float(value)):
-        raise InputError(f"{name}: expected a number strictly between 0 and 1, got {value!r}")
-    return float(value)

@@ -8,7 +8,6 @@ none are given), builds paired image and video batches, and calls
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,12 +74,14 @@ class _LazyBatches(Sequence[Any]):
         }
 
 
-def _chunks(records: list[dict[str, Any]], size: int, count: int, what: str, path: Path) -> list[list[dict[str, Any]]]:
+def _chunks(records: list[dict[str, Any]], size: int, count: int, what: str, path: Path,
+            option: str) -> list[list[dict[str, Any]]]:
+    """``count`` consecutive batches of ``size`` records, or a DataError naming ``option``."""
     need = size * count
     if len(records) < need:
         raise DataError(
             f"{path}: {len(records)} {what} records, need {need} ({count} batches of {size}); "
-            f"lower --{what}-batches or the batch size"
+            f"lower {option} or the batch size"
         )
     return [records[i * size : (i + 1) * size] for i in range(count)]
 
@@ -156,8 +157,10 @@ def run_align(
         raise DataError(f"{image_path}: every record must have an 'image' field")
     if not all("video" in r for r in video_records):
         raise DataError(f"{video_path}: every record must have a 'video' field")
-    img_chunks = _chunks(image_records, opts.batch_size, opts.image_batches, "image", Path(image_path))
-    vid_chunks = _chunks(video_records, opts.video_batch_size, opts.video_batches, "video", Path(video_path))
+    img_chunks = _chunks(image_records, opts.batch_size, opts.image_batches, "image", Path(image_path),
+                         "--image-batches")
+    vid_chunks = _chunks(video_records, opts.video_batch_size, opts.video_batches, "video", Path(video_path),
+                         "--video-batches")
 
     log(f"loading {model_dir}")
     model, processor = toy_adapter.load(model_dir, dtype=dtype, device=str(device))
@@ -201,7 +204,3 @@ def run_align(
         meta=meta,
     )
 
-
-def default_out_dir() -> str:
-    """``gradprobe-align`` in the current directory."""
-    return os.path.join(os.getcwd(), "gradprobe-align")

@@ -71,7 +71,7 @@ def test_unbound_callback_adds_to_logs(tiny_toy, tmp_path):
 def test_stop_guard_ends_training(tiny_toy, tmp_path):
     """A planted conflict: the probe uses -loss, so ḡ_img flips sign against a positively aligned update."""
     trainer, _, processor = _trainer(tiny_toy, tmp_path, steps=6)
-    cb = watch(trainer, _probe_set(tiny_toy, processor), loss_fn=lambda m, b: -m(**b).loss, every=1, guard="stop")
+    watch(trainer, _probe_set(tiny_toy, processor), loss_fn=lambda m, b: -m(**b).loss, every=1, guard="stop")
     with pytest.warns(UserWarning, match="step 0: update gradient conflicts"):
         trainer.train()
     assert trainer.state.global_step == 1  # the conflicting step is taken, then training ends cleanly

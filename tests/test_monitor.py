@@ -96,3 +96,20 @@ def test_non_finite_update_stops():
     with pytest.warns(UserWarning, match="non-finite update"):
         row = mon.before_step(0)
     assert row["finite"] is False and mon.should_stop
+
+
+def test_non_finite_probe_batch_drops_its_group():
+    """A NaN image-probe batch removes its group; the result equals a probe set without that group."""
+    model = TinyNet()
+    images = make_batches(4, seed=1)
+    x, y = images[1]
+    x = x.clone()
+    x[0, 0] = float("nan")
+    poisoned = [images[0], (x, y), images[2], images[3]]
+    _update(model, make_batches(1, seed=9, shift=0.5)[0])
+    row = AlignmentMonitor(model, poisoned, tiny_loss, every=1, image_groups=4).before_step(0)
+    assert row["image_groups_used"] == 3
+    clean = [images[0], images[2], images[3]]
+    ref = AlignmentMonitor(model, clean, tiny_loss, every=1, image_groups=3).before_step(0)
+    assert row["alignment"] == pytest.approx(ref["alignment"], rel=1e-12)
+    assert row["cos"] == pytest.approx(ref["cos"], rel=1e-12)

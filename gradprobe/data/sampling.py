@@ -6,9 +6,6 @@ import numpy as np
 
 from gradprobe.errors import BudgetError
 
-SAMPLERS = ("uniform",)
-
-
 def uniform_indices(total: int, m: int) -> np.ndarray:
     """m indices spread evenly over ``[0, total-1]``, endpoints included (the paper's Φ_m).
 

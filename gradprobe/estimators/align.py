@@ -93,8 +93,14 @@ class AlignInterrupted(KeyboardInterrupt):
         self.report = report
 
 
-def _default_groups(k: int) -> int:
-    return max(d for d in range(1, min(k, MAX_DEFAULT_GROUPS) + 1) if k % d == 0)
+def image_group_count(k: int, image_groups: int | None) -> int:
+    """G for K image batches: the given count (which must divide K) or the largest divisor of K ≤ 8."""
+    if image_groups is None:
+        return max(d for d in range(1, min(k, MAX_DEFAULT_GROUPS) + 1) if k % d == 0)
+    g = check_positive_int("image_groups", image_groups)
+    if k % g:
+        raise InputError(f"image_groups: {k} image batches cannot be split into {g} equal groups")
+    return g
 
 
 @dataclass
@@ -106,6 +112,7 @@ class _BudgetAcc:
     sq: list[float] = field(default_factory=list)
     mod_sq: list[np.ndarray] = field(default_factory=list)
     idx: list[int] = field(default_factory=list)
+    cos: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     pair: float = 0.0
     mod_pair: np.ndarray | None = None
@@ -179,9 +186,7 @@ def align(
     K = len(images)
     if K == 0:
         raise DataError("no image batches")
-    G = _default_groups(K) if image_groups is None else check_positive_int("image_groups", image_groups)
-    if K % G:
-        raise InputError(f"image_groups: {K} image batches cannot be split into {G} equal groups")
+    G = image_group_count(K, image_groups)
     if n_boot < 0:
         raise InputError(f"n_boot: expected >= 0, got {n_boot}")
     progress = progress or Progress()
@@ -196,6 +201,7 @@ def align(
     warn_list: list[str] = []
     excluded: list[dict[str, Any]] = []
     image_rows: list[dict[str, Any]] = []
+    batch_rows: list[dict[str, Any]] = []  # alignment.csv, in the order measured
     accs: dict[int, _BudgetAcc] = {}
     sink = None
     if out_dir is not None:
@@ -280,11 +286,9 @@ def align(
                             acc.mod_pair += r.by_module(r.pair, midx, n_mod)
                         vn = math.sqrt(max(r.sqnorm.sum(), 0.0))
                         d = float(d_col.mean())
-                        row.update(
-                            value=d,
-                            cos=d / (img_norm * vn) if img_norm > 0 and vn > 0 else float("nan"),
-                            norm_vid=vn,
-                        )
+                        cos = d / (img_norm * vn) if img_norm > 0 and vn > 0 else float("nan")
+                        acc.cos.append(cos)
+                        row.update(value=d, cos=cos, norm_vid=vn)
                     else:
                         acc.excluded.append(j)
                         acc.pair_valid = False
@@ -293,6 +297,7 @@ def align(
                         row.update(value=float("nan"), cos=float("nan"), norm_vid=float("nan"))
                     row.update({f"dot_g{g}": float(v) for g, v in enumerate(d_col)})
                     row.update(info)
+                    batch_rows.append(row)
                     if sink is not None:
                         sink.write(row)
                     progress.advance(f"frames={m}")
@@ -311,6 +316,7 @@ def align(
         selection=selection,
         midx=midx,
         image_rows=image_rows,
+        batch_rows=batch_rows,
         n_groups=len(finite_groups),
         per=per,
         settings={
@@ -354,6 +360,7 @@ def _finalize(
     selection: Any,
     midx: np.ndarray,
     image_rows: list[dict[str, Any]],
+    batch_rows: list[dict[str, Any]],
     n_groups: int,
     per: int,
     settings: dict[str, Any],
@@ -382,7 +389,6 @@ def _finalize(
     draws = stats.joint_bootstrap(tables, n_boot, rng) if n_boot > 0 and tables else {}
 
     budgets = []
-    batch_rows: list[dict[str, Any]] = []
     module_rows: list[dict[str, Any]] = []
     module_batch_rows: list[dict[str, Any]] = []
     for m in frames:
@@ -396,7 +402,7 @@ def _finalize(
         ci = stats.two_way_mean(D)
         d = D.mean(axis=0)
         vnorm = np.sqrt(np.maximum(np.array(acc.sq), 0.0))
-        cos = np.where((img_norm_est > 0) & (vnorm > 0), d / (img_norm_est * np.where(vnorm > 0, vnorm, 1.0)), np.nan)
+        cos = np.array(acc.cos)
         pairs_ok = acc.pair_valid and settings["video_norms"]
         vid_sq_unb = stats.unbiased_sqnorm_from_pairs(acc.pair, J) if pairs_ok else None
         boot_ci = stats.percentile_ci(draws[m], df=ci.df) if m in draws else None
@@ -430,14 +436,6 @@ def _finalize(
                 "batch_info": info_means,
             }
         )
-        for jj, j in enumerate(idx):
-            batch_rows.append(
-                {"frames": m, "batch": j, "loss": acc.losses[jj], "finite": True, "value": float(d[jj]),
-                 "cos": float(cos[jj]), "norm_vid": float(vnorm[jj]),
-                 **{f"dot_g{g}": float(D[g, jj]) for g in range(D.shape[0])}, **acc.info[jj]}
-            )
-        for j in acc.excluded:
-            batch_rows.append({"frames": m, "batch": j, "finite": False, "value": float("nan")})
         # per module
         MD = np.stack(acc.mod_cols, axis=2)  # (Mods, G, J)
         MS = np.stack(acc.mod_sq, axis=1)  # (Mods, J)

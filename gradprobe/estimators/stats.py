@@ -39,7 +39,6 @@ class MeanCI:
     stderr: float | None
     df: float | None
     ci_t: tuple[float, float] | None
-    ci_boot: tuple[float, float] | None = None
 
 
 def _var(x: np.ndarray) -> float:

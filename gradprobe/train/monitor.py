@@ -107,7 +107,7 @@ class AlignmentMonitor:
         reference_dtype: str | torch.dtype | None = None,
         trajectory: str | os.PathLike[str] | None = None,
     ) -> None:
-        from gradprobe.estimators.align import _default_groups
+        from gradprobe.estimators.align import image_group_count
 
         if guard not in GUARDS:
             raise InputError(f"guard: unknown action {guard!r}; use one of {', '.join(GUARDS)}")
@@ -117,9 +117,7 @@ class AlignmentMonitor:
         K = len(self.images)
         if K == 0:
             raise DataError("the image probe set is empty")
-        self.groups = _default_groups(K) if image_groups is None else image_groups
-        if self.groups < 1 or K % self.groups:
-            raise InputError(f"image_groups: {K} image batches cannot be split into {self.groups} equal groups")
+        self.groups = image_group_count(K, image_groups)
         self.model = model
         self.loss_fn = loss_fn
         self.every = every
@@ -139,6 +137,7 @@ class AlignmentMonitor:
         self.should_stop = False
         self.stop_reason: str | None = None
         self._have_reference = False
+        self._rows = 0  # finite group rows, compacted to the front of each store tensor
         self._ref_sqnorm = 0.0
 
     # ------------------------------------------------------------------ reference
@@ -146,33 +145,30 @@ class AlignmentMonitor:
         """Recompute the image-group mean gradients at the current parameters."""
         per = len(self.images) // self.groups
         self.store.zero_()
-        bad = np.zeros(self.groups, dtype=bool)
         losses = []
         with _isolated(self.model):
             for k, batch in enumerate(self.images):
-                g = k // per
                 loss = self.loss_fn(self.model, batch)
                 grads = torch.autograd.grad(loss, self.params, allow_unused=True)
                 losses.append(float(loss.detach()))
                 for t, gr in zip(self.store.tensors, grads, strict=True):
                     if gr is not None:
-                        t[g].add_(gr.reshape(-1).to(device=t.device, dtype=t.dtype))
-                if not math.isfinite(losses[-1]) or any(
-                    gr is not None and not bool(torch.isfinite(gr).all()) for gr in grads
-                ):
-                    bad[g] = True
+                        t[k // per].add_(gr.reshape(-1).to(device=t.device, dtype=t.dtype))
                 del grads, loss
         self.store.scale_(torch.full((self.groups,), 1.0 / per, dtype=torch.float64))
-        keep = [g for g in range(self.groups) if not bad[g]]
+        gram = sum(gm.to(torch.float64).numpy() for gm in self.store.gram(self.acc_dtype))
+        # a non-finite gradient or loss anywhere in a group leaves a non-finite diagonal entry
+        loss_ok = np.isfinite(np.reshape(losses, (self.groups, per))).all(axis=1)
+        keep = [g for g in range(self.groups) if loss_ok[g] and np.isfinite(gram[g, g])]
+        self._rows = len(keep)
+        self._have_reference = bool(keep)
         if not keep:
-            self._have_reference = False
             return {"image_loss": float(np.mean(losses)), "image_groups_used": 0}
-        gram = np.zeros((len(keep), len(keep)))
-        for gm in self.store.gram(self.acc_dtype):
-            gram += gm.to(torch.float64).numpy()[np.ix_(keep, keep)]
-        self._keep = keep
+        if len(keep) < self.groups:  # move the finite rows to the front; per-step reads are then views
+            for t in self.store.tensors:
+                t[: len(keep)] = t[keep].clone()
+        gram = gram[np.ix_(keep, keep)]
         self._ref_sqnorm = float(gram.mean())  # ‖ḡ_img‖² of the estimate used for projection and cos
-        self._have_reference = True
         return {
             "image_loss": float(np.nanmean(losses)),
             "image_groups_used": len(keep),
@@ -183,14 +179,13 @@ class AlignmentMonitor:
     def _update_dots(self) -> tuple[np.ndarray, np.ndarray, bool]:
         """Per parameter: dots of p.grad with the kept group rows (P, G'), and squared norms (P,)."""
         P = len(self.params)
-        dots = np.zeros((P, len(self._keep)))
+        dots = np.zeros((P, self._rows))
         sq = np.zeros(P)
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
             g = p.grad.reshape(-1).to(self.acc_dtype)
-            ref = self.store.tensors[i][self._keep]
-            ref = ref.to(device=g.device, dtype=self.acc_dtype)
+            ref = self.store.tensors[i][: self._rows].to(device=g.device, dtype=self.acc_dtype)
             dots[i] = torch.mv(ref, g).to("cpu", torch.float64).numpy()
             sq[i] = float(torch.dot(g, g))
         finite = bool(np.isfinite(dots).all() and np.isfinite(sq).all())
@@ -201,7 +196,7 @@ class AlignmentMonitor:
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
-            mean = self.store.tensors[i][self._keep].to(self.acc_dtype).mean(dim=0)
+            mean = self.store.tensors[i][: self._rows].to(self.acc_dtype).mean(dim=0)
             p.grad.add_(mean.reshape(p.grad.shape).to(device=p.grad.device, dtype=p.grad.dtype), alpha=-coef)
 
     def before_step(self, step: int) -> dict[str, Any] | None:

@@ -107,7 +107,7 @@ def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
     from transformers.trainer_utils import get_last_checkpoint
 
     from gradprobe.models import toy as adapter
-    from gradprobe.run import DEFAULT_TOY, _architecture
+    from gradprobe.run import DEFAULT_TOY, _architecture, _chunks
     from gradprobe.toybox import ensure_toy
     from gradprobe.train._common import Records, training_args
     from gradprobe.train.callback import watch
@@ -141,10 +141,8 @@ def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
         missing = [r.get("id") for r in videos if str(r.get("id")) not in frames_of]
         if missing and opts.frames is None:
             raise DataError(f"{opts.manifest}: no budget for record {missing[0]!r} and no --frames fallback")
-    images = adapter.read_records(image_path)
-    need = opts.probe_batches * opts.probe_batch_size
-    if len(images) < need:
-        raise DataError(f"{image_path}: {len(images)} image records, need {need} for the image probe")
+    image_chunks = _chunks(adapter.read_records(image_path), opts.probe_batch_size, opts.probe_batches, "image",
+                           Path(image_path), "--probe-batches")
     out = Path(opts.out)
     last = get_last_checkpoint(str(out)) if opts.resume and out.is_dir() else None
     if opts.resume and last is None:
@@ -165,8 +163,7 @@ def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
     image_root = Path(opts.data_root) if opts.data_root else Path(image_path).parent
     collator = adapter.ToyCollator(processor, video_root, frames=opts.frames, frames_of=frames_of)
     probe_collate = adapter.ToyCollator(processor, image_root)
-    probe = [probe_collate(images[i * opts.probe_batch_size : (i + 1) * opts.probe_batch_size])
-             for i in range(opts.probe_batches)]
+    probe = [probe_collate(chunk) for chunk in image_chunks]
     args = training_args(
         out, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, seed=opts.seed,
         gradient_accumulation_steps=opts.grad_accum, save_strategy="steps", save_steps=opts.save_steps,
@@ -200,17 +197,11 @@ def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
             adapter.check_budget(m)
         if video_probe_path is None:
             raise InputError("--probe-frames needs --video-probe (a JSONL of held-out video records)")
-        clips = adapter.read_records(video_probe_path)
-        n = opts.video_probe_batches * opts.batch_size
-        if len(clips) < n:
-            raise DataError(f"{video_probe_path}: {len(clips)} video records, need {n} for the budget probe")
+        clips = _chunks(adapter.read_records(video_probe_path), opts.batch_size, opts.video_probe_batches, "video",
+                        video_probe_path, "--batch-size")
         vroot = Path(opts.data_root) if opts.data_root else video_probe_path.parent
         cache: dict[str, Any] = {}
-        video_probe = {
-            m: [adapter.ToyCollator(processor, vroot, frames=m, cache=cache)(clips[i : i + opts.batch_size])
-                for i in range(0, n, opts.batch_size)]
-            for m in grid
-        }
+        video_probe = {m: [adapter.ToyCollator(processor, vroot, frames=m, cache=cache)(c) for c in clips] for m in grid}
     cb = watch(trainer, probe, every=opts.probe_every, guard=opts.guard, role_of=adapter.role_of,
                module_of=adapter.module_of, video_probe=video_probe)
     t0 = time.time()
