@@ -32,8 +32,13 @@ BUDGETS = "gradprobe_budgets.jsonl"
 
 
 def hf_loss(model: Any, batch: Mapping[str, Any]) -> Any:
-    """The model's own loss on a batch that carries ``labels``."""
-    return model(**batch).loss
+    """The model's own loss on a batch that carries ``labels``, its tensors moved to the model's device.
+
+    Probe batches are collated once, before the Trainer has placed the model; ``.to`` is a no-op when
+    they already live there.
+    """
+    device = next(model.parameters()).device
+    return model(**{k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}).loss
 
 
 class AlignmentCallback(TrainerCallback):
