@@ -13,6 +13,10 @@ With ``video_probe`` (budget m → fixed video batches, the same clips at every 
 parameters (after the optimizer step, when gradients are already zeroed) and appends A(m)
 with intervals and m* to ``<output_dir>/gradprobe_budgets.jsonl``, so the threshold can be
 followed along the run.
+
+Distributed runs (DDP, FSDP2 through accelerate): bind the callback (``watch``) so it gets
+the Trainer's wrapped model, and give each rank its own share of the image probe batches;
+see :mod:`gradprobe.train.distributed`. The multi-budget probe is single-process only.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from gradprobe.errors import InputError
 from gradprobe.train._common import truncate_jsonl
 from gradprobe.train.monitor import TRAJECTORY, AlignmentMonitor, _isolated
 
@@ -73,12 +78,16 @@ class AlignmentCallback(TrainerCallback):
         return self
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        # the Trainer hands callbacks the unwrapped model; a distributed run needs the DDP/FSDP wrapper
+        wrapped = getattr(self._trainer, "model_wrapped", None) or model
         self.monitor = AlignmentMonitor(
-            model, self.image_batches, self.loss_fn, every=self.every, guard=self.guard,
+            wrapped, self.image_batches, self.loss_fn, every=self.every, guard=self.guard,
             trajectory=Path(args.output_dir) / TRAJECTORY, **self.options,
         )
         # resumed from a checkpoint after step S: rows of steps >= S are recomputed, so drop them
         self.monitor.truncate_trajectory(state.global_step - 1)
+        if self.video_probe is not None and self.monitor.layout.active:
+            raise InputError("video_probe (the multi-budget probe) runs in single-process training only")
         if self.video_probe is not None:
             truncate_jsonl(Path(args.output_dir) / BUDGETS, state.global_step)  # row S precedes checkpoint S
             if state.global_step == 0:
@@ -129,6 +138,8 @@ class AlignmentCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         m = self.monitor
+        if m.layout.rank != 0:
+            return
         report = {"guard": self.guard, "fired": m.fired, "probes": len(m.rows), "stop_reason": m.stop_reason}
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.output_dir) / "gradprobe_guard.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -18,6 +18,11 @@ after ``backward()`` (and after clipping), right before ``optimizer.step()``. Ev
 Between probe steps, ``project`` keeps using the latest ḡ_img (refreshed every
 ``every`` steps); the other guards act on probe steps only. Each probe appends a row to
 the trajectory file.
+
+In a distributed run (DDP or FSDP2; see :mod:`gradprobe.train.distributed`) pass the
+wrapped model and, on each rank, that rank's own probe batches. ḡ_img is then produced by
+the run's own backward, with every ``.grad`` saved and put back, and the dots of sharded
+parameters are summed across ranks as scalars; rank 0 writes the trajectory.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from gradprobe.estimators import stats
 from gradprobe.probe.hooks import LossFn
 from gradprobe.probe.select import ModuleOf, RoleOf, select_parameters
 from gradprobe.probe.store import ReferenceStore, resolve_dtype
+from gradprobe.train.distributed import Layout, local, unwrap
 
 GUARDS = ("observe", "warn", "stop", "project")
 TRAJECTORY = "gradprobe_trajectory.jsonl"
@@ -64,15 +70,19 @@ class AlignmentMonitor:
     """Watches ``<g_update, ḡ_img>`` along a training run.
 
     Args:
-        model: the model being trained.
-        image_batches: K held-out image batches (the probe set), reused at every probe.
+        model: the model being trained, as the loop calls it (in a distributed run: the DDP
+            wrapper or the FSDP2 module).
+        image_batches: K held-out image batches (the probe set), reused at every probe; in a
+            distributed run, this rank's share (the same K on every rank).
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
         every: probe every this many optimizer steps (the first step is probed).
         guard: ``observe``, ``warn``, ``stop`` or ``project``.
         image_groups: G image-group means (default: the largest divisor of K ≤ 8).
         include, exclude, roles, role_of, module_of: parameter selection.
         reference_dtype: dtype of the image-group rows (default float32; float64 for float64 models).
-        trajectory: JSONL file that probe rows are appended to (None: keep in memory only).
+        trajectory: JSONL file that probe rows are appended to (None: keep in memory only);
+            written by rank 0.
+        process_group: the group to sum sharded dots over (default: the default group, if any).
 
     Example:
         >>> import torch
@@ -106,6 +116,7 @@ class AlignmentMonitor:
         module_of: ModuleOf | None = None,
         reference_dtype: str | torch.dtype | None = None,
         trajectory: str | os.PathLike[str] | None = None,
+        process_group: Any = None,
     ) -> None:
         from gradprobe.estimators.align import image_group_count
 
@@ -123,15 +134,20 @@ class AlignmentMonitor:
         self.every = every
         self.guard = guard
         self.selection = select_parameters(
-            model, include=include, exclude=exclude, roles=roles, role_of=role_of, module_of=module_of
+            unwrap(model), include=include, exclude=exclude, roles=roles, role_of=role_of, module_of=module_of
         )
         self.params = list(self.selection.params)
         self.acc_dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
-        self.store = ReferenceStore(self.params, self.groups, resolve_dtype(reference_dtype, self.acc_dtype))
+        self.layout = Layout(model, self.params, process_group)
+        self.layout.check_same_count(K)
+        # rows hold each parameter's local piece (the whole parameter unless it is sharded)
+        self.store = ReferenceStore(
+            [local(p) for p in self.params], self.groups, resolve_dtype(reference_dtype, self.acc_dtype)
+        )
         self.modules = self.selection.module_names
         pos = {m: i for i, m in enumerate(self.modules)}
         self.module_index = np.array([pos[m] for m in self.selection.modules])
-        self.trajectory = Path(trajectory) if trajectory is not None else None
+        self.trajectory = Path(trajectory) if trajectory is not None and self.layout.rank == 0 else None
         self.rows: list[dict[str, Any]] = []
         self.fired = {"warn": 0, "stop": 0, "project": 0}
         self.should_stop = False
@@ -143,20 +159,13 @@ class AlignmentMonitor:
     # ------------------------------------------------------------------ reference
     def refresh_reference(self) -> dict[str, Any]:
         """Recompute the image-group mean gradients at the current parameters."""
-        per = len(self.images) // self.groups
         self.store.zero_()
-        losses = []
-        with _isolated(self.model):
-            for k, batch in enumerate(self.images):
-                loss = self.loss_fn(self.model, batch)
-                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-                losses.append(float(loss.detach()))
-                for t, gr in zip(self.store.tensors, grads, strict=True):
-                    if gr is not None:
-                        t[k // per].add_(gr.reshape(-1).to(device=t.device, dtype=t.dtype))
-                del grads, loss
+        losses = self._reference_by_backward() if self.layout.active else self._reference_by_grad()
+        per = len(self.images) // self.groups
         self.store.scale_(torch.full((self.groups,), 1.0 / per, dtype=torch.float64))
-        gram = sum(gm.to(torch.float64).numpy() for gm in self.store.gram(self.acc_dtype))
+        grams = np.stack([gm.to(torch.float64).numpy() for gm in self.store.gram(self.acc_dtype)])
+        gram = self.layout.sum_sharded(grams)
+        losses = self.layout.mean_over_ranks(np.asarray(losses, dtype=np.float64))
         # a non-finite gradient or loss anywhere in a group leaves a non-finite diagonal entry
         loss_ok = np.isfinite(np.reshape(losses, (self.groups, per))).all(axis=1)
         keep = [g for g in range(self.groups) if loss_ok[g] and np.isfinite(gram[g, g])]
@@ -175,6 +184,55 @@ class AlignmentMonitor:
             "image_norm": stats.sqrt_or_none(stats.unbiased_sqnorm_from_gram(gram)),
         }
 
+    def _reference_by_grad(self) -> list[float]:
+        """Single process: ``torch.autograd.grad`` per batch, so ``.grad`` is never touched."""
+        per = len(self.images) // self.groups
+        losses = []
+        with _isolated(self.model):
+            for k, batch in enumerate(self.images):
+                loss = self.loss_fn(self.model, batch)
+                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+                losses.append(float(loss.detach()))
+                for t, gr in zip(self.store.tensors, grads, strict=True):
+                    if gr is not None:
+                        t[k // per].add_(gr.reshape(-1).to(device=t.device, dtype=t.dtype))
+                del grads, loss
+        return losses
+
+    def _reference_by_backward(self) -> list[float]:
+        """Distributed: the run's own backward (DDP averages, FSDP2 reduce-scatters), ``.grad`` saved and restored.
+
+        Each group is accumulated in ``.grad`` over this rank's batches of the group, then its local
+        pieces are copied into the group's row. Every rank runs the same number of backward passes.
+        """
+        per = len(self.images) // self.groups
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        saved = [p.grad for p in trainable]
+        if self.layout.clone_stash:  # DDP bucket views: the next backward would write into them
+            saved = [g.detach().clone() if g is not None else None for g in saved]
+        losses = []
+        try:
+            for p in trainable:
+                p.grad = None
+            with _isolated(self.model):
+                for k, batch in enumerate(self.images):
+                    loss = self.loss_fn(self.model, batch)
+                    losses.append(float(loss.detach()))
+                    loss.backward()
+                    del loss
+                    if (k + 1) % per:
+                        continue
+                    with torch.no_grad():
+                        for t, p in zip(self.store.tensors, self.params, strict=True):
+                            if p.grad is not None:
+                                t[k // per].copy_(local(p.grad).reshape(-1))
+                    for p in trainable:
+                        p.grad = None
+        finally:
+            for p, g in zip(trainable, saved, strict=True):
+                p.grad = g
+        return losses
+
     # ------------------------------------------------------------------ update
     def _update_dots(self) -> tuple[np.ndarray, np.ndarray, bool]:
         """Per parameter: dots of p.grad with the kept group rows (P, G'), and squared norms (P,)."""
@@ -184,10 +242,13 @@ class AlignmentMonitor:
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
-            g = p.grad.reshape(-1).to(self.acc_dtype)
+            g = local(p.grad).reshape(-1).to(self.acc_dtype)
             ref = self.store.tensors[i][: self._rows].to(device=g.device, dtype=self.acc_dtype)
             dots[i] = torch.mv(ref, g).to("cpu", torch.float64).numpy()
             sq[i] = float(torch.dot(g, g))
+        # sharded parameters: sum the local pieces across ranks (one all-reduce of P × (G'+1) scalars)
+        both = self.layout.reduce_rows(np.concatenate([dots, sq[:, None]], axis=1))
+        dots, sq = both[:, :-1], both[:, -1]
         finite = bool(np.isfinite(dots).all() and np.isfinite(sq).all())
         return dots, sq, finite
 
@@ -196,8 +257,10 @@ class AlignmentMonitor:
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
+            g = local(p.grad)
             mean = self.store.tensors[i][: self._rows].to(self.acc_dtype).mean(dim=0)
-            p.grad.add_(mean.reshape(p.grad.shape).to(device=p.grad.device, dtype=p.grad.dtype), alpha=-coef)
+            with torch.no_grad():
+                g.add_(mean.reshape(g.shape).to(device=g.device, dtype=g.dtype), alpha=-coef)
 
     def before_step(self, step: int) -> dict[str, Any] | None:
         """Call after backward and clipping, right before ``optimizer.step()``.
@@ -226,7 +289,7 @@ class AlignmentMonitor:
             if due:
                 row.update(finite=False, note=msg)
                 self._record(row)
-            warnings.warn(msg, stacklevel=2)
+            self._warn(msg)
             if self.guard == "stop":
                 self._stop(msg)
             return row if due else None
@@ -253,12 +316,17 @@ class AlignmentMonitor:
         )
         if a < 0 and self.guard in ("warn", "stop"):
             self.fired[self.guard] += 1
-            msg = f"step {step}: update gradient conflicts with the image probe (<g_update, ḡ_img> = {a:.4g}, cos {cos:.3f})"
-            warnings.warn(msg, stacklevel=2)
+            msg = (f"step {step}: update gradient conflicts with the image probe "
+                   f"(<g_update, ḡ_img> = {a:.4g}, cos {cos:.3f})")
+            self._warn(msg)
             if self.guard == "stop":
                 self._stop(msg)
         self._record(row)
         return row
+
+    def _warn(self, msg: str) -> None:
+        if self.layout.rank == 0:  # every rank reaches the same decision; one says so
+            warnings.warn(msg, stacklevel=3)
 
     def _stop(self, msg: str) -> None:
         self.should_stop = True

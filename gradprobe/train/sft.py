@@ -201,7 +201,9 @@ def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
                         video_probe_path, "--batch-size")
         vroot = Path(opts.data_root) if opts.data_root else video_probe_path.parent
         cache: dict[str, Any] = {}
-        video_probe = {m: [adapter.ToyCollator(processor, vroot, frames=m, cache=cache)(c) for c in clips] for m in grid}
+        video_probe = {
+            m: [adapter.ToyCollator(processor, vroot, frames=m, cache=cache)(c) for c in clips] for m in grid
+        }
     cb = watch(trainer, probe, every=opts.probe_every, guard=opts.guard, role_of=adapter.role_of,
                module_of=adapter.module_of, video_probe=video_probe)
     t0 = time.time()

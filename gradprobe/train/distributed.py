@@ -1,0 +1,127 @@
+"""Data-parallel and sharded training: local gradient pieces, scalar all-reduces.
+
+The monitor never gathers a gradient. It works with the layout the training run already has:
+
+- **replicated** parameters (DDP, or a single process): every rank holds the whole gradient,
+  so a rank's own dot products are already the full ones and nothing is reduced;
+- **sharded** parameters (FSDP2 ``fully_shard``: ``DTensor`` with a ``Shard`` placement): each
+  rank holds one piece of the parameter, its gradient and the image-probe rows; the dots of the
+  pieces are summed across ranks by one all-reduce of a small float64 array of scalars.
+
+The image-probe gradient is produced by the run's own backward (through the wrapped model, so
+DDP averages it and FSDP2 reduce-scatters it exactly as it does the training gradient), with
+every ``.grad`` saved before and put back after; each rank feeds its own probe batches, as it
+does its own training batches.
+
+DeepSpeed engines are refused with a clear error: ZeRO keeps gradients in its optimizer's
+partitions rather than in ``.grad``, so saving and restoring them needs engine internals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradprobe.errors import InputError
+
+
+def unwrap(model: Any) -> torch.nn.Module:
+    """The module whose parameter names the selection uses (DDP's ``.module``; FSDP2 modules as they are)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
+        return model.module
+    return model
+
+
+def _is_deepspeed(model: Any) -> bool:
+    return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor with a ``Shard`` placement (its local piece is part of the whole)."""
+    placements = getattr(t, "placements", None)
+    return placements is not None and any(type(pl).__name__ in ("Shard", "_StridedShard") for pl in placements)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The rank's own piece of a (possibly DTensor) tensor; it shares storage with ``t``."""
+    if hasattr(t, "to_local"):
+        with torch.no_grad():
+            return t.to_local()
+    return t
+
+
+class Layout:
+    """How the run is distributed: the process group, whether it is active, which parameters are sharded.
+
+    Args:
+        model: what the training loop calls (a DDP wrapper, an FSDP2 module, or a plain module).
+        params: the selected parameters (of ``unwrap(model)``).
+        process_group: the group to reduce over (default: the default group when one is initialized).
+    """
+
+    def __init__(self, model: Any, params: Sequence[torch.nn.Parameter], process_group: Any = None) -> None:
+        import torch.distributed as dist
+
+        if _is_deepspeed(model):
+            raise InputError(
+                "DeepSpeed engines are not supported by the alignment monitor (ZeRO keeps gradients outside "
+                ".grad); use DDP or FSDP2"
+            )
+        self.sharded = np.array([is_sharded(p) for p in params], dtype=bool)
+        ready = dist.is_available() and dist.is_initialized()
+        self.group = process_group if process_group is not None else (dist.group.WORLD if ready else None)
+        self.world = dist.get_world_size(self.group) if ready else 1
+        self.rank = dist.get_rank(self.group) if ready else 0
+        self.active = self.world > 1
+        wrapped = model is not unwrap(model)
+        if self.active and not (wrapped or self.sharded.any()):
+            raise InputError(
+                f"a distributed run ({self.world} ranks) needs the wrapped model (DDP or FSDP2), so the image "
+                "probe gradient is averaged across ranks like the training gradient; with a Trainer use "
+                "watch(trainer, ...)"
+            )
+        if self.active and isinstance(model, torch.nn.DataParallel):
+            raise InputError("torch.nn.DataParallel is not supported in a distributed run; use DDP")
+        self.clone_stash = bool(getattr(model, "gradient_as_bucket_view", False))
+        self._device = torch.device("cpu")
+        if self.active and dist.get_backend(self.group) == "nccl":
+            self._device = torch.device("cuda", torch.cuda.current_device())
+
+    def check_same_count(self, k: int) -> None:
+        """Every rank must run the same number of probe backward passes (they are collectives)."""
+        if not self.active:
+            return
+        counts = self.all_reduce(np.array([k, k * k], dtype=np.float64))
+        if counts[1] * self.world != counts[0] ** 2:  # equal iff the variance of k across ranks is zero
+            raise InputError(f"image probe set: rank {self.rank} has {k} batches; every rank needs the same number")
+
+    def sum_sharded(self, per_param: np.ndarray) -> np.ndarray:
+        """Sum over parameters of ``per_param`` (P, ...), the sharded parameters' part summed across ranks."""
+        total = per_param[~self.sharded].sum(axis=0)
+        if self.sharded.any():
+            total = total + self.all_reduce(per_param[self.sharded].sum(axis=0))
+        return total
+
+    def reduce_rows(self, per_param: np.ndarray) -> np.ndarray:
+        """``per_param`` (P, ...) with the sharded parameters' rows summed across ranks."""
+        out = np.array(per_param, dtype=np.float64, copy=True)
+        if self.sharded.any():
+            out[self.sharded] = self.all_reduce(out[self.sharded])
+        return out
+
+    def mean_over_ranks(self, x: np.ndarray) -> np.ndarray:
+        return self.all_reduce(x) / self.world if self.active else np.asarray(x, dtype=np.float64)
+
+    def all_reduce(self, x: np.ndarray) -> np.ndarray:
+        """Sum a float64 array across ranks (one collective; identity in a single process)."""
+        x = np.asarray(x, dtype=np.float64)
+        if not self.active:
+            return x
+        import torch.distributed as dist
+
+        t = torch.from_numpy(np.ascontiguousarray(x)).to(self._device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t.cpu().numpy()
