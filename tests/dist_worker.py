@@ -62,6 +62,7 @@ def main(mode: str, out: str) -> None:
     if rank == 0:
         Path(out).write_text(json.dumps({"rows": mon.rows, "fired": mon.fired, "params": params}))
     if mode != "single":
+        torch.distributed.barrier()  # no rank tears gloo down while another still talks to it
         torch.distributed.destroy_process_group()
 
 
