@@ -1,4 +1,6 @@
-"""Two CPU processes (gloo) give the single-process numbers: DDP and FSDP2, monitor with the project guard."""
+"""Two CPU processes (gloo) give the single-process numbers: DDP and FSDP2, monitor with the project guard.
+
+Each distributed run is launched with torchrun (``torch.distributed.run --standalone``) in a subprocess."""
 
 import json
 import math
@@ -43,7 +45,7 @@ def single(tmp_path_factory):
     return _run("single", tmp_path_factory.mktemp("single"))
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp_unbound"])
 def test_two_ranks_equal_single_process(mode, single, tmp_path):
     got = _run(mode, tmp_path)
     # the planted conflict makes the project guard act, so the weights depend on the projection too
@@ -52,3 +54,8 @@ def test_two_ranks_equal_single_process(mode, single, tmp_path):
     _close(single["rows"], got["rows"])
     assert got["fired"] == single["fired"]
     _close(single["params"], got["params"])
+
+
+def test_unwrapped_model_with_different_probe_sets_is_an_error(tmp_path):
+    got = _run("ddp_mismatch", tmp_path)
+    assert "differs between ranks" in got["error"]

@@ -14,9 +14,12 @@ parameters (after the optimizer step, when gradients are already zeroed) and app
 with intervals and m* to ``<output_dir>/gradprobe_budgets.jsonl``, so the threshold can be
 followed along the run.
 
-Distributed runs (DDP, FSDP2 through accelerate): bind the callback (``watch``) so it gets
-the Trainer's wrapped model, and give each rank its own share of the image probe batches;
-see :mod:`gradprobe.train.distributed`. The multi-budget probe is single-process only.
+Distributed runs (DDP, FSDP2 through accelerate): bound (``watch``), the callback gets the
+Trainer's wrapped model and each rank gives its own share of the image probe batches. Unbound
+(e.g. passed through a stack's ``callbacks=[...]``), it sees the unwrapped model: under DDP
+every rank then needs the whole probe set; FSDP2 parameters are sharded DTensors either way,
+so each rank gives its share. See :mod:`gradprobe.train.distributed`. DeepSpeed engines are
+refused. The multi-budget probe is single-process only.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ The monitor never gathers a gradient. It works with the layout the training run 
 
 - **replicated** parameters (DDP, or a single process): every rank holds the whole gradient,
   so a rank's own dot products are already the full ones and nothing is reduced;
+- an **unwrapped** model in a distributed run (a Trainer callback that is not bound, with DDP
+  underneath): the update gradient is already averaged, and every rank computes the image
+  probe gradient on the whole probe set itself; the probe losses are compared across ranks,
+  and different probe sets on different ranks are an error;
 - **sharded** parameters (FSDP2 ``fully_shard``: ``DTensor`` with a ``Shard`` placement): each
   rank holds one piece of the parameter, its gradient and the image-probe rows; the dots of the
   pieces are summed across ranks by one all-reduce of a small float64 array of scalars.
@@ -77,12 +81,10 @@ class Layout:
         self.rank = dist.get_rank(self.group) if ready else 0
         self.active = self.world > 1
         wrapped = model is not unwrap(model)
-        if self.active and not (wrapped or self.sharded.any()):
-            raise InputError(
-                f"a distributed run ({self.world} ranks) needs the wrapped model (DDP or FSDP2), so the image "
-                "probe gradient is averaged across ranks like the training gradient; with a Trainer use "
-                "watch(trainer, ...)"
-            )
+        # the image probe: through the run's own backward (each rank its share of the batches) when the
+        # model is wrapped or sharded; otherwise every rank computes it whole with autograd.grad
+        self.by_backward = self.active and (wrapped or bool(self.sharded.any()))
+        self.replicated = self.active and not self.by_backward
         if self.active and isinstance(model, torch.nn.DataParallel):
             raise InputError("torch.nn.DataParallel is not supported in a distributed run; use DDP")
         self.clone_stash = bool(getattr(model, "gradient_as_bucket_view", False))
@@ -92,11 +94,17 @@ class Layout:
 
     def check_same_count(self, k: int) -> None:
         """Every rank must run the same number of probe backward passes (they are collectives)."""
-        if not self.active:
-            return
-        counts = self.all_reduce(np.array([k, k * k], dtype=np.float64))
-        if counts[1] * self.world != counts[0] ** 2:  # equal iff the variance of k across ranks is zero
+        if self.active and not self.same_on_all_ranks(np.array([k], dtype=np.float64)):
             raise InputError(f"image probe set: rank {self.rank} has {k} batches; every rank needs the same number")
+
+    def same_on_all_ranks(self, x: np.ndarray, rtol: float = 1e-6) -> bool:
+        """Whether every rank holds the same ``x`` (all ranks get the same answer)."""
+        if not self.active:
+            return True
+        x = np.asarray(x, dtype=np.float64)
+        mean = self.all_reduce(x) / self.world
+        off = float(not np.allclose(x, mean, rtol=rtol, atol=0.0, equal_nan=True))
+        return self.all_reduce(np.array([off]))[0] == 0
 
     def sum_sharded(self, per_param: np.ndarray) -> np.ndarray:
         """Sum over parameters of ``per_param`` (P, ...), the sharded parameters' part summed across ranks."""
@@ -122,6 +130,6 @@ class Layout:
             return x
         import torch.distributed as dist
 
-        t = torch.from_numpy(np.ascontiguousarray(x)).to(self._device)
+        t = torch.tensor(x, dtype=torch.float64, device=self._device)  # a copy: x itself is left alone
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t.cpu().numpy()

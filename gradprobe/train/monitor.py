@@ -22,7 +22,8 @@ the trajectory file.
 In a distributed run (DDP or FSDP2; see :mod:`gradprobe.train.distributed`) pass the
 wrapped model and, on each rank, that rank's own probe batches. ḡ_img is then produced by
 the run's own backward, with every ``.grad`` saved and put back, and the dots of sharded
-parameters are summed across ranks as scalars; rank 0 writes the trajectory.
+parameters are summed across ranks as scalars; rank 0 writes the trajectory. Under DDP the
+unwrapped module also works: every rank then computes ḡ_img on the whole probe set.
 """
 
 from __future__ import annotations
@@ -160,12 +161,18 @@ class AlignmentMonitor:
     def refresh_reference(self) -> dict[str, Any]:
         """Recompute the image-group mean gradients at the current parameters."""
         self.store.zero_()
-        losses = self._reference_by_backward() if self.layout.active else self._reference_by_grad()
+        losses = self._reference_by_backward() if self.layout.by_backward else self._reference_by_grad()
+        if self.layout.replicated and not self.layout.same_on_all_ranks(np.asarray(losses)):
+            raise InputError(
+                "image probe set differs between ranks; with an unwrapped model every rank needs the whole "
+                "probe set (or pass the DDP/FSDP-wrapped model and give each rank its share)"
+            )
         per = len(self.images) // self.groups
         self.store.scale_(torch.full((self.groups,), 1.0 / per, dtype=torch.float64))
         grams = np.stack([gm.to(torch.float64).numpy() for gm in self.store.gram(self.acc_dtype)])
         gram = self.layout.sum_sharded(grams)
-        losses = self.layout.mean_over_ranks(np.asarray(losses, dtype=np.float64))
+        if self.layout.by_backward:
+            losses = self.layout.mean_over_ranks(np.asarray(losses, dtype=np.float64))
         # a non-finite gradient or loss anywhere in a group leaves a non-finite diagonal entry
         loss_ok = np.isfinite(np.reshape(losses, (self.groups, per))).all(axis=1)
         keep = [g for g in range(self.groups) if loss_ok[g] and np.isfinite(gram[g, g])]
