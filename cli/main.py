@@ -156,9 +156,9 @@ def align(
 
 @app.command()
 def plot(
-    out_dir: Annotated[str, typer.Argument(help="An output directory of `gradprobe align`.")],
+    out_dir: Annotated[str, typer.Argument(help="An output directory of `gradprobe align`, `sft` or `trap`.")],
 ) -> None:
-    """Draw the alignment curve and the module × budget heatmap (PNG) from saved outputs."""
+    """Draw the plots of saved outputs (PNG): alignment curve and module heatmap, training trajectory, or trap curves."""
     from gradprobe import GradprobeError
     from gradprobe.report.plots import plot_dir
 
@@ -214,6 +214,45 @@ def sft(
         f"trained {summary['steps']} steps (loss {summary['train_loss']:.4g}); {summary['probes']} alignment probes "
         f"in {summary['trajectory']}; guard {summary['guard']['action']} fired {summary['guard']['fired']}"
     )
+
+
+@app.command()
+def trap(
+    out: Annotated[str, typer.Option(help="Output directory: one frames-<m> run per budget and trap_summary.json.")] = "gradprobe-trap",
+    frames: Annotated[str, typer.Option(help="Frame budgets, one Video-SFT run each.")] = "8,16,32,64",
+    steps: Annotated[int, typer.Option(help="Optimizer steps per run.")] = 100,
+    batch_size: Annotated[int, typer.Option(help="Video batch size.")] = 4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay).")] = 1e-4,
+    probe_every: Annotated[int, typer.Option(help="Probe alignment and evaluate every N steps.")] = 10,
+    eval_images: Annotated[int, typer.Option(help="Held-out images scored.")] = 300,
+    eval_videos: Annotated[int, typer.Option(help="Held-out videos scored.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    cache_dir: Annotated[str | None, typer.Option(help="Toy cache directory.")] = None,
+) -> None:
+    """The temporal-trap experiment on the toy: Video-SFT at each budget, image and video accuracy along each run."""
+    from gradprobe import GradprobeError
+    from gradprobe.experiments.trap import TrapOptions, run_trap
+
+    try:
+        summary = run_trap(TrapOptions(out=out, frames=frames, steps=steps, batch_size=batch_size, lr=lr,
+                                       probe_every=probe_every, eval_images=eval_images, eval_videos=eval_videos,
+                                       seed=seed, cache_dir=cache_dir), log=lambda s: err.print(f"[dim]{s}[/]"))
+    except GradprobeError as e:
+        _fail(str(e))
+    table = Table(title=f"Video-SFT at each budget ({steps} steps): accuracy first → last, change with 95% CI")
+    for col in ("m", "image (free)", "image (restricted)", "video (free)", "video (restricted)", "mean cos"):
+        table.add_column(col, justify="right")
+    for b in summary["budgets"]:
+        cells = [str(b["frames"])]
+        for k in ("image_free", "image_restricted", "video_free", "video_restricted"):
+            v, c = b[k], b[k].get("change")
+            ci = f" [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]" if c else ""
+            cells.append(f"{v['first']:.3f} → {v['last']:.3f}{ci}")
+        a = b.get("alignment")
+        cells.append(f"{a['mean_cos']:+.3f}" if a else "-")
+        table.add_row(*cells)
+    Console().print(table)
+    Console().print(f"wrote {Path(out) / 'trap_summary.json'}")
 
 
 @app.command()

@@ -43,6 +43,9 @@ def test_sft_tracks_budgets(tiny_toy, tmp_path):
     assert r.exit_code == 0, r.output
     rows = [json.loads(x) for x in (out / "gradprobe_budgets.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows] == [0, 2] and [b["frames"] for b in rows[0]["budgets"]] == [2, 4]
+    r = runner.invoke(app, ["plot", str(out)])  # A(m) along the run is the third panel
+    assert r.exit_code == 0, r.output
+    assert (out / "trajectory.png").read_bytes()[:4] == b"\x89PNG"
     r = runner.invoke(app, _args(tiny_toy, tmp_path / "odd", "--probe-frames", "3",
                                  "--video-probe", str(tiny_toy.data("probe", "videos"))))
     assert r.exit_code == 2 and "even count" in r.output
@@ -86,6 +89,8 @@ def test_sft_evaluates_and_plots(tiny_toy, tmp_path):
     for x in rows:
         assert 0 <= x["image_free"] <= x["image_restricted"] <= 1  # restricting to valid answers can only help
         assert x["n_image"] == 24 and x["n_video"] == 4
+        for k in ("image_free", "image_restricted", "video_free", "video_restricted"):
+            assert x[k] == x[f"{k}_items"].count("1") / len(x[f"{k}_items"])
     r = runner.invoke(app, ["plot", str(out)])
     assert r.exit_code == 0, r.output
     assert (out / "trajectory.png").read_bytes()[:4] == b"\x89PNG"

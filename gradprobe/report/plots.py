@@ -121,9 +121,64 @@ def training_trajectory(traj: pd.DataFrame, evals: pd.DataFrame, axes: Any = Non
     return axes
 
 
+def budget_trajectory(budgets: pd.DataFrame, ax: Any = None) -> Any:
+    """A(m) = E<g_img, g_vid^(m)> on the fixed probe set against optimizer step, one line per budget, 95% t CI."""
+    plt = _mpl()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3))
+    rows = [{"step": r["step"], **b} for _, r in budgets.iterrows() for b in r["budgets"]]
+    df = pd.DataFrame(rows)
+    for i, (m, g) in enumerate(df.groupby("frames", sort=True)):
+        g = g.sort_values("step")
+        ax.plot(g["step"], g["mean"], "o-", ms=3, color=f"C{i}", label=f"m={m}")
+        ci = g["ci95_t"].dropna()
+        if len(ci):
+            lo = [c[0] for c in ci]
+            hi = [c[1] for c in ci]
+            ax.fill_between(g.loc[ci.index, "step"], lo, hi, color=f"C{i}", alpha=0.15, lw=0)
+    ax.axhline(0.0, color="k", lw=0.8, ls="--")
+    ax.set_ylabel("A(m) (95% CI)")
+    ax.set_xlabel("optimizer step")
+    ax.legend(fontsize=8, ncol=min(4, df["frames"].nunique()))
+    return ax
+
+
+def trap_curves(evals: pd.DataFrame, traj: pd.DataFrame, axes: Any = None) -> Any:
+    """The temporal-trap experiment: image accuracy, video accuracy and cos(g_update, ḡ_img) against step, per budget.
+
+    Solid lines: free exact match; dashed: restricted to each question's valid answers.
+    """
+    import seaborn as sns
+
+    plt = _mpl()
+    sns.set_theme(style="whitegrid", context="notebook")
+    if axes is None:
+        _, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharex=True)
+    grid = sorted(evals["frames"].unique()) if len(evals) else sorted(traj["frames"].unique())
+    colors = dict(zip(grid, sns.color_palette("viridis", len(grid)), strict=True))
+    for ax, kind in zip(axes[:2], ("image", "video"), strict=True):
+        for m in grid:
+            ev = evals[evals["frames"] == m].sort_values("step")
+            ax.plot(ev["step"], ev[f"{kind}_free"], "-", color=colors[m], marker="o", ms=3, label=f"m={m}")
+            ax.plot(ev["step"], ev[f"{kind}_restricted"], "--", color=colors[m])
+        ax.set_title(f"held-out {kind} accuracy (solid: free, dashed: restricted)", fontsize=10)
+        ax.set_xlabel("optimizer step")
+    axes[0].legend(fontsize=8)
+    ax = axes[2]
+    if len(traj):
+        for m in grid:
+            tr = traj[(traj["frames"] == m) & traj["finite"].astype(bool)].sort_values("step")
+            ax.plot(tr["step"], tr["cos"], "o-", ms=3, color=colors[m], label=f"m={m}")
+    ax.axhline(0.0, color="k", lw=0.8, ls="--")
+    ax.set_title("cos(g_update, ḡ_img) along the run", fontsize=10)
+    ax.set_xlabel("optimizer step")
+    return axes
+
+
 def plot_dir(out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Draw the plots of an output dir: ``gradprobe align`` (alignment curve, module heatmap) or
-    ``gradprobe sft`` (training trajectory).
+    """Draw the plots of an output dir: ``gradprobe align`` (alignment curve, module heatmap),
+    ``gradprobe sft`` (training trajectory, with A(m) along the run when it was tracked) or
+    ``gradprobe trap`` (accuracy and alignment per budget).
 
     Raises:
         DataError: if the directory is neither.
@@ -131,11 +186,25 @@ def plot_dir(out_dir: str | os.PathLike[str]) -> list[Path]:
     from gradprobe.train.eval_callback import EVAL_FILE
     from gradprobe.train.monitor import TRAJECTORY
 
+    from gradprobe.experiments.trap import SUMMARY, load_trap
+    from gradprobe.train.callback import BUDGETS
+
     plt = _mpl()
     d = Path(out_dir)
+    if d.is_dir() and (d / SUMMARY).is_file():
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharex=True)
+        trap_curves(*load_trap(d), axes)
+        fig.tight_layout()
+        fig.savefig(d / "trap.png", dpi=120)
+        plt.close(fig)
+        return [d / "trap.png"]
     if d.is_dir() and not (d / "summary.json").exists() and (d / TRAJECTORY).is_file():
-        fig, axes = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-        training_trajectory(_jsonl(d / TRAJECTORY), _jsonl(d / EVAL_FILE), axes)
+        budgets = _jsonl(d / BUDGETS)
+        fig, axes = plt.subplots(3 if len(budgets) else 2, 1, figsize=(7, 8.5 if len(budgets) else 6), sharex=True)
+        training_trajectory(_jsonl(d / TRAJECTORY), _jsonl(d / EVAL_FILE), axes[:2])
+        if len(budgets):
+            budget_trajectory(budgets, axes[2])
+            axes[1].set_xlabel("")
         fig.tight_layout()
         fig.savefig(d / "trajectory.png", dpi=120)
         plt.close(fig)

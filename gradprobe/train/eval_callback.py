@@ -1,7 +1,8 @@
 """Held-out accuracy along a Trainer run, scored free and answer-restricted.
 
 Rows go to ``<output_dir>/gradprobe_eval.jsonl``: ``{"step", "image_free", "image_restricted",
-"video_free", "video_restricted", "n_image", "n_video"}``. Step s is the model after s optimizer
+"video_free", "video_restricted", "n_image", "n_video"}`` and the per-record correctness behind each
+accuracy (``image_free_items`` … as strings of ``0``/``1``, for paired comparisons). Step s is the model after s optimizer
 steps, as in the alignment trajectory (whose row s probes the update applied after s steps).
 Evaluation runs in eval mode with the RNG state restored, so it does not change the run.
 """
@@ -46,6 +47,8 @@ class AccuracyCallback(TrainerCallback):
             "step": step,
             "image_free": img["free"], "image_restricted": img["restricted"], "n_image": img["n"],
             "video_free": vid["free"], "video_restricted": vid["restricted"], "n_video": vid["n"],
+            **{f"{kind}_{how}_items": acc[f"{how}_items"] for kind, acc in (("image", img), ("video", vid))
+               for how in ("free", "restricted")},
         }
         self.rows.append(row)
         with open(Path(args.output_dir) / EVAL_FILE, "a") as fh:

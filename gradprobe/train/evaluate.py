@@ -28,12 +28,14 @@ def accuracy(
     """Free and answer-restricted accuracy, with the majority-answer baseline.
 
     Returns:
-        ``{"free", "restricted", "majority", "n"}``.
+        ``{"free", "restricted", "majority", "n", "free_items", "restricted_items"}``; the last two
+        are per-record correctness as strings of ``0``/``1`` (for paired comparisons between evaluations).
     """
     tok = collator.processor.tokenizer
     was_training = model.training
     model.eval()
-    free = restricted = 0
+    free_items: list[bool] = []
+    restricted_items: list[bool] = []
     answers = []
     try:
         for i in range(0, len(records), batch_size):
@@ -45,16 +47,23 @@ def accuracy(
                 pos = int((labels[r] != -100).nonzero()[0])
                 target = int(labels[r, pos])
                 row = logits[r, pos - 1]
-                free += int(row.argmax()) == target
+                free_items.append(int(row.argmax()) == target)
                 choices = tok.convert_tokens_to_ids(list(rec.get("choices") or []))
                 if choices:
                     best = choices[int(row[torch.tensor(choices)].argmax())]
-                    restricted += best == target
+                    restricted_items.append(best == target)
                 else:
-                    restricted += int(row.argmax()) == target
+                    restricted_items.append(free_items[-1])
                 answers.append(rec["conversations"][1]["value"])
     finally:
         model.train(was_training)
     n = len(records)
     majority = max(answers.count(a) for a in set(answers)) / n if n else float("nan")
-    return {"free": free / n, "restricted": restricted / n, "majority": majority, "n": n}
+    return {
+        "free": sum(free_items) / n if n else float("nan"),
+        "restricted": sum(restricted_items) / n if n else float("nan"),
+        "majority": majority,
+        "n": n,
+        "free_items": "".join("01"[c] for c in free_items),
+        "restricted_items": "".join("01"[c] for c in restricted_items),
+    }

@@ -1,0 +1,63 @@
+"""The temporal-trap experiment on the tiny toy: runs per budget, paired summaries, skip and resume, plot."""
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+import gradprobe.run
+from cli.main import app
+from gradprobe.experiments.trap import paired_difference
+from gradprobe.toybox import ToySpec
+
+runner = CliRunner()
+
+
+def test_paired_difference_by_hand():
+    r = paired_difference("1101", "1000")  # per-record differences 0, 1, 0, 1
+    d = [0.0, 1.0, 0.0, 1.0]
+    sd = math.sqrt(sum((x - 0.5) ** 2 for x in d) / 3)
+    assert r["diff"] == 0.5 and r["n"] == 4
+    assert r["stderr"] == pytest.approx(sd / 2)
+    assert r["ci95"] == pytest.approx([0.5 - 3.182446305 * sd / 2, 0.5 + 3.182446305 * sd / 2])
+    assert not r["excludes_zero"]
+    assert paired_difference("0000", "1111")["excludes_zero"]  # all records lost: stderr 0, change -1
+    with pytest.raises(Exception, match="same records"):
+        paired_difference("101", "10")
+
+
+def test_trap_runs_each_budget_and_resumes(tiny_toy, tmp_path, monkeypatch):
+    monkeypatch.setattr(gradprobe.run, "DEFAULT_TOY", ToySpec(**tiny_toy.spec.__dict__))
+    out = tmp_path / "trap"
+    args = ["trap", "--frames", "2,4", "--steps", "2", "--probe-every", "1", "--batch-size", "2",
+            "--eval-images", "24", "--eval-videos", "4", "--cache-dir", str(tiny_toy.root.parent), "--out", str(out)]
+    r = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "trap_summary.json").read_text())
+    assert [b["frames"] for b in s["budgets"]] == [2, 4]
+    for b in s["budgets"]:
+        assert b["steps"] == 2 and b["alignment"]["probes"] == 2
+        for k in ("image_free", "image_restricted", "video_free", "video_restricted"):
+            # the paired mean difference is the difference of the two accuracies
+            assert b[k]["change"]["diff"] == pytest.approx(b[k]["last"] - b[k]["first"])
+    # the image set and the starting model are shared, so the first image accuracy is the same at every budget
+    assert s["budgets"][0]["image_free"]["first"] == s["budgets"][1]["image_free"]["first"]
+    vs = s["budgets"][1]["image_vs_smallest"]["image_free"]["diff"]
+    assert vs == pytest.approx(s["budgets"][1]["image_free"]["last"] - s["budgets"][0]["image_free"]["last"])
+    # complete runs are kept; a run whose summary is missing resumes from its checkpoint without duplicating rows
+    (out / "frames-4" / "sft_summary.json").unlink()
+    r = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "m=2: complete" in r.output and "resuming from checkpoint-2" in r.output
+    steps = [json.loads(x)["step"] for x in (out / "frames-4" / "gradprobe_eval.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]
+    assert json.loads((out / "trap_summary.json").read_text())["budgets"] == s["budgets"]
+    r = runner.invoke(app, ["plot", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (out / "trap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_trap_bad_budget(tmp_path):
+    r = runner.invoke(app, ["trap", "--frames", "3", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "even" in r.output
