@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -112,3 +114,18 @@ def test_evaluation_does_not_change_the_run(tiny_toy, tmp_path):
     b, _ = adapter.load(tmp_path / "y" / "final")
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_sft_lora_resumes(tiny_toy, tmp_path):
+    """A LoRA run resumes from its adapter checkpoint: the same rows as an uninterrupted run."""
+    whole = tmp_path / "whole"
+    assert runner.invoke(app, _args(tiny_toy, whole, "--steps", "4", "--lora")).exit_code == 0
+    part = tmp_path / "part"
+    assert runner.invoke(app, _args(tiny_toy, part, "--steps", "2", "--lora")).exit_code == 0
+    r = runner.invoke(app, _args(tiny_toy, part, "--steps", "4", "--lora", "--resume"))
+    assert r.exit_code == 0, r.output
+    a = [json.loads(x) for x in (whole / "gradprobe_trajectory.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (part / "gradprobe_trajectory.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in b] == [0, 2]
+    for x, y in zip(a, b):
+        assert y["alignment"] == pytest.approx(x["alignment"], rel=1e-5, abs=1e-9)

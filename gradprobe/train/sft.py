@@ -150,15 +150,16 @@ def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
     if not opts.resume and (out / TRAJECTORY).exists():
         raise InputError(f"{out} already holds a run; use --resume to continue it or another --out")
     # weights through from_pretrained (the Trainer's own resume does not map Qwen2.5-VL's saved key names)
-    model, processor = adapter.load(last or model_dir)
-    if opts.lora:
+    if opts.lora:  # a LoRA checkpoint holds the adapters only: base weights from the model, adapters from it
+        model, processor = adapter.load(model_dir)
         if last is not None:
             from peft import PeftModel
 
-            base, _ = adapter.load(model_dir)
-            model = PeftModel.from_pretrained(base, last, is_trainable=True)
+            model = PeftModel.from_pretrained(model, last, is_trainable=True)
         else:
             model = _lora(model, opts.lora_rank)
+    else:
+        model, processor = adapter.load(last or model_dir)
     video_root = Path(opts.data_root) if opts.data_root else Path(video_path).parent
     image_root = Path(opts.data_root) if opts.data_root else Path(image_path).parent
     collator = adapter.ToyCollator(processor, video_root, frames=opts.frames, frames_of=frames_of)
