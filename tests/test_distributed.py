@@ -59,3 +59,26 @@ def test_two_ranks_equal_single_process(mode, single, tmp_path):
 def test_unwrapped_model_with_different_probe_sets_is_an_error(tmp_path):
     got = _run("ddp_mismatch", tmp_path)
     assert "differs between ranks" in got["error"]
+
+
+TRAINER_WORKER = Path(__file__).with_name("dist_trainer_worker.py")
+
+
+@pytest.mark.parametrize("how", ["bound", "unbound"])
+def test_trainer_callback_under_ddp_equals_single_process(how, tmp_path):
+    """transformers' Trainer with accelerate's DDP (gloo, 2 ranks) against one process, global batch 4."""
+    got = {}
+    for mode in ("single", "ddp"):
+        out = tmp_path / mode
+        launch = [sys.executable] if mode == "single" else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        res = subprocess.run([*launch, str(TRAINER_WORKER), str(out), how], capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        got[mode] = json.loads((out / "result.json").read_text())
+    assert len(got["single"]["rows"]) == 2 and got["single"]["fired"]["project"] >= 1
+    # bound, the callback works on the DDP wrapper (probe through DDP's backward); unbound, on every rank alone
+    assert got["ddp"]["by_backward"] == (how == "bound") and not got["single"]["by_backward"]
+    _close(got["single"]["rows"], got["ddp"]["rows"])
+    assert got["ddp"]["fired"] == got["single"]["fired"]
+    _close(got["single"]["params"], got["ddp"]["params"])

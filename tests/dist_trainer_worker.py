@@ -1,0 +1,66 @@
+"""The alignment callback inside transformers' Trainer, in one process or under torchrun with DDP (gloo).
+
+Run as ``python dist_trainer_worker.py OUT HOW`` or ``python -m torch.distributed.run --nproc_per_node 2
+dist_trainer_worker.py OUT HOW``. The global batch is 4 in both cases (4 per device alone, 2 per device
+on two ranks). HOW is ``bound`` (``watch``: the callback gets the DDP wrapper, each rank passes its share
+of the image probe batches) or ``unbound`` (passed in ``callbacks=[...]``: every rank passes all of them).
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import TinyNet, make_batches
+
+from gradprobe.train.callback import AlignmentCallback, watch
+
+
+class Tiny(TinyNet):
+    def forward(self, x, labels=None):
+        logits = super().forward(x)
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def collate(rows):
+    return {"x": torch.stack([r["x"] for r in rows]), "labels": torch.stack([r["labels"] for r in rows])}
+
+
+def main(out: str, how: str) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    (x, y), = make_batches(1, seed=1, size=24)
+    data = [{"x": x[i], "labels": y[i]} for i in range(len(y))]
+    probe = [(px, (py + 1) % 3) for px, py in make_batches(8, seed=2, shift=1.5)]
+    mine = probe if world == 1 or how == "unbound" else [probe[2 * g + rank] for g in range(4)]
+    mine = [{"x": a, "labels": b} for a, b in mine]
+    args = TrainingArguments(
+        output_dir=out, max_steps=4, per_device_train_batch_size=4 // world, learning_rate=0.2,
+        lr_scheduler_type="constant", max_grad_norm=0.5, report_to="none", save_strategy="no", seed=0,
+        use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
+        logging_steps=1, ddp_find_unused_parameters=True, optim="sgd",
+    )
+    model = Tiny()
+    options = {"every": 2, "guard": "project", "image_groups": 4, "loss_fn": lambda m, b: m(**b)["loss"]}
+    if how == "bound":
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
+        cb = watch(trainer, mine, **options)
+    else:
+        cb = AlignmentCallback(mine, **options)
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[cb])
+    trainer.train()
+    if rank == 0:
+        params = {n: p.detach().reshape(-1).tolist() for n, p in model.named_parameters()}
+        Path(out, "result.json").write_text(json.dumps({"rows": cb.monitor.rows, "fired": cb.monitor.fired,
+                                                         "params": params,
+                                                         "by_backward": cb.monitor.layout.by_backward}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
