@@ -42,7 +42,7 @@ def main() -> None:
         raise SystemExit("error: the runs use different budget grids")
     grid = grids.pop()
     per_seed, combined = [], []
-    for r in runs:
+    for d, r in zip(a.dirs, runs, strict=True):
         row = {"seed": r["options"]["seed"], "budgets": {}}
         for b in r["budgets"]:
             row["budgets"][b["frames"]] = {
@@ -51,6 +51,13 @@ def main() -> None:
                 "image_free_vs_smallest": b.get("image_vs_smallest", {}).get("image_free", {}).get("diff"),
                 "mean_cos": b.get("alignment", {}).get("mean_cos"),
             }
+        # does the cosine along the run follow the batches (same clips, same order at every m) or m?
+        from gradprobe.experiments.trap import load_trap
+
+        _, traj = load_trap(d)
+        piv = traj[traj["finite"].astype(bool)].pivot(index="step", columns="frames", values="cos").dropna()
+        row["cos_range"] = [float(piv.min().min()), float(piv.max().max())]
+        row["cos_corr_with_smallest"] = {int(m): float(np.corrcoef(piv[grid[0]], piv[m])[0, 1]) for m in grid[1:]}
         per_seed.append(row)
     for m in grid:
         entry = {"frames": m}
@@ -71,6 +78,10 @@ def main() -> None:
             ci = f" [{t['ci95'][0]:+.3f}, {t['ci95'][1]:+.3f}]" if t["ci95"] else ""
             cells.append(f"{t['mean']:+.3f}{ci}")
         print(f"{e['frames']:>4} | " + " | ".join(cells))
+    for s in per_seed:
+        corr = ", ".join(f"m={m}: {c:.2f}" for m, c in s["cos_corr_with_smallest"].items())
+        print(f"seed {s['seed']}: cos along the run in [{s['cos_range'][0]:+.3f}, {s['cos_range'][1]:+.3f}]; "
+              f"Pearson correlation with m={grid[0]}'s: {corr}")
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {a.out}")
