@@ -18,8 +18,8 @@ Distributed runs (DDP, FSDP2 through accelerate): bound (``watch``), the callbac
 Trainer's wrapped model and each rank gives its own share of the image probe batches. Unbound
 (e.g. passed through a stack's ``callbacks=[...]``), it sees the unwrapped model: under DDP
 every rank then needs the whole probe set; FSDP2 parameters are sharded DTensors either way,
-so each rank gives its share. See :mod:`gradprobe.train.distributed`. DeepSpeed engines are
-refused. The multi-budget probe is single-process only.
+so each rank gives its share; so are DeepSpeed ZeRO-3 partitions (bound: the engine). See
+:mod:`gradprobe.train.distributed`. The multi-budget probe is single-process only.
 """
 
 from __future__ import annotations

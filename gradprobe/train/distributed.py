@@ -17,8 +17,11 @@ DDP averages it and FSDP2 reduce-scatters it exactly as it does the training gra
 every ``.grad`` saved before and put back after; each rank feeds its own probe batches, as it
 does its own training batches.
 
-DeepSpeed engines are refused with a clear error: ZeRO keeps gradients in its optimizer's
-partitions rather than in ``.grad``, so saving and restoring them needs engine internals.
+- **DeepSpeed ZeRO-3** engines: each rank's fp32 gradient partition, read and written through
+  DeepSpeed's public accessors (``safe_get_local_grad`` / ``safe_set_local_grad``), summed across
+  ranks like FSDP2 shards. ZeRO-1/2 are refused: their public accessor (``safe_get_full_grad``)
+  assembles the whole gradient. DeepSpeed clips inside its own step, so the monitor sees the
+  update before clipping.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from gradprobe.errors import InputError
 
 
 def unwrap(model: Any) -> torch.nn.Module:
-    """The module whose parameter names the selection uses (DDP's ``.module``; FSDP2 modules as they are)."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
+    """The module whose parameter names the selection uses (DDP's and DeepSpeed's ``.module``; FSDP2 as is)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel) or _is_deepspeed(model):
         return model.module
     return model
 
@@ -69,12 +72,17 @@ class Layout:
     def __init__(self, model: Any, params: Sequence[torch.nn.Parameter], process_group: Any = None) -> None:
         import torch.distributed as dist
 
-        if _is_deepspeed(model):
-            raise InputError(
-                "DeepSpeed engines are not supported by the alignment monitor (ZeRO keeps gradients outside "
-                ".grad); use DDP or FSDP2"
-            )
-        self.sharded = np.array([is_sharded(p) for p in params], dtype=bool)
+        self.deepspeed = _is_deepspeed(model)
+        if self.deepspeed:
+            stage = model.zero_optimization_stage()
+            if stage != 3:
+                raise InputError(
+                    f"DeepSpeed ZeRO stage {stage}: the monitor needs each rank's own gradient partition, which "
+                    "DeepSpeed's public accessors give for ZeRO-3 only (safe_get_local_grad); use stage 3, DDP or FSDP2"
+                )
+            if model.fp16_enabled():
+                raise InputError("DeepSpeed fp16 (loss-scaled gradients) is not supported; use bf16 or fp32")
+        self.sharded = np.array([self.deepspeed or is_sharded(p) for p in params], dtype=bool)
         ready = dist.is_available() and dist.is_initialized()
         self.group = process_group if process_group is not None else (dist.group.WORLD if ready else None)
         self.world = dist.get_world_size(self.group) if ready else 1
@@ -83,7 +91,7 @@ class Layout:
         wrapped = model is not unwrap(model)
         # the image probe: through the run's own backward (each rank its share of the batches) when the
         # model is wrapped or sharded; otherwise every rank computes it whole with autograd.grad
-        self.by_backward = self.active and (wrapped or bool(self.sharded.any()))
+        self.by_backward = self.deepspeed or (self.active and (wrapped or bool(self.sharded.any())))
         self.replicated = self.active and not self.by_backward
         if self.active and isinstance(model, torch.nn.DataParallel):
             raise InputError("torch.nn.DataParallel is not supported in a distributed run; use DDP")
@@ -92,6 +100,66 @@ class Layout:
         if self.active and dist.get_backend(self.group) == "nccl":
             self._device = torch.device("cuda", torch.cuda.current_device())
 
+    # ------------------------------------------------------------------ gradient pieces
+    def piece(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """A tensor shaped and placed like this rank's piece of ``p`` (what its gradient piece will be)."""
+        return p.ds_tensor if self.deepspeed else local(p)
+
+    def grad(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        """This rank's piece of ``p``'s gradient (ZeRO-3: its fp32 gradient partition), or None."""
+        if self.deepspeed:
+            from deepspeed.utils import safe_get_local_grad
+
+            return safe_get_local_grad(p)
+        return None if p.grad is None else local(p.grad)
+
+    def subtract(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
+        """Subtract ``value`` (shaped like the piece) from ``p``'s gradient piece."""
+        g = self.grad(p)
+        if g is None:
+            return
+        with torch.no_grad():
+            if self.deepspeed:
+                from deepspeed.utils import safe_set_local_grad
+
+                safe_set_local_grad(p, g - value.reshape(g.shape).to(g))
+            else:
+                g.sub_(value.reshape(g.shape).to(g))
+
+    def take_grads(self, params: Sequence[torch.nn.Parameter]) -> list[Any]:
+        """Save the gradients of ``params`` and clear them; :meth:`put_grads` restores them."""
+        if self.deepspeed:
+            saved = [None if (g := self.grad(p)) is None else g.detach().clone() for p in params]
+        else:
+            saved = [p.grad for p in params]
+            if self.clone_stash:  # DDP bucket views: the next backward would write into them
+                saved = [g.detach().clone() if g is not None else None for g in saved]
+        self.clear_grads(params)
+        return saved
+
+    def clear_grads(self, params: Sequence[torch.nn.Parameter]) -> None:
+        if self.deepspeed:
+            from deepspeed.utils import safe_set_local_grad
+
+            for p in params:
+                if (g := self.grad(p)) is not None:
+                    safe_set_local_grad(p, torch.zeros_like(g))
+        else:
+            for p in params:
+                p.grad = None
+
+    def put_grads(self, params: Sequence[torch.nn.Parameter], saved: list[Any]) -> None:
+        if self.deepspeed:
+            from deepspeed.utils import safe_set_local_grad
+
+            for p, g in zip(params, saved, strict=True):
+                if g is not None:
+                    safe_set_local_grad(p, g)
+        else:
+            for p, g in zip(params, saved, strict=True):
+                p.grad = g
+
+    # ------------------------------------------------------------------ reductions
     def check_same_count(self, k: int) -> None:
         """Every rank must run the same number of probe backward passes (they are collectives)."""
         if self.active and not self.same_on_all_ranks(np.array([k], dtype=np.float64)):

@@ -45,7 +45,7 @@ from gradprobe.estimators import stats
 from gradprobe.probe.hooks import LossFn
 from gradprobe.probe.select import ModuleOf, RoleOf, select_parameters
 from gradprobe.probe.store import ReferenceStore, resolve_dtype
-from gradprobe.train.distributed import Layout, local, unwrap
+from gradprobe.train.distributed import Layout, unwrap
 
 GUARDS = ("observe", "warn", "stop", "project")
 TRAJECTORY = "gradprobe_trajectory.jsonl"
@@ -143,7 +143,7 @@ class AlignmentMonitor:
         self.layout.check_same_count(K)
         # rows hold each parameter's local piece (the whole parameter unless it is sharded)
         self.store = ReferenceStore(
-            [local(p) for p in self.params], self.groups, resolve_dtype(reference_dtype, self.acc_dtype)
+            [self.layout.piece(p) for p in self.params], self.groups, resolve_dtype(reference_dtype, self.acc_dtype)
         )
         self.modules = self.selection.module_names
         pos = {m: i for i, m in enumerate(self.modules)}
@@ -209,35 +209,29 @@ class AlignmentMonitor:
     def _reference_by_backward(self) -> list[float]:
         """Distributed: the run's own backward (DDP averages, FSDP2 reduce-scatters), ``.grad`` saved and restored.
 
-        Each group is accumulated in ``.grad`` over this rank's batches of the group, then its local
-        pieces are copied into the group's row. Every rank runs the same number of backward passes.
+        Each batch's gradient pieces are added into its group's row and then cleared. Every rank runs
+        the same number of backward passes.
         """
         per = len(self.images) // self.groups
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        saved = [p.grad for p in trainable]
-        if self.layout.clone_stash:  # DDP bucket views: the next backward would write into them
-            saved = [g.detach().clone() if g is not None else None for g in saved]
+        trainable = [p for p in unwrap(self.model).parameters() if p.requires_grad]
         losses = []
+        saved = self.layout.take_grads(trainable)
         try:
-            for p in trainable:
-                p.grad = None
             with _isolated(self.model):
                 for k, batch in enumerate(self.images):
                     loss = self.loss_fn(self.model, batch)
                     losses.append(float(loss.detach()))
                     loss.backward()
                     del loss
-                    if (k + 1) % per:
-                        continue
+                    # read each batch's gradient piece and clear it (ZeRO-3 may overwrite rather than add)
                     with torch.no_grad():
                         for t, p in zip(self.store.tensors, self.params, strict=True):
-                            if p.grad is not None:
-                                t[k // per].copy_(local(p.grad).reshape(-1))
-                    for p in trainable:
-                        p.grad = None
+                            g = self.layout.grad(p)
+                            if g is not None:
+                                t[k // per].add_(g.reshape(-1).to(device=t.device, dtype=t.dtype))
+                    self.layout.clear_grads(trainable)
         finally:
-            for p, g in zip(trainable, saved, strict=True):
-                p.grad = g
+            self.layout.put_grads(trainable, saved)
         return losses
 
     # ------------------------------------------------------------------ update
@@ -247,9 +241,10 @@ class AlignmentMonitor:
         dots = np.zeros((P, self._rows))
         sq = np.zeros(P)
         for i, p in enumerate(self.params):
-            if p.grad is None:
+            g = self.layout.grad(p)
+            if g is None:
                 continue
-            g = local(p.grad).reshape(-1).to(self.acc_dtype)
+            g = g.reshape(-1).to(self.acc_dtype)
             ref = self.store.tensors[i][: self._rows].to(device=g.device, dtype=self.acc_dtype)
             dots[i] = torch.mv(ref, g).to("cpu", torch.float64).numpy()
             sq[i] = float(torch.dot(g, g))
@@ -262,12 +257,8 @@ class AlignmentMonitor:
     def _project(self, coef: float) -> None:
         """``p.grad -= coef * ḡ_img`` over the selected parameters (ḡ_img = mean of the kept rows)."""
         for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            g = local(p.grad)
             mean = self.store.tensors[i][: self._rows].to(self.acc_dtype).mean(dim=0)
-            with torch.no_grad():
-                g.add_(mean.reshape(g.shape).to(device=g.device, dtype=g.dtype), alpha=-coef)
+            self.layout.subtract(p, mean * coef)
 
     def before_step(self, step: int) -> dict[str, Any] | None:
         """Call after backward and clipping, right before ``optimizer.step()``.
