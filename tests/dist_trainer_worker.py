@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import TinyNet, make_batches
+from dist_worker import exit_now
 
 from gradprobe.train.callback import AlignmentCallback, watch
 
@@ -67,8 +68,4 @@ def main(out: str, how: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
-    # gloo's threads sometimes abort in C++ static destructors at interpreter exit ("terminate called
-    # without an active exception") after all work is done and written; skip those destructors
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_now()

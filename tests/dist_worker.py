@@ -112,10 +112,14 @@ def _zero(stage, model, train, mine, out, rank):
     torch.distributed.barrier()
 
 
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
-    # gloo's threads sometimes abort in C++ static destructors at interpreter exit ("terminate called
-    # without an active exception") after all work is done and written; skip those destructors
+def exit_now() -> None:
+    """Leave without C++ static destructors: gloo's threads sometimes abort there at interpreter exit
+    ("terminate called without an active exception") after all work is done and written."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
+    exit_now()
