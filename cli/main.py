@@ -256,6 +256,19 @@ def trap(
 
 
 @app.command()
+def models() -> None:
+    """List the supported model families, their HF architecture strings and frame-budget rules."""
+    from gradprobe.models.registry import FAMILIES
+
+    table = Table(title="Supported model families (--model DIR: found by config.json's architectures)")
+    for col in ("family", "architectures", "frame budgets", "note"):
+        table.add_column(col)
+    for f in FAMILIES:
+        table.add_row(f.name, ", ".join(f.architectures), f.frames, f.note)
+    Console().print(table)
+
+
+@app.command()
 def toy(
     cache_dir: Annotated[str | None, typer.Option(help="Cache directory (default $GRADPROBE_CACHE or ~/.cache/gradprobe).")] = None,
     steps: Annotated[int, typer.Option(help="Image-stage training steps.")] = 900,

@@ -7,7 +7,6 @@ none are given), builds paired image and video batches, and calls
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +15,13 @@ from typing import Any
 import torch
 
 from gradprobe._checks import check_positive_int, parse_frames
-from gradprobe.errors import DataError, InputError, ModelError
+from gradprobe.errors import DataError, InputError
 from gradprobe.estimators.align import AlignReport, Progress, align
 from gradprobe.probe.store import resolve_dtype
 from gradprobe.toybox import ToySpec, ensure_toy
 
 #: The toy that ``gradprobe align`` uses when no model is given.
 DEFAULT_TOY = ToySpec()
-SUPPORTED_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
 
 
 @dataclass
@@ -87,19 +85,9 @@ def _chunks(records: list[dict[str, Any]], size: int, count: int, what: str, pat
 
 
 def _architecture(model_dir: Path) -> str:
-    cfg = model_dir / "config.json"
-    if not model_dir.exists():
-        raise ModelError(f"{model_dir}: model path not found")
-    if not cfg.is_file():
-        raise ModelError(f"{model_dir}: no config.json; not a model checkpoint directory")
-    try:
-        archs = json.loads(cfg.read_text()).get("architectures") or []
-    except json.JSONDecodeError:
-        raise ModelError(f"{cfg}: not valid JSON") from None
-    arch = archs[0] if archs else "unknown"
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ModelError(f"{model_dir}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    return arch
+    from gradprobe.models.registry import architecture_of
+
+    return architecture_of(model_dir)
 
 
 def _device(name: str) -> torch.device:

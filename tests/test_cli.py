@@ -148,3 +148,17 @@ def test_plot_of_missing_dir(tmp_path):
     assert_one_line_error(runner.invoke(app, ["plot", str(tmp_path / "nothing")], env={"COLUMNS": "300"}),
                     "no such output directory")
 
+
+
+def test_models_lists_families_and_unknown_architecture_names_them(tmp_path):
+    from gradprobe.models.registry import adapter_for, supported_architectures
+
+    r = runner.invoke(app, ["models"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    for arch in supported_architectures():
+        assert arch in r.output
+    d = tmp_path / "gpt"
+    d.mkdir()
+    _write(d, "config.json", '{"architectures": ["GPT2LMHeadModel"]}')
+    with pytest.raises(gradprobe.errors.ModelError, match="'GPT2LMHeadModel' is not supported; supported: Qwen2_5_VL"):
+        adapter_for(d)
