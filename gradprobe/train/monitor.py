@@ -19,8 +19,9 @@ Between probe steps, ``project`` keeps using the latest ḡ_img (refreshed every
 ``every`` steps); the other guards act on probe steps only. Each probe appends a row to
 the trajectory file.
 
-In a distributed run (DDP or FSDP2; see :mod:`gradprobe.train.distributed`) pass the
-wrapped model and, on each rank, that rank's own probe batches. ḡ_img is then produced by
+In a distributed run (DDP, FSDP2 or a DeepSpeed ZeRO-3 engine; see
+:mod:`gradprobe.train.distributed`) pass the wrapped model and, on each rank, that rank's own
+probe batches. ḡ_img is then produced by
 the run's own backward, with every ``.grad`` saved and put back, and the dots of sharded
 parameters are summed across ranks as scalars; rank 0 writes the trajectory. Under DDP the
 unwrapped module also works: every rank then computes ḡ_img on the whole probe set.
@@ -72,7 +73,7 @@ class AlignmentMonitor:
 
     Args:
         model: the model being trained, as the loop calls it (in a distributed run: the DDP
-            wrapper or the FSDP2 module).
+            wrapper, the FSDP2 module or the DeepSpeed engine).
         image_batches: K held-out image batches (the probe set), reused at every probe; in a
             distributed run, this rank's share (the same K on every rank).
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
@@ -207,7 +208,8 @@ class AlignmentMonitor:
         return losses
 
     def _reference_by_backward(self) -> list[float]:
-        """Distributed: the run's own backward (DDP averages, FSDP2 reduce-scatters), ``.grad`` saved and restored.
+        """Distributed: the run's own backward (DDP averages, FSDP2 and ZeRO-3 reduce-scatter), gradients saved
+        and restored.
 
         Each batch's gradient pieces are added into its group's row and then cleared. Every rank runs
         the same number of backward passes.
