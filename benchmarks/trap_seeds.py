@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from gradprobe.experiments.trap import load_trap
+
 KEYS = ("image_free", "image_restricted", "video_free", "video_restricted")
 
 
@@ -52,8 +54,6 @@ def main() -> None:
                 "mean_cos": b.get("alignment", {}).get("mean_cos"),
             }
         # does the cosine along the run follow the batches (same clips, same order at every m) or m?
-        from gradprobe.experiments.trap import load_trap
-
         _, traj = load_trap(d)
         piv = traj[traj["finite"].astype(bool)].pivot(index="step", columns="frames", values="cos").dropna()
         row["cos_range"] = [float(piv.min().min()), float(piv.max().max())]

@@ -15,7 +15,6 @@ each budget with the smallest one (again paired on records).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -91,14 +90,9 @@ def run_trap(opts: TrapOptions, log: Any = None) -> dict[str, Any]:
     return summary
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
 def load_trap(out: str | os.PathLike[str], grid: list[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Evaluation rows and alignment rows of every budget's run, each with a ``frames`` column."""
+    from gradprobe.report.io import read_jsonl
     from gradprobe.train.eval_callback import EVAL_FILE
     from gradprobe.train.monitor import TRAJECTORY
 
@@ -110,8 +104,8 @@ def load_trap(out: str | os.PathLike[str], grid: list[int] | None = None) -> tup
     evals, traj = [], []
     for m in grid:
         d = budget_dir(out, m)
-        evals += [{"frames": m, **r} for r in _rows(d / EVAL_FILE)]
-        traj += [{"frames": m, **r} for r in _rows(d / TRAJECTORY)]
+        evals += [{"frames": m, **r} for r in read_jsonl(d / EVAL_FILE)]
+        traj += [{"frames": m, **r} for r in read_jsonl(d / TRAJECTORY)]
     return pd.DataFrame(evals), pd.DataFrame(traj)
 
 

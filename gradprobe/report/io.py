@@ -46,6 +46,14 @@ def write_json(path: str | os.PathLike[str], obj: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of a JSONL file (blank lines skipped); no file gives no rows."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
 class RowSink:
     """Appends rows to a CSV file as they are computed, flushing each one.
 

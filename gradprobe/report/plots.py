@@ -82,11 +82,9 @@ def module_heatmap(modules: pd.DataFrame, ax: Any = None, value: str = "mean_cos
 
 
 def _jsonl(path: Path) -> pd.DataFrame:
-    import json
+    from gradprobe.report.io import read_jsonl
 
-    if not path.is_file():
-        return pd.DataFrame()
-    return pd.DataFrame([json.loads(x) for x in path.read_text().splitlines() if x.strip()])
+    return pd.DataFrame(read_jsonl(path))
 
 
 def training_trajectory(traj: pd.DataFrame, evals: pd.DataFrame, axes: Any = None) -> Any:
@@ -183,11 +181,10 @@ def plot_dir(out_dir: str | os.PathLike[str]) -> list[Path]:
     Raises:
         DataError: if the directory is neither.
     """
-    from gradprobe.train.eval_callback import EVAL_FILE
-    from gradprobe.train.monitor import TRAJECTORY
-
     from gradprobe.experiments.trap import SUMMARY, load_trap
     from gradprobe.train.callback import BUDGETS
+    from gradprobe.train.eval_callback import EVAL_FILE
+    from gradprobe.train.monitor import TRAJECTORY
 
     plt = _mpl()
     d = Path(out_dir)

@@ -82,7 +82,9 @@ class AlignmentCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         # the Trainer hands callbacks the unwrapped model; a distributed run needs the DDP/FSDP wrapper
-        wrapped = getattr(self._trainer, "model_wrapped", None) or model
+        wrapped = getattr(self._trainer, "model_wrapped", None)
+        if wrapped is None:  # unbound (or not prepared yet): the model the Trainer hands callbacks
+            wrapped = model
         self.monitor = AlignmentMonitor(
             wrapped, self.image_batches, self.loss_fn, every=self.every, guard=self.guard,
             trajectory=Path(args.output_dir) / TRAJECTORY, **self.options,
