@@ -7,6 +7,7 @@ none are given), builds paired image and video batches, and calls
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from gradprobe._checks import check_positive_int, parse_frames
-from gradprobe.errors import DataError, InputError
+from gradprobe.errors import DataError, InputError, ModelError
 from gradprobe.estimators.align import AlignReport, Progress, align
 from gradprobe.probe.store import resolve_dtype
 from gradprobe.toybox import ToySpec, ensure_toy
@@ -26,10 +27,14 @@ DEFAULT_TOY = ToySpec()
 
 @dataclass
 class AlignOptions:
-    """Options of :func:`run_align` (the command line's ``gradprobe align``)."""
+    """Options of :func:`run_align` (the command line's ``gradprobe align``).
+
+    ``model`` may name several checkpoints of one run (a list, or comma-separated): each is
+    measured on the same batches (see :func:`run_align_checkpoints`).
+    """
 
     frames: str | Sequence[int] = "8,16,32,64"
-    model: str | None = None
+    model: str | Sequence[str] | None = None
     image_data: str | None = None
     video_data: str | None = None
     data_root: str | None = None
@@ -43,8 +48,15 @@ class AlignOptions:
     image_groups: int | None = None
     device: str = "auto"
     dtype: str | None = None
+    device_map: str | None = None
+    attn_implementation: str | None = None
     reference_device: str = "model"
     reference_dtype: str | None = None
+    sampler: str = "uniform"
+    pixel_policy: str = "fixed"
+    frame_pixels: int | None = None
+    total_pixels: int | None = None
+    skip_bad: bool = False
     seed: int = 0
     n_boot: int = 2000
     out: str | None = None
@@ -72,8 +84,8 @@ class _LazyBatches(Sequence[Any]):
         }
 
 
-def _chunks(records: list[dict[str, Any]], size: int, count: int, what: str, path: Path,
-            option: str) -> list[list[dict[str, Any]]]:
+def _chunks(records: list[Any], size: int, count: int, what: str, path: Path,
+            option: str) -> list[list[Any]]:
     """``count`` consecutive batches of ``size`` records, or a DataError naming ``option``."""
     need = size * count
     if len(records) < need:
@@ -102,6 +114,187 @@ def _device(name: str) -> torch.device:
     return dev
 
 
+def model_list(model: str | Sequence[str] | None) -> list[str]:
+    """``--model`` values: repeatable and/or comma-separated."""
+    if model is None:
+        return []
+    items = [model] if isinstance(model, str) else list(model)
+    return [m.strip() for item in items for m in str(item).split(",") if m.strip()]
+
+
+def _good(samples: list[Any], need: int, load: Callable[[Any], Any], skip_bad: bool,
+          skipped: list[str]) -> list[Any]:
+    """The first ``need`` samples whose media load; bad ones raise, or are skipped and counted."""
+    out = []
+    for s in samples:
+        if len(out) >= need:
+            break
+        try:
+            load(s)
+        except DataError as e:
+            if not skip_bad:
+                raise DataError(f"{s.where}: {e}") from None
+            skipped.append(f"{s.where}: {e}")
+            continue
+        out.append(s)
+    return out
+
+
+@dataclass
+class _Prepared:
+    """Everything but the model: resolved paths, good samples in batches, decoded media."""
+
+    model_dirs: list[Path]
+    family: Any
+    frames: list[int]
+    device: torch.device
+    dtype: torch.dtype
+    img_chunks: list[list[Any]]
+    vid_chunks: list[list[Any]]
+    images: dict[str, Any]
+    store: Any
+    meta: dict[str, Any]
+
+
+def _prepare(opts: AlignOptions, log: Callable[[str], None]) -> _Prepared:
+    from gradprobe.data.clips import ClipStore
+    from gradprobe.data.records import read_samples
+    from gradprobe.data.sampling import check_sampler
+    from gradprobe.models.base import PixelPolicy, load_image
+    from gradprobe.models.registry import family_for
+
+    frames = parse_frames(opts.frames) if isinstance(opts.frames, str) else parse_frames(list(opts.frames))
+    for name in ("image_batches", "video_batches", "batch_size", "video_batch_size"):
+        check_positive_int(name.replace("_", "-"), getattr(opts, name))
+    check_sampler(opts.sampler)
+    policy = PixelPolicy(opts.pixel_policy, opts.frame_pixels, opts.total_pixels)
+    device = _device(opts.device)
+    dtype = resolve_dtype(opts.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    models = model_list(opts.model)
+    given = [models, opts.image_data, opts.video_data]
+    meta: dict[str, Any] = {}
+    if not any(given):
+        toy = ensure_toy(DEFAULT_TOY, opts.cache_dir, log=log)
+        model_dirs, image_path, video_path = [toy.model_dir], toy.data("probe", "images"), toy.data("probe", "videos")
+        meta["source"] = "toy"
+        meta["toy"] = {"root": str(toy.root), "image_accuracy": toy.info.get("image_accuracy")}
+    elif all(given):
+        model_dirs, image_path, video_path = [Path(m) for m in models], Path(opts.image_data), Path(opts.video_data)
+        meta["source"] = "paths"
+    else:
+        raise InputError("give all of --model, --image-data and --video-data, or none of them for the toy default")
+    fams = [family_for(d) for d in model_dirs]
+    if len({f.name for f in fams}) > 1:
+        raise InputError("model: the checkpoints are of different families "
+                         f"({', '.join(sorted({f.name for f in fams}))}); give checkpoints of one run")
+    adapter_cls = fams[0].adapter_class()
+    for m in frames:
+        adapter_cls.check_budget(m)
+    if adapter_cls.fixed_resolution and policy.kind != "fixed":
+        raise InputError(f"pixel-policy: {adapter_cls.family} sizes every frame to its vision tower's resolution; "
+                         "only the fixed policy applies")
+    image_root = Path(opts.data_root) if opts.data_root else Path(image_path).parent
+    video_root = Path(opts.data_root) if opts.data_root else Path(video_path).parent
+    if opts.data_root and not image_root.is_dir():
+        raise InputError(f"data-root: {image_root} is not a directory")
+
+    skipped: dict[str, list[str]] = {"image": [], "video": []}
+    img_set = read_samples(image_path, kind="image", skip_bad=opts.skip_bad)
+    vid_set = read_samples(video_path, kind="video", skip_bad=opts.skip_bad)
+    skipped["image"] += img_set.skipped
+    skipped["video"] += vid_set.skipped
+
+    images: dict[str, Any] = {}
+
+    def load_img(s: Any) -> None:
+        if s.media not in images:
+            images[s.media] = load_image(image_root, s)
+
+    # frame sizes follow the first checkpoint's processor (checkpoints of one run share it)
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(model_dirs[0])
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{model_dirs[0]}: cannot load the processor ({str(e).splitlines()[0]})") from None
+    sizer = adapter_cls(processor, pixel_policy=policy)
+    store = ClipStore(video_root, frames, opts.sampler, size_of=sizer.frame_size)
+    need_img = opts.batch_size * opts.image_batches
+    need_vid = opts.video_batch_size * opts.video_batches
+    good_img = _good(img_set.samples, need_img, load_img, opts.skip_bad, skipped["image"])
+    log(f"decoding {min(need_vid, len(vid_set.samples))} clips at {len(frames)} budgets ({opts.sampler} sampler)")
+    good_vid = _good(vid_set.samples, need_vid, store.load, opts.skip_bad, skipped["video"])
+    img_chunks = _chunks(good_img, opts.batch_size, opts.image_batches, "usable image", Path(image_path),
+                         "--image-batches")
+    vid_chunks = _chunks(good_vid, opts.video_batch_size, opts.video_batches, "usable video", Path(video_path),
+                         "--video-batches")
+    short = {m: sorted(s.id for c in vid_chunks for s in c if store.info(s).total < m) for m in frames}
+    meta.update(
+        image_data=str(image_path),
+        video_data=str(video_path),
+        data_format={"image": img_set.format, "video": vid_set.format},
+        family=adapter_cls.family,
+        batch_size=opts.batch_size,
+        video_batch_size=opts.video_batch_size,
+        sampler=opts.sampler,
+        pixel_policy={"kind": policy.kind, "description": policy.describe(), "frame_pixels": policy.frame_pixels,
+                      "total_pixels": policy.total_pixels},
+        skipped={k: {"count": len(v), "first": v[:5]} for k, v in skipped.items()},
+        short_clips={str(m): ids for m, ids in short.items() if ids},
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    for m, ids in short.items():
+        if ids:
+            log(f"frames={m}: {len(ids)} clips have fewer than {m} frames; their frames repeat (short_clips)")
+    if any(skipped.values()):
+        log(f"skipped {len(skipped['image'])} image and {len(skipped['video'])} video records (--skip-bad)")
+    return _Prepared(model_dirs, fams[0], frames, device, dtype, img_chunks, vid_chunks, images, store, meta)
+
+
+def _align_one(opts: AlignOptions, prep: _Prepared, model_dir: Path, out: str | None, progress: Progress | None,
+               log: Callable[[str], None]) -> AlignReport:
+    from gradprobe.models.base import PixelPolicy, batch_info, loss_fn
+
+    log(f"loading {model_dir}")
+    adapter_cls = prep.family.adapter_class()
+    model, adapter = adapter_cls.load(
+        model_dir, dtype=prep.dtype, device=str(prep.device), device_map=opts.device_map,
+        attn_implementation=opts.attn_implementation,
+        pixel_policy=PixelPolicy(opts.pixel_policy, opts.frame_pixels, opts.total_pixels),
+    )
+    device = next(model.parameters()).device
+    images = list(_LazyBatches(prep.img_chunks, lambda c: adapter.collate(c, images=prep.images), device, prep.dtype))
+    videos = {
+        m: _LazyBatches(prep.vid_chunks, (lambda c, m=m: adapter.collate(c, store=prep.store, m=m)), device,
+                        prep.dtype)
+        for m in prep.frames
+    }
+    meta = dict(prep.meta, model=str(model_dir))
+    torch.manual_seed(opts.seed)
+    return align(
+        model,
+        images,
+        videos,
+        loss_fn,
+        include=opts.include or None,
+        exclude=opts.exclude or None,
+        roles=opts.roles,
+        role_of=adapter.role_of,
+        module_of=adapter.module_of,
+        image_groups=opts.image_groups,
+        reference_device=opts.reference_device,
+        reference_dtype=opts.reference_dtype,
+        n_boot=opts.n_boot,
+        seed=opts.seed,
+        batch_info=batch_info,
+        out_dir=out,
+        progress=progress,
+        meta=meta,
+    )
+
+
 def run_align(
     opts: AlignOptions,
     *,
@@ -111,84 +304,55 @@ def run_align(
     """Run ``gradprobe align`` from options: load model and data, build batches, measure.
 
     Raises:
-        GradprobeError: any bad option, path, record or budget (one line, for the CLI).
+        GradprobeError: any bad option, path, record or budget (one line, for the CLI); also when
+            ``opts.model`` names several checkpoints (use :func:`run_align_checkpoints`).
     """
-    from gradprobe.models import toy as toy_adapter
+    log = log or (lambda s: None)
+    if len(model_list(opts.model)) > 1:
+        raise InputError("model: several checkpoints given; use run_align_checkpoints")
+    prep = _prepare(opts, log)
+    return _align_one(opts, prep, prep.model_dirs[0], opts.out, progress, log)
+
+
+def checkpoint_label(model_dir: Path, index: int) -> str:
+    """A directory-safe name for a checkpoint: its position and its folder name."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", model_dir.name) or "model"
+    return f"{index:02d}-{name}"
+
+
+def run_align_checkpoints(
+    opts: AlignOptions,
+    *,
+    progress: Progress | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[tuple[str, AlignReport]]:
+    """``gradprobe align`` for every checkpoint in ``opts.model``, on the same batches.
+
+    Each checkpoint's outputs go to ``<out>/<NN-name>/``; ``<out>/checkpoints.csv`` holds one row per
+    checkpoint and budget and ``<out>/checkpoints.json`` lists the checkpoints in order. A checkpoint
+    finished before an interruption keeps its outputs.
+    """
+    import pandas as pd
+
+    from gradprobe.report import io
 
     log = log or (lambda s: None)
-    frames = parse_frames(opts.frames) if isinstance(opts.frames, str) else parse_frames(list(opts.frames))
-    for m in frames:
-        toy_adapter.check_budget(m)
-    for name in ("image_batches", "video_batches", "batch_size", "video_batch_size"):
-        check_positive_int(name.replace("_", "-"), getattr(opts, name))
-    device = _device(opts.device)
-    dtype = resolve_dtype(opts.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-
-    given = [opts.model, opts.image_data, opts.video_data]
-    meta: dict[str, Any] = {}
-    if not any(given):
-        toy = ensure_toy(DEFAULT_TOY, opts.cache_dir, log=log)
-        model_dir, image_path, video_path = toy.model_dir, toy.data("probe", "images"), toy.data("probe", "videos")
-        meta["source"] = "toy"
-        meta["toy"] = {"root": str(toy.root), "image_accuracy": toy.info.get("image_accuracy")}
-    elif all(given):
-        model_dir, image_path, video_path = Path(opts.model), Path(opts.image_data), Path(opts.video_data)
-        meta["source"] = "paths"
-    else:
-        raise InputError("give all of --model, --image-data and --video-data, or none of them for the toy default")
-    _architecture(Path(model_dir))
-    image_records = toy_adapter.read_records(image_path)
-    video_records = toy_adapter.read_records(video_path)
-    image_root = Path(opts.data_root) if opts.data_root else Path(image_path).parent
-    video_root = Path(opts.data_root) if opts.data_root else Path(video_path).parent
-    if not all("image" in r for r in image_records):
-        raise DataError(f"{image_path}: every record must have an 'image' field")
-    if not all("video" in r for r in video_records):
-        raise DataError(f"{video_path}: every record must have a 'video' field")
-    img_chunks = _chunks(image_records, opts.batch_size, opts.image_batches, "image", Path(image_path),
-                         "--image-batches")
-    vid_chunks = _chunks(video_records, opts.video_batch_size, opts.video_batches, "video", Path(video_path),
-                         "--video-batches")
-
-    log(f"loading {model_dir}")
-    model, processor = toy_adapter.load(model_dir, dtype=dtype, device=str(device))
-    image_collate = toy_adapter.ToyCollator(processor, image_root)
-    images = list(_LazyBatches(img_chunks, image_collate, device, dtype))
-    cache: dict[str, Any] = {}
-    videos = {
-        m: _LazyBatches(vid_chunks, toy_adapter.ToyCollator(processor, video_root, frames=m, cache=cache), device, dtype)
-        for m in frames
-    }
-    meta.update(
-        model=str(model_dir),
-        image_data=str(image_path),
-        video_data=str(video_path),
-        batch_size=opts.batch_size,
-        video_batch_size=opts.video_batch_size,
-        sampler="uniform",
-        pixel_policy="fixed per-frame resolution",
-        device=str(device),
-        dtype=str(dtype).removeprefix("torch."),
-    )
-    torch.manual_seed(opts.seed)
-    return align(
-        model,
-        images,
-        videos,
-        toy_adapter.loss_fn,
-        include=opts.include or None,
-        exclude=opts.exclude or None,
-        roles=opts.roles,
-        role_of=toy_adapter.role_of,
-        module_of=toy_adapter.module_of,
-        image_groups=opts.image_groups,
-        reference_device=opts.reference_device,
-        reference_dtype=opts.reference_dtype,
-        n_boot=opts.n_boot,
-        seed=opts.seed,
-        batch_info=toy_adapter.batch_info,
-        out_dir=opts.out,
-        progress=progress,
-        meta=meta,
-    )
-
+    prep = _prepare(opts, log)
+    reports: list[tuple[str, AlignReport]] = []
+    out = Path(opts.out) if opts.out else None
+    for i, d in enumerate(prep.model_dirs):
+        label = checkpoint_label(d, i)
+        reports.append((label, _align_one(opts, prep, d, str(out / label) if out else None, progress, log)))
+        if out is not None:
+            rows = [dict(b, checkpoint=lab, model=str(r.summary["meta"]["model"]))
+                    for lab, r in reports for b in r.summary["budgets"]]
+            flat = pd.json_normalize(rows, sep=".")
+            flat.drop(columns=[c for c in flat.columns if c.startswith("batch_info.")], errors="ignore") \
+                .to_csv(out / "checkpoints.csv", index=False)
+            io.write_json(out / "checkpoints.json", {
+                "schema": "gradprobe.align-checkpoints/1",
+                "checkpoints": [{"label": lab, "model": r.summary["meta"]["model"], "m_star": r.summary["m_star"]}
+                                for lab, r in reports],
+                "pending": [str(x) for x in prep.model_dirs[i + 1:]],
+            })
+    return reports

@@ -106,6 +106,9 @@ def ensure_toy(
     target = root / spec.key
     done = target / "toy.json"
     if done.is_file() and not rebuild:
+        from gradprobe.models.toy import mark
+
+        mark(target / "model")  # toys cached before the marker existed
         return Toy(target, spec, json.loads(done.read_text()))
     tmp = root / (spec.key + ".partial")
     if tmp.exists():
@@ -151,6 +154,7 @@ def _build(spec: ToySpec, root: Path, log: Callable[[str], None]) -> dict[str, A
     )
     model.save_pretrained(root / "model")
     processor.save_pretrained(root / "model")
+    toy.mark(root / "model")
     shutil.rmtree(init)
     shutil.rmtree(root / "trainer", ignore_errors=True)
     # reload through from_pretrained, so the accuracy is that of the saved checkpoint

@@ -1,9 +1,13 @@
-"""Video files through PyAV: write frames to MP4, read them back."""
+"""Videos as files (PyAV) or folders of frame images: write, probe, and decode only the frames a budget needs."""
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -50,3 +54,116 @@ def read_frames(path: str | os.PathLike[str]) -> np.ndarray:
     if not frames:
         raise DataError(f"{p}: video has no frames")
     return np.stack(frames)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _natural(p: Path) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
+
+
+def frame_files(folder: Path) -> list[Path]:
+    """The frame images of a folder, in natural order (``f2`` before ``f10``)."""
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural)
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What is known about a clip before decoding: frame count, frame rate (None if unknown), size."""
+
+    total: int
+    fps: float | None
+    height: int
+    width: int
+
+
+def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
+    """Frame count, rate and size of a video file (counted by demuxing, without decoding) or frame folder.
+
+    Raises:
+        DataError: missing path, undecodable file, or no frames.
+    """
+    import av
+
+    p = Path(path)
+    if p.is_dir():
+        files = frame_files(p)
+        if not files:
+            raise DataError(f"{p}: frame folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        from PIL import Image
+
+        try:
+            with Image.open(files[0]) as im:
+                w, h = im.size
+        except OSError as e:
+            raise DataError(f"{files[0]}: cannot read frame image ({e})") from None
+        return VideoInfo(total=len(files), fps=None, height=h, width=w)
+    if not p.is_file():
+        raise DataError(f"{p}: video file not found")
+    try:
+        with av.open(str(p)) as container:
+            if not container.streams.video:
+                raise DataError(f"{p}: no video stream")
+            s = container.streams.video[0]
+            fps = float(s.average_rate) if s.average_rate else None
+            h, w = s.codec_context.height, s.codec_context.width
+            total = sum(1 for pk in container.demux(s) if pk.size > 0)
+    except (av.error.FFmpegError, ValueError, IndexError) as e:
+        raise DataError(f"{p}: cannot decode video ({e})") from None
+    if total < 1:
+        raise DataError(f"{p}: video has no frames")
+    return VideoInfo(total=total, fps=fps, height=h, width=w)
+
+
+def _resize(frame: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    if size is None or frame.shape[:2] == tuple(size):
+        return frame
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(frame).resize((size[1], size[0]), Image.BICUBIC))
+
+
+def read_video_frames(path: str | os.PathLike[str], indices: Sequence[int],
+                      size: tuple[int, int] | None = None) -> dict[int, np.ndarray]:
+    """Decode only the frames at ``indices`` (one pass), resized to ``size`` = (height, width) if given.
+
+    Raises:
+        DataError: missing or undecodable file, or fewer frames than an index asks for.
+    """
+    import av
+
+    p = Path(path)
+    want = sorted(set(int(i) for i in indices))
+    out: dict[int, np.ndarray] = {}
+    if p.is_dir():
+        from PIL import Image
+
+        files = frame_files(p)
+        for i in want:
+            if i >= len(files):
+                break
+            try:
+                with Image.open(files[i]) as im:
+                    out[i] = _resize(np.array(im.convert("RGB")), size)
+            except OSError as e:
+                raise DataError(f"{files[i]}: cannot read frame image ({e})") from None
+    else:
+        if not p.is_file():
+            raise DataError(f"{p}: video file not found")
+        wanted = set(want)
+        last = want[-1] if want else -1
+        try:
+            with av.open(str(p)) as container:
+                for i, f in enumerate(container.decode(video=0)):
+                    if i in wanted:
+                        kw = {"width": size[1], "height": size[0]} if size else {}
+                        out[i] = f.to_ndarray(format="rgb24", **kw)
+                    if i >= last:
+                        break
+        except (av.error.FFmpegError, ValueError, IndexError) as e:
+            raise DataError(f"{p}: cannot decode video ({e})") from None
+    missing = [i for i in want if i not in out]
+    if missing:
+        raise DataError(f"{p}: frame {missing[0]} could not be read ({len(out)} of {len(want)} frames decoded)")
+    return out

@@ -1,7 +1,9 @@
 """Model families gradprobe can drive, found by the HF architecture string in a checkpoint's config.json.
 
 Each family's adapter module is imported only when a checkpoint of that family is loaded. An
-architecture that no family lists is refused with an error that names the supported ones.
+architecture that no family lists is refused with an error that names the supported ones. The
+built-in toy is a tiny Qwen2.5-VL; its checkpoints carry a marker file (``gradprobe_toy.json``) that
+selects the toy adapter (ShapesWorld's label rule) instead of the Qwen2.5-VL one.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 from gradprobe.errors import ModelError
 
@@ -23,23 +24,33 @@ class Family:
     name: str
     architectures: tuple[str, ...]
     module: str
+    adapter: str
     frames: str
     note: str = ""
 
+    def adapter_class(self) -> type:
+        return getattr(importlib.import_module(self.module), self.adapter)
 
+
+_EVEN = "even m ≥ 2 (temporal patch 2)"
 FAMILIES: tuple[Family, ...] = (
-    Family(
-        name="qwen2_5_vl",
-        architectures=("Qwen2_5_VLForConditionalGeneration",),
-        module="gradprobe.models.toy",
-        frames="even m ≥ 2 (temporal patch 2)",
-        note="the built-in toy is a tiny Qwen2.5-VL; its records are ShapesWorld's LLaVA-style JSONL",
-    ),
+    Family("qwen2_5_vl", ("Qwen2_5_VLForConditionalGeneration",), "gradprobe.models.qwen2_5_vl",
+           "Qwen2_5_VLAdapter", _EVEN, "pixel policy fixed or total; M-RoPE with mm_token_type_ids"),
+    Family("qwen3_vl", ("Qwen3VLForConditionalGeneration",), "gradprobe.models.qwen3_vl", "Qwen3VLAdapter", _EVEN,
+           "timestamps per frame pair; pixel policy fixed or total"),
+    Family("llava_next_video", ("LlavaNextVideoForConditionalGeneration",), "gradprobe.models.llava_next_video",
+           "LlavaNextVideoAdapter", "any m ≥ 1",
+           "frames at the vision tower's resolution; last vision layer has no gradient"),
+    Family("llava", ("LlavaForConditionalGeneration",), "gradprobe.models.llava", "LlavaAdapter", "any m ≥ 1",
+           "LLaVA-1.5: a video is m frame images"),
+    Family("toy", ("Qwen2_5_VLForConditionalGeneration",), "gradprobe.models.toy", "ToyAdapter", _EVEN,
+           "the built-in tiny Qwen2.5-VL (checkpoints marked gradprobe_toy.json)"),
 )
+TOY_MARKER = "gradprobe_toy.json"
 
 
 def supported_architectures() -> list[str]:
-    return [a for f in FAMILIES for a in f.architectures]
+    return list(dict.fromkeys(a for f in FAMILIES for a in f.architectures))
 
 
 def family_of(architecture: str) -> Family:
@@ -80,6 +91,14 @@ def architecture_of(model_dir: str | os.PathLike[str]) -> str:
     return arch
 
 
-def adapter_for(model_dir: str | os.PathLike[str]) -> ModuleType:
-    """The adapter module for a checkpoint directory (imported on first use)."""
-    return importlib.import_module(family_of(architecture_of(model_dir)).module)
+def family_for(model_dir: str | os.PathLike[str]) -> Family:
+    """The family of a checkpoint directory: the toy when its marker is there, else by architecture."""
+    arch = architecture_of(model_dir)
+    if (Path(model_dir) / TOY_MARKER).is_file():
+        return next(f for f in FAMILIES if f.name == "toy")
+    return family_of(arch)
+
+
+def adapter_for(model_dir: str | os.PathLike[str]) -> type:
+    """The adapter class for a checkpoint directory (its module imported on first use)."""
+    return family_for(model_dir).adapter_class()

@@ -14,13 +14,14 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from gradprobe.data.sampling import uniform_indices
 from gradprobe.errors import BudgetError, DataError, ModelError
+from gradprobe.models.qwen2_5_vl import Qwen2_5_VLAdapter
 
 SPECIALS = [
     "<|pad|>",
@@ -138,7 +139,17 @@ def create(directory: str | os.PathLike[str], words: Sequence[str], *, seed: int
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(toy_config(processor.tokenizer.get_vocab()))
     model.save_pretrained(d)
+    mark(d)
     return d
+
+
+def mark(directory: str | os.PathLike[str]) -> None:
+    """Write the marker that makes the registry pick the toy adapter for this checkpoint."""
+    from gradprobe.models.registry import TOY_MARKER
+
+    p = Path(directory) / TOY_MARKER
+    if not p.is_file():
+        p.write_text(json.dumps({"family": "toy", "label_rule": "tokens after the last 'assistant' token"}) + "\n")
 
 
 def load(directory: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Any, Any]:
@@ -267,15 +278,41 @@ class ToyCollator:
         if videos:
             kwargs["videos"] = videos
         batch = dict(self.processor(**kwargs))
-        ids = batch["input_ids"]
-        labels = torch.full_like(ids, -100)
-        for i in range(ids.shape[0]):
-            marks = (ids[i] == self.assistant_id).nonzero().flatten()
-            first = int(marks[-1]) + 1  # answer tokens follow the last "assistant" role token
-            keep = ids[i, first:] != self.pad_id
-            labels[i, first:][keep] = ids[i, first:][keep]
-        batch["labels"] = labels
+        batch["labels"] = _toy_labels(batch["input_ids"], self.assistant_id, self.pad_id)
         return batch
+
+
+class ToyAdapter(Qwen2_5_VLAdapter):
+    """The toy through the adapter protocol: Qwen2.5-VL with frames kept at their own size and the
+    toy's label rule (every token after the last ``assistant`` role token), as its training used."""
+
+    family: ClassVar[str] = "toy"
+    architectures: ClassVar[tuple[str, ...]] = ("Qwen2_5_VLForConditionalGeneration",)
+    note: ClassVar[str] = "the built-in tiny Qwen2.5-VL"
+
+    def frame_size(self, h: int, w: int, m: int) -> tuple[int, int] | None:
+        return None
+
+    def media_kwargs(self, kind: str, media: list[Any], clips: list[Any]) -> dict[str, Any]:
+        # the toy was trained without video metadata (the processor's default frame rate): keep it so
+        kw = super().media_kwargs(kind, media, clips)
+        kw.pop("video_metadata", None)
+        return kw
+
+    def labels(self, batch: Mapping[str, Any], texts: list[str], spans: list[list[tuple[int, int]]],
+               samples: Sequence[Any]) -> torch.Tensor:
+        return _toy_labels(batch["input_ids"], self.tokenizer.convert_tokens_to_ids("assistant"),
+                           self.tokenizer.pad_token_id)
+
+
+def _toy_labels(ids: torch.Tensor, assistant_id: int, pad_id: int) -> torch.Tensor:
+    labels = torch.full_like(ids, -100)
+    for i in range(ids.shape[0]):
+        marks = (ids[i] == assistant_id).nonzero().flatten()
+        first = int(marks[-1]) + 1  # answer tokens follow the last "assistant" role token
+        keep = ids[i, first:] != pad_id
+        labels[i, first:][keep] = ids[i, first:][keep]
+    return labels
 
 
 def check_budget(m: int) -> int:

@@ -133,7 +133,14 @@ def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
         video_probe_path = Path(opts.video_probe) if opts.video_probe else None
     else:
         raise InputError("give all of --model, --video-data and --image-probe, or none of them for the toy default")
-    _architecture(Path(model_dir))
+    from gradprobe.models.registry import family_for
+
+    family = family_for(Path(model_dir)).name
+    if family != "toy":
+        raise InputError(
+            f"{model_dir}: gradprobe sft drives the toy's ShapesWorld collator; for a {family} checkpoint attach "
+            "the alignment callback (gradprobe.watch) to your own Trainer"
+        )
     videos = adapter.read_records(video_path)
     if not all("video" in r for r in videos):
         raise DataError(f"{video_path}: every record must have a 'video' field")
@@ -210,6 +217,7 @@ def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(out / "final"))
+    adapter.mark(out / "final")
     summary = {
         "schema": "gradprobe.sft/1",
         "options": asdict(opts),

@@ -1,0 +1,337 @@
+"""The adapter protocol: what gradprobe needs to know about a model family.
+
+An :class:`Adapter` loads a checkpoint (``from_pretrained`` plus ``AutoProcessor``), turns
+:class:`~gradprobe.data.records.Sample` lists into model inputs with answer-only labels, states the
+family's frame-budget rule and pixel policy, and names parameter roles (``vision``, ``projector``,
+``language``, ``head``) and module keys. Families subclass it and fill in the class attributes and
+the few methods that differ (how a video is handed to the processor, how frames are sized).
+
+Labels come from the chat template itself: each assistant turn's characters are found by rendering
+the conversation up to that turn with and without it, the text is tokenized without expanding
+the visual placeholders to find the tokens of those characters, and those tokens are located in the
+processor's expanded sequence through the common suffix (everything after the last visual token is
+the same in both). A template that does not render conversations prefix-stably, or an answer placed
+before a visual token, is an error rather than a silent mislabel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from gradprobe.data.clips import ClipStore
+from gradprobe.data.records import Sample
+from gradprobe.errors import BudgetError, DataError, InputError, ModelError
+
+IGNORE = -100
+INFO_KEY = "_gradprobe"
+
+_BLOCK = re.compile(r"^(.*?\.(?:blocks|layers)\.\d+)\.")
+
+
+@dataclass(frozen=True)
+class PixelPolicy:
+    """How large each video frame is at budget m.
+
+    ``fixed`` (default): every frame gets the same size at every m (the clip's own size, capped at
+    ``frame_pixels``), so m is the only thing that changes. ``total``: a total-pixel budget over the
+    clip as qwen-vl-utils applies it, per-frame cap ``min(frame_pixels, total_pixels · t / m)`` with t
+    the temporal patch, so per-frame resolution falls as m grows.
+    """
+
+    kind: str = "fixed"
+    frame_pixels: int | None = None
+    total_pixels: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("fixed", "total"):
+            raise InputError(f"pixel-policy: unknown policy {self.kind!r}; use fixed or total")
+        for name in ("frame_pixels", "total_pixels"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise InputError(f"{name.replace('_', '-')}: expected a positive integer, got {v!r}")
+
+    def describe(self) -> str:
+        if self.kind == "fixed":
+            return "fixed per-frame resolution"
+        return "total-pixel budget (per-frame resolution falls with m)"
+
+
+def smart_resize(h: int, w: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen's rule: both sides multiples of ``factor``, area within [min_pixels, max_pixels], aspect kept."""
+    hb = max(factor, round(h / factor) * factor)
+    wb = max(factor, round(w / factor) * factor)
+    if hb * wb > max_pixels:
+        beta = math.sqrt(h * w / max_pixels)
+        hb = max(factor, math.floor(h / beta / factor) * factor)
+        wb = max(factor, math.floor(w / beta / factor) * factor)
+    elif hb * wb < min_pixels:
+        beta = math.sqrt(min_pixels / (h * w))
+        hb = math.ceil(h * beta / factor) * factor
+        wb = math.ceil(w * beta / factor) * factor
+    return hb, wb
+
+
+def strip_info(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's inputs: everything but gradprobe's own bookkeeping."""
+    return {k: v for k, v in batch.items() if k != INFO_KEY}
+
+
+def loss_fn(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """Answer-token cross-entropy (the model's own shifted loss over ``labels``)."""
+    return model(**strip_info(batch)).loss
+
+
+class Adapter:
+    """A model family (subclass per family; see the module docstring).
+
+    Args:
+        processor: the loaded processor.
+        pixel_policy: the frame-size rule for videos.
+    """
+
+    family: ClassVar[str] = ""
+    architectures: ClassVar[tuple[str, ...]] = ()
+    model_class: ClassVar[str] = ""
+    #: frames the vision tower groups into one temporal patch (2 for Qwen: m must be even).
+    temporal_patch: ClassVar[int] = 1
+    #: (substring of the parameter name, role), first match wins.
+    role_rules: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: the note `gradprobe models` prints.
+    note: ClassVar[str] = ""
+    #: True when the family's processor sizes frames itself (pixel policy ``total`` is then refused).
+    fixed_resolution: ClassVar[bool] = False
+
+    def __init__(self, processor: Any, *, pixel_policy: PixelPolicy | None = None) -> None:
+        self.processor = processor
+        self.policy = pixel_policy or PixelPolicy()
+        if self.fixed_resolution and self.policy.kind != "fixed":
+            raise InputError(
+                f"pixel-policy: {self.family} sizes every frame to its vision tower's resolution; "
+                "only the fixed policy applies"
+            )
+        self.tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+             device_map: str | None = None, attn_implementation: str | None = None,
+             pixel_policy: PixelPolicy | None = None) -> tuple[torch.nn.Module, Adapter]:
+        """Load model and processor with ``from_pretrained`` (a local directory or a hub id).
+
+        Raises:
+            ModelError: nothing loadable there.
+        """
+        import transformers
+        from transformers import AutoProcessor
+
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if device_map:
+            kwargs["device_map"] = device_map
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        try:
+            processor = AutoProcessor.from_pretrained(model_dir)
+            model = getattr(transformers, cls.model_class).from_pretrained(model_dir, **kwargs)
+        except (OSError, ValueError, ImportError) as e:
+            raise ModelError(f"{model_dir}: cannot load checkpoint ({str(e).splitlines()[0]})") from None
+        if not device_map:
+            model.to(device)
+        return model, cls(processor, pixel_policy=pixel_policy)
+
+    # ------------------------------------------------------------------ rules
+    @classmethod
+    def budget_rule(cls) -> str:
+        return f"even m ≥ 2 (temporal patch {cls.temporal_patch})" if cls.temporal_patch == 2 else "any m ≥ 1"
+
+    @classmethod
+    def check_budget(cls, m: int) -> int:
+        """Refuse budgets the family cannot take (Qwen: odd m would repeat the last frame)."""
+        t = cls.temporal_patch
+        if m < max(1, t) or m % t:
+            raise BudgetError(f"frames mismatch: {cls.family} takes {cls.budget_rule()}; got {m}")
+        return m
+
+    def role_of(self, name: str) -> str | None:
+        for key, role in self.role_rules:
+            if key in name:
+                return role
+        return None
+
+    def module_of(self, name: str) -> str:
+        m = _BLOCK.match(name)
+        if m:
+            return m.group(1)
+        return name.rsplit(".", 1)[0]
+
+    def frame_size(self, h: int, w: int, m: int) -> tuple[int, int] | None:
+        """The (height, width) every frame of an h×w clip gets at budget m; None keeps it."""
+        return None
+
+    # ------------------------------------------------------------------ collation
+    def content(self, kind: str, m: int | None) -> list[dict[str, Any]]:
+        """The chat-template content items standing for one image or one video of m frames."""
+        return [{"type": kind}]
+
+    def messages(self, sample: Sample, m: int | None) -> list[dict[str, Any]]:
+        msgs: list[dict[str, Any]] = []
+        placed = False
+        for role, text in sample.turns:
+            items: list[dict[str, Any]] = []
+            if role == "user" and not placed:
+                items += self.content(sample.kind, m)
+                placed = True
+            items.append({"type": "text", "text": text})
+            msgs.append({"role": role, "content": items})
+        return msgs
+
+    def media_kwargs(self, kind: str, media: list[Any], clips: list[Any]) -> dict[str, Any]:
+        """Processor keyword arguments for a batch of images (arrays) or clips (:class:`Clip`)."""
+        if kind == "image":
+            return {"images": media}
+        return {"videos": [c.frames for c in clips]}
+
+    def _render(self, msgs: list[dict[str, Any]], gen: bool) -> str:
+        return self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    def answer_spans(self, msgs: list[dict[str, Any]], where: str) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character span of each assistant turn in it."""
+        full = self._render(msgs, False)
+        spans = []
+        for k, msg in enumerate(msgs):
+            if msg["role"] != "assistant":
+                continue
+            before = self._render(msgs[:k], True)
+            upto = self._render(msgs[: k + 1], False)
+            if not (upto.startswith(before) and full.startswith(upto)):
+                raise ModelError(
+                    f"{where}: the chat template does not render the conversation prefix-stably; "
+                    "answer tokens cannot be located"
+                )
+            spans.append((len(before), len(upto)))
+        return full, spans
+
+    def _unexpanded_labels(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+        enc = self.tokenizer(text, return_offsets_mapping=True)
+        keep = [any(a < e and b > s for s, e in spans) and b > a for a, b in enc["offset_mapping"]]
+        return list(enc["input_ids"]), keep
+
+    def labels(self, batch: Mapping[str, Any], texts: list[str], spans: list[list[tuple[int, int]]],
+               samples: Sequence[Sample]) -> torch.Tensor:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        labels = torch.full_like(ids, IGNORE)
+        for i, s in enumerate(samples):
+            u_ids, keep = self._unexpanded_labels(texts[i], spans[i])
+            pos = mask[i].nonzero().flatten().tolist()
+            e_ids = ids[i, pos].tolist()
+            n = 0
+            while n < min(len(u_ids), len(e_ids)) and u_ids[-1 - n] == e_ids[-1 - n]:
+                n += 1
+            first = len(u_ids) - n
+            wanted = [u for u, k in enumerate(keep) if k]
+            if not wanted:
+                raise DataError(f"{s.where}: the answer has no tokens")
+            if wanted[0] < first:
+                raise DataError(f"{s.where}: an answer precedes a visual token; answers must follow the medium")
+            for u in wanted:
+                p = pos[len(pos) - (len(u_ids) - u)]
+                labels[i, p] = ids[i, p]
+        return labels
+
+    def collate(self, samples: Sequence[Sample], *, store: ClipStore | None = None, m: int | None = None,
+                images: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """Samples (all images, or all videos at budget m) → model inputs with answer-only labels.
+
+        Args:
+            store: where video clips come from (videos only).
+            m: the frame budget (videos only).
+            images: decoded images by media path (images only; see :func:`load_image`).
+        """
+        kinds = {s.kind for s in samples}
+        if len(kinds) != 1:
+            raise DataError("a batch mixes images and videos")
+        kind = kinds.pop()
+        texts, spans, media, clips = [], [], [], []
+        for s in samples:
+            msgs = self.messages(s, m)
+            text, sp = self.answer_spans(msgs, s.where)
+            texts.append(text)
+            spans.append(sp)
+            if kind == "image":
+                media.append(images[s.media] if images is not None else None)
+            else:
+                if store is None or m is None:
+                    raise BudgetError(f"{s.where}: a video record needs a frame budget and a clip store")
+                clips.append(store.clip(s, m))
+        kwargs = self.media_kwargs(kind, media, clips)
+        batch = dict(self.processor(text=texts, return_tensors="pt", padding=True, **kwargs))
+        batch["labels"] = self.labels(batch, texts, spans, samples)
+        info = self.info(batch, kind, media, clips)
+        batch[INFO_KEY] = info
+        return batch
+
+    # ------------------------------------------------------------------ recording
+    def visual_token_ids(self) -> dict[str, int]:
+        out = {}
+        for kind in ("image", "video"):
+            tok = getattr(self.processor, f"{kind}_token", None)
+            if tok is not None:
+                tid = self.tokenizer.convert_tokens_to_ids(tok)
+                if tid is not None and tid != self.tokenizer.unk_token_id:
+                    out[kind] = tid
+        return out
+
+    def frame_pixels_seen(self, batch: Mapping[str, Any], kind: str, media: list[Any], clips: list[Any]) -> int:
+        """Pixels per image or frame as the vision tower sees them."""
+        arr = media[0] if kind == "image" else clips[0].frames[0]
+        return int(arr.shape[0] * arr.shape[1])
+
+    def info(self, batch: Mapping[str, Any], kind: str, media: list[Any], clips: list[Any]) -> dict[str, Any]:
+        ids = batch["input_ids"]
+        out: dict[str, Any] = {
+            "samples": int(ids.shape[0]),
+            "seq_len": int(ids.shape[1]),
+            "tokens": int(batch["attention_mask"].sum()),
+            "answer_tokens": int((batch["labels"] != IGNORE).sum()),
+        }
+        for k, tid in self.visual_token_ids().items():
+            n = int((ids == tid).sum())
+            if n:
+                out[f"{k}_visual_tokens"] = n
+        out["pixels_per_frame"] = self.frame_pixels_seen(batch, kind, media, clips)
+        if clips:
+            out["short_clips"] = int(sum(c.short for c in clips))
+        return out
+
+
+def batch_info(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The per-batch confounds the adapter recorded when collating."""
+    return dict(batch.get(INFO_KEY, {}))
+
+
+def load_image(root: Path, sample: Sample) -> np.ndarray:
+    """Decode one image record's file as (H, W, 3) uint8.
+
+    Raises:
+        DataError: missing or unreadable file.
+    """
+    from PIL import Image
+
+    from gradprobe.data.clips import resolve
+
+    p = resolve(root, sample.media)
+    if not p.is_file():
+        raise DataError(f"{p}: image file not found")
+    try:
+        with Image.open(p) as im:
+            return np.array(im.convert("RGB"))
+    except OSError as e:
+        raise DataError(f"{p}: cannot read image ({e})") from None

@@ -1,0 +1,213 @@
+"""Tiny random-weight checkpoints of every supported family, built offline.
+
+Each checkpoint is the family's real transformers classes at a tiny size: a config,
+random weights, a word-level tokenizer trained locally with ``tokenizers``, the
+family's own image/video processors and a chat template shaped like the released
+one. Everything is written with ``save_pretrained`` so that loading it goes through
+``from_pretrained`` and ``AutoProcessor``, the path real checkpoints take. Use them
+to try gradprobe on a family without a download, and in tests.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradprobe.errors import ModelError
+
+QWEN_SPECIALS = ["<|pad|>", "<unk>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+LLAVA_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<video>"]
+
+#: Qwen-style template (system turn omitted): the shape of Qwen2.5-VL's and Qwen3-VL's.
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+#: LLaVA-1.5 / LLaVA-NeXT-Video style: ``USER: <image>\nq ASSISTANT: a``.
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['role'].upper() + ': ' }}{% endif %}"
+    "{% if m['content'] is string %}{{ m['content'] + ' ' }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif c['type'] == 'video' %}{{ '<video>\n' }}{% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+TEMPLATE_WORDS = ["user", "assistant", "system", "USER:", "ASSISTANT:", "seconds>"]
+
+FAMILY_NAMES = ("qwen2_5_vl", "qwen3_vl", "llava_next_video", "llava")
+
+
+def word_tokenizer(words: Sequence[str], specials: Sequence[str], *, pad: str, unk: str, bos: str, eos: str,
+                   extra: dict[str, str] | None = None) -> Any:
+    """A word-level fast tokenizer trained on ``words`` (newlines are tokens of their own)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordLevelTrainer(special_tokens=list(specials), min_frequency=1)
+    tok.train_from_iterator([" ".join(words), " ".join(TEMPLATE_WORDS), "a\nb"], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, unk_token=unk, eos_token=eos, bos_token=bos,
+                                   extra_special_tokens=dict(extra or {}))
+    fast.padding_side = "right"
+    return fast
+
+
+def _qwen_tokenizer(words: Sequence[str]) -> Any:
+    return word_tokenizer(words, QWEN_SPECIALS, pad="<|pad|>", unk="<unk>", bos="<|im_start|>", eos="<|im_end|>",
+                          extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                 "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
+
+
+def _qwen_video_processor(cls: Any, patch: int, px: int) -> Any:
+    policy = {"cap_pixels_per_frame": False} if hasattr(cls, "cap_pixels_per_frame") else {}
+    return cls(patch_size=patch, merge_size=2, temporal_patch_size=2, min_pixels=(2 * patch) ** 2,
+               max_pixels=px, do_sample_frames=False, **policy)
+
+
+def _qwen2_5_vl(words: Sequence[str], side: int) -> tuple[Any, Any]:
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor)
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    tok = _qwen_tokenizer(words)
+    px = side * side
+    proc = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=256,
+                                              max_pixels=px),
+        video_processor=_qwen_video_processor(Qwen2VLVideoProcessor, 8, px),
+        tokenizer=tok, chat_template=QWEN_TEMPLATE)
+    v = tok.get_vocab()
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(v), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, max_position_embeddings=4096,
+                         bos_token_id=v["<|im_start|>"], eos_token_id=v["<|im_end|>"], pad_token_id=v["<|pad|>"]),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, window_size=32,
+                           fullatt_block_indexes=[1], out_hidden_size=64, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=v["<|image_pad|>"], video_token_id=v["<|video_pad|>"],
+        vision_start_token_id=v["<|vision_start|>"], vision_end_token_id=v["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    return Qwen2_5_VLForConditionalGeneration(cfg), proc
+
+
+def _qwen3_vl(words: Sequence[str], side: int) -> tuple[Any, Any]:
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    tok = _qwen_tokenizer(words)
+    px = side * side
+    proc = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=256,
+                                              max_pixels=px),
+        video_processor=_qwen_video_processor(Qwen3VLVideoProcessor, 8, px),
+        tokenizer=tok, chat_template=QWEN_TEMPLATE)
+    v = tok.get_vocab()
+    cfg = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(v), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                         rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+                         max_position_embeddings=4096, bos_token_id=v["<|im_start|>"], eos_token_id=v["<|im_end|>"],
+                         pad_token_id=v["<|pad|>"]),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8,
+                           out_hidden_size=64, spatial_merge_size=2, temporal_patch_size=2,
+                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        image_token_id=v["<|image_pad|>"], video_token_id=v["<|video_pad|>"],
+        vision_start_token_id=v["<|vision_start|>"], vision_end_token_id=v["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    return Qwen3VLForConditionalGeneration(cfg), proc
+
+
+def _llava_tokenizer(words: Sequence[str]) -> Any:
+    return word_tokenizer(words, LLAVA_SPECIALS, pad="<pad>", unk="<unk>", bos="<s>", eos="</s>",
+                          extra={"image_token": "<image>", "video_token": "<video>"})
+
+
+def _clip_vision(side: int) -> dict[str, Any]:
+    return dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, image_size=side, patch_size=8, projection_dim=32)
+
+
+def _llama_text(v: dict[str, int]) -> dict[str, Any]:
+    return dict(model_type="llama", vocab_size=len(v), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                bos_token_id=v["<s>"], eos_token_id=v["</s>"], pad_token_id=v["<pad>"])
+
+
+def _llava(words: Sequence[str], side: int) -> tuple[Any, Any]:
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tok = _llava_tokenizer(words)
+    v = tok.get_vocab()
+    ip = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
+    cfg = LlavaConfig(vision_config=_clip_vision(side), text_config=_llama_text(v), image_token_index=v["<image>"],
+                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      image_seq_length=(side // 8) ** 2, tie_word_embeddings=False)
+    return LlavaForConditionalGeneration(cfg), proc
+
+
+def _llava_next_video(words: Sequence[str], side: int) -> tuple[Any, Any]:
+    from transformers import (LlavaNextImageProcessor, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration,
+                              LlavaNextVideoProcessor)
+    from transformers.models.llava_next_video.video_processing_llava_next_video import LlavaNextVideoVideoProcessor
+
+    tok = _llava_tokenizer(words)
+    v = tok.get_vocab()
+    size = {"shortest_edge": side}
+    crop = {"height": side, "width": side}
+    ip = LlavaNextImageProcessor(size=size, crop_size=crop, image_grid_pinpoints=[[side, side], [side, 2 * side]])
+    vp = LlavaNextVideoVideoProcessor(size=size, crop_size=crop, do_sample_frames=False)
+    proc = LlavaNextVideoProcessor(image_processor=ip, video_processor=vp, tokenizer=tok, patch_size=8,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=LLAVA_TEMPLATE)
+    cfg = LlavaNextVideoConfig(vision_config=_clip_vision(side), text_config=_llama_text(v),
+                               image_token_index=v["<image>"], video_token_index=v["<video>"],
+                               vision_feature_layer=-2, vision_feature_select_strategy="default",
+                               image_grid_pinpoints=[[side, side], [side, 2 * side]], spatial_pool_stride=2,
+                               image_seq_length=(side // 8) ** 2, video_seq_length=(side // 16) ** 2,
+                               tie_word_embeddings=False)
+    return LlavaNextVideoForConditionalGeneration(cfg), proc
+
+
+_BUILDERS = {"qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl, "llava": _llava, "llava_next_video": _llava_next_video}
+
+
+def create_tiny(family: str, directory: str | os.PathLike[str], words: Sequence[str], *, side: int = 32,
+                seed: int = 0) -> Path:
+    """Build a tiny random-weight checkpoint of ``family`` in ``directory`` (model and processor).
+
+    Args:
+        family: one of :data:`FAMILY_NAMES`.
+        words: the vocabulary the word-level tokenizer is trained on.
+        side: image/frame side in pixels the processors are set up for.
+        seed: seed of the random weights.
+
+    Raises:
+        ModelError: an unknown family.
+    """
+    if family not in _BUILDERS:
+        raise ModelError(f"no tiny builder for family {family!r}; known: {', '.join(FAMILY_NAMES)}")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model, proc = _BUILDERS[family](words, side)
+    proc.save_pretrained(d)
+    model.save_pretrained(d)
+    return d
