@@ -104,10 +104,15 @@ class _RichProgress:
 @app.command()
 def align(
     frames: Annotated[str, typer.Option(help="Frame budgets m, comma-separated.")] = "8,16,32,64",
-    model: Annotated[str | None, typer.Option(help="Model checkpoint directory (default: the toy).")] = None,
-    image_data: Annotated[str | None, typer.Option(help="JSONL of image records.")] = None,
-    video_data: Annotated[str | None, typer.Option(help="JSONL of video records.")] = None,
-    data_root: Annotated[str | None, typer.Option(help="Directory media paths are relative to (default: each JSONL's).")] = None,
+    model: Annotated[list[str] | None, typer.Option(help="Model checkpoint directory or hub id (default: the toy); repeat or comma-separate for several checkpoints of one run.")] = None,
+    image_data: Annotated[str | None, typer.Option(help="Image records: LLaVA or ShareGPT, JSON or JSONL.")] = None,
+    video_data: Annotated[str | None, typer.Option(help="Video records: LLaVA (incl. LLaVA-Video-178K) or ShareGPT, JSON or JSONL.")] = None,
+    data_root: Annotated[str | None, typer.Option(help="Directory media paths are relative to (default: each data file's).")] = None,
+    sampler: Annotated[str, typer.Option(help="Frame sampler Φ_m: uniform, static (one frame copied m times) or shuffled.")] = "uniform",
+    pixel_policy: Annotated[str, typer.Option(help="fixed (same per-frame resolution at every m) or total (a total-pixel budget, as qwen-vl-utils).")] = "fixed",
+    frame_pixels: Annotated[int | None, typer.Option(help="Per-frame pixel cap (Qwen default 448×448).")] = None,
+    total_pixels: Annotated[int | None, typer.Option(help="Total video pixels for --pixel-policy total (Qwen default 24576 tokens' worth).")] = None,
+    skip_bad: Annotated[bool, typer.Option(help="Skip (and count) bad records instead of stopping.")] = False,
     image_batches: Annotated[int, typer.Option(help="K, image minibatches for ḡ_img.")] = 8,
     video_batches: Annotated[int, typer.Option(help="J, video minibatches per budget (same clips at every m).")] = 12,
     batch_size: Annotated[int, typer.Option(help="Image minibatch size.")] = 16,
@@ -118,6 +123,8 @@ def align(
     image_groups: Annotated[int | None, typer.Option(help="G, image-group means kept (default: largest divisor of K ≤ 8).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str | None, typer.Option(help="Model dtype (default float32 on CPU, bfloat16 on GPU).")] = None,
+    device_map: Annotated[str | None, typer.Option(help="from_pretrained device_map (e.g. auto) instead of --device.")] = None,
+    attn_implementation: Annotated[str | None, typer.Option(help="from_pretrained attn_implementation: eager, sdpa, flash_attention_2.")] = None,
     reference_device: Annotated[str, typer.Option(help="Where ḡ_img lives: model (its device) or cpu (pinned).")] = "model",
     reference_dtype: Annotated[str | None, typer.Option(help="dtype of ḡ_img (default float32).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap and of the run.")] = 0,
@@ -128,30 +135,40 @@ def align(
 ) -> None:
     """Measure A(m) = ⟨ḡ_img, g_vid^(m)⟩ per frame budget, with 95% CIs and the threshold m*."""
     from gradprobe import AlignInterrupted, GradprobeError
-    from gradprobe.run import AlignOptions, run_align
+    from gradprobe.run import AlignOptions, run_align_checkpoints
 
     opts = AlignOptions(
-        frames=frames, model=model, image_data=image_data, video_data=video_data, data_root=data_root,
+        frames=frames, model=model or None, image_data=image_data, video_data=video_data, data_root=data_root,
         image_batches=image_batches, video_batches=video_batches, batch_size=batch_size,
         video_batch_size=video_batch_size, include=include or [], exclude=exclude or [], roles=roles,
-        image_groups=image_groups, device=device, dtype=dtype, reference_device=reference_device,
-        reference_dtype=reference_dtype, seed=seed, n_boot=n_boot, out=out, cache_dir=cache_dir,
+        image_groups=image_groups, device=device, dtype=dtype, device_map=device_map,
+        attn_implementation=attn_implementation, reference_device=reference_device,
+        reference_dtype=reference_dtype, sampler=sampler, pixel_policy=pixel_policy, frame_pixels=frame_pixels,
+        total_pixels=total_pixels, skip_bad=skip_bad, seed=seed, n_boot=n_boot, out=out, cache_dir=cache_dir,
     )
     out_console = _wide_console() if not json_out else err
     try:
         with _RichProgress(err) as progress:
-            report = run_align(opts, progress=progress, log=lambda s: err.print(f"[dim]{s}[/]"))
+            reports = run_align_checkpoints(opts, progress=progress, log=lambda s: err.print(f"[dim]{s}[/]"))
     except GradprobeError as e:
         _fail(str(e))
     except AlignInterrupted as e:
         render_align(e.report.summary, out_console)
         err.print(f"[yellow]interrupted:[/] partial results written to {out}")
         raise typer.Exit(130) from None
+    several = len(reports) > 1
     if json_out:
-        sys.stdout.write(json.dumps(report.summary, indent=2) + "\n")
+        doc = {lab: r.summary for lab, r in reports} if several else reports[0][1].summary
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
-        render_align(report.summary, out_console)
-    err.print(f"wrote {Path(out) / 'summary.json'}, alignment.csv, modules.csv")
+        for lab, r in reports:
+            if several:
+                out_console.print(f"[bold]{lab}[/] {r.summary['meta']['model']}")
+            render_align(r.summary, out_console)
+    if several:
+        err.print(f"wrote {Path(out) / 'checkpoints.csv'} and one directory per checkpoint")
+    else:
+        err.print(f"wrote {Path(out) / 'summary.json'}, alignment.csv, modules.csv")
 
 
 @app.command()

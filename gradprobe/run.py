@@ -328,7 +328,8 @@ def run_align_checkpoints(
 ) -> list[tuple[str, AlignReport]]:
     """``gradprobe align`` for every checkpoint in ``opts.model``, on the same batches.
 
-    Each checkpoint's outputs go to ``<out>/<NN-name>/``; ``<out>/checkpoints.csv`` holds one row per
+    With one checkpoint this is :func:`run_align` (outputs in ``<out>``). With several, each
+    checkpoint's outputs go to ``<out>/<NN-name>/``; ``<out>/checkpoints.csv`` holds one row per
     checkpoint and budget and ``<out>/checkpoints.json`` lists the checkpoints in order. A checkpoint
     finished before an interruption keeps its outputs.
     """
@@ -338,6 +339,9 @@ def run_align_checkpoints(
 
     log = log or (lambda s: None)
     prep = _prepare(opts, log)
+    if len(prep.model_dirs) == 1:
+        return [(checkpoint_label(prep.model_dirs[0], 0),
+                 _align_one(opts, prep, prep.model_dirs[0], opts.out, progress, log))]
     reports: list[tuple[str, AlignReport]] = []
     out = Path(opts.out) if opts.out else None
     for i, d in enumerate(prep.model_dirs):
