@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gradprobe.models import toy
-from gradprobe.train.callback import AlignmentCallback, watch
 from gradprobe.train._common import Records as _Records
+from gradprobe.train.callback import AlignmentCallback, watch
 
 
 def _trainer(tiny_toy, out, steps=4, callbacks=(), max_grad_norm=1.0, save_steps=None, weights=None):

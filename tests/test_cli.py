@@ -103,7 +103,7 @@ def assert_one_line_error(r, needle):
 @pytest.mark.parametrize(
     "frames, needle",
     [("8,x", "'x' is not a positive integer"), ("0", "0 is not a positive integer"), ("-4", "-4 is not"),
-     ("", "empty frame grid"), ("8,8", "given twice"), ("7", "even count")],
+     ("", "empty frame grid"), ("8,8", "given twice"), ("7", "takes even m")],
 )
 def test_bad_frames(tiny_toy, frames, needle):
     r = runner.invoke(app, ["align", "--frames", frames, *_paths(tiny_toy)], env={"COLUMNS": "300"})
@@ -121,7 +121,9 @@ def _write(tmp_path, name, text):
     [
         (3, lambda d: d / "nope.jsonl", "data file not found"),
         (5, lambda d: _write(d, "empty.jsonl", "\n"), "data file is empty"),
-        (3, lambda d: _write(d, "bad.jsonl", '{"id": 1, "image": "x.png"}\n{not json\n'), "bad.jsonl:2: not valid JSON"),
+        (3, lambda d: _write(d, "bad.jsonl", json.dumps(
+            {"id": 1, "image": "x.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]})
+            + '\n{not json\n'), "bad.jsonl:2: not valid JSON"),
         (1, lambda d: d / "no-model", "model path not found"),
         (1, lambda d: _write(d, "config.json", '{"architectures": ["GPT2LMHeadModel"]}').parent,
          "not supported; supported:"),
@@ -141,7 +143,7 @@ def test_partial_paths(tiny_toy):
 
 def test_too_few_records(tiny_toy):
     r = runner.invoke(app, ["align", *_paths(tiny_toy), *SMALL, "--video-batches", "100"], env={"COLUMNS": "300"})
-    assert_one_line_error(r, "12 video records, need 200")
+    assert_one_line_error(r, "12 usable video records, need 200")
 
 
 def test_plot_of_missing_dir(tmp_path):

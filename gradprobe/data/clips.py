@@ -47,7 +47,7 @@ class ClipStore:
     def __init__(self, root: str | os.PathLike[str], frames: Sequence[int], sampler: str = "uniform",
                  size_of: SizeOf | None = None) -> None:
         self.root = Path(root)
-        self.budgets = sorted(set(int(m) for m in frames))
+        self.budgets = sorted({int(m) for m in frames})
         self.sampler = check_sampler(sampler)
         self.size_of = size_of or (lambda h, w, m: None)
         self._info: dict[str, VideoInfo] = {}

@@ -134,7 +134,7 @@ def read_video_frames(path: str | os.PathLike[str], indices: Sequence[int],
     import av
 
     p = Path(path)
-    want = sorted(set(int(i) for i in indices))
+    want = sorted({int(i) for i in indices})
     out: dict[int, np.ndarray] = {}
     if p.is_dir():
         from PIL import Image

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gradprobe._version import __version__
 from gradprobe._checks import check_frames, check_positive_int
+from gradprobe._version import __version__
 from gradprobe.errors import DataError, InputError
 from gradprobe.estimators import stats
 from gradprobe.probe.context import measurement_mode

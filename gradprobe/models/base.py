@@ -34,7 +34,10 @@ from gradprobe.errors import BudgetError, DataError, InputError, ModelError
 IGNORE = -100
 INFO_KEY = "_gradprobe"
 
-_BLOCK = re.compile(r"^(.*?\.(?:blocks|layers)\.\d+)\.")
+_BLOCK = re.compile(r"^(.*?\.(?:blocks|layers|deepstack_merger_list)\.\d+)\.")
+#: components kept whole as one module key (everything up to and including the key)
+MODULE_KEYS = ("visual.patch_embed", "visual.pos_embed", "visual.merger", "embed_tokens", "language_model.norm",
+               "multi_modal_projector", "vision_tower.embeddings", "vision_tower.vision_model.embeddings")
 
 
 @dataclass(frozen=True)
@@ -160,16 +163,24 @@ class Adapter:
             raise BudgetError(f"frames mismatch: {cls.family} takes {cls.budget_rule()}; got {m}")
         return m
 
-    def role_of(self, name: str) -> str | None:
-        for key, role in self.role_rules:
+    @classmethod
+    def role_of(cls, name: str) -> str | None:
+        """The parameter's role: ``vision``, ``projector``, ``language`` or ``head`` (None if none applies)."""
+        for key, role in cls.role_rules:
             if key in name:
                 return role
         return None
 
-    def module_of(self, name: str) -> str:
+    @staticmethod
+    def module_of(name: str) -> str:
+        """Module keys: each vision block and language layer, and whole components (patch embedding,
+        merger / projector, token embeddings, final norm); anything else by its parent module."""
         m = _BLOCK.match(name)
         if m:
             return m.group(1)
+        for key in MODULE_KEYS:
+            if key in name:
+                return name[: name.index(key) + len(key)]
         return name.rsplit(".", 1)[0]
 
     def frame_size(self, h: int, w: int, m: int) -> tuple[int, int] | None:

@@ -78,8 +78,12 @@ def _qwen_video_processor(cls: Any, patch: int, px: int) -> Any:
 
 
 def _qwen2_5_vl(words: Sequence[str], side: int) -> tuple[Any, Any]:
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+    )
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     tok = _qwen_tokenizer(words)
@@ -164,8 +168,12 @@ def _llava(words: Sequence[str], side: int) -> tuple[Any, Any]:
 
 
 def _llava_next_video(words: Sequence[str], side: int) -> tuple[Any, Any]:
-    from transformers import (LlavaNextImageProcessor, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration,
-                              LlavaNextVideoProcessor)
+    from transformers import (
+        LlavaNextImageProcessor,
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+        LlavaNextVideoProcessor,
+    )
     from transformers.models.llava_next_video.video_processing_llava_next_video import LlavaNextVideoVideoProcessor
 
     tok = _llava_tokenizer(words)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -175,33 +174,6 @@ def load(directory: str | os.PathLike[str], *, dtype: torch.dtype = torch.float3
 # ---------------------------------------------------------------------- adapter
 
 
-def role_of(name: str) -> str | None:
-    """Parameter roles of Qwen2.5-VL: vision tower, merger (projector), language model, head."""
-    if ".visual.merger." in name or name.startswith("visual.merger."):
-        return "projector"
-    if ".visual." in name or name.startswith("visual."):
-        return "vision"
-    if name.startswith("lm_head"):
-        return "head"
-    if "language_model" in name or name.startswith("model."):
-        return "language"
-    return None
-
-
-_BLOCK = re.compile(r"^(.*?\.(?:blocks|layers)\.\d+)\.")
-
-
-def module_of(name: str) -> str:
-    """Module keys: each vision block and language layer, the patch embedding, merger, embeddings, norm, head."""
-    m = _BLOCK.match(name)
-    if m:
-        return m.group(1)
-    for key in ("visual.patch_embed", "visual.merger", "embed_tokens", "language_model.norm"):
-        if key in name:
-            return name[: name.index(key) + len(key)]
-    return name.rsplit(".", 1)[0]
-
-
 def _question(record: Mapping[str, Any]) -> tuple[str, str]:
     conv = record.get("conversations")
     if not conv or len(conv) < 2:
@@ -313,6 +285,11 @@ def _toy_labels(ids: torch.Tensor, assistant_id: int, pad_id: int) -> torch.Tens
         keep = ids[i, first:] != pad_id
         labels[i, first:][keep] = ids[i, first:][keep]
     return labels
+
+
+#: parameter roles and module keys of the toy (those of Qwen2.5-VL)
+role_of = ToyAdapter.role_of
+module_of = ToyAdapter.module_of
 
 
 def check_budget(m: int) -> int:

@@ -107,7 +107,7 @@ def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
     from transformers.trainer_utils import get_last_checkpoint
 
     from gradprobe.models import toy as adapter
-    from gradprobe.run import DEFAULT_TOY, _architecture, _chunks
+    from gradprobe.run import DEFAULT_TOY, _chunks
     from gradprobe.toybox import ensure_toy
     from gradprobe.train._common import Records, training_args
     from gradprobe.train.callback import watch
