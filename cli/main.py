@@ -26,10 +26,10 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _wide_console() -> Console:
+def _wide_console(width: int = 110) -> Console:
     """A terminal keeps its own width; piped output gets room for the whole table."""
     c = Console()
-    return c if c.is_terminal else Console(width=110)
+    return c if c.is_terminal else Console(width=width)
 
 
 def _fmt(x: Any, spec: str = ".4g") -> str:
@@ -282,7 +282,7 @@ def models() -> None:
         table.add_column(col)
     for f in FAMILIES:
         table.add_row(f.name, ", ".join(f.architectures), f.frames, f.note)
-    Console().print(table)
+    _wide_console(160).print(table)
 
 
 @app.command()

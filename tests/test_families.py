@@ -85,9 +85,10 @@ DATA = {
 def test_align_end_to_end(family, world, ckpt, tmp_path):
     out = tmp_path / "out"
     img, vid = DATA[family]
+    attn = ["--attn-implementation", "eager"] if family == "qwen3_vl" else []
     r = runner.invoke(app, ["align", "--model", str(ckpt(family)), "--image-data", str(world / img),
-                            "--video-data", str(world / vid), "--frames", "8,16,32,64", *SMALL, "--out", str(out)],
-                      env=ENV)
+                            "--video-data", str(world / vid), "--frames", "8,16,32,64", *SMALL, "--out", str(out),
+                            *attn], env=ENV)
     assert r.exit_code == 0, r.output
     s = json.loads((out / "summary.json").read_text())
     assert s["meta"]["family"] == family
@@ -211,7 +212,9 @@ def test_unit_roles_and_budget_rules_from_configs():
 
     for fam in FAMILY_NAMES:
         model, proc = tiny._BUILDERS[fam](sw.vocabulary(), 32)
-        cls = next(f for f in FAMILIES if f.name == fam).adapter_class()
+        family = next(f for f in FAMILIES if f.name == fam)
+        cls = family.adapter_class()
+        assert family.frames == cls.budget_rule() and cls.architectures == family.architectures
         adapter = cls(proc)
         roles = {n: adapter.role_of(n) for n, _ in model.named_parameters()}
         assert None not in roles.values(), [n for n, r in roles.items() if r is None]

@@ -26,6 +26,9 @@ def test_sft_writes_trajectory_and_resumes(tiny_toy, tmp_path):
     assert r.exit_code == 0, r.output
     assert _steps(out) == [0, 2]
     assert (out / "final" / "config.json").is_file() and (out / "checkpoint-4").is_dir()
+    from gradprobe.models.registry import family_for
+
+    assert family_for(out / "checkpoint-4").name == family_for(out / "final").name == "toy"
     s = json.loads((out / "sft_summary.json").read_text())
     assert s["steps"] == 4 and s["probes"] == 2
     # the same run dir again without --resume is refused; with --resume and more steps it continues
@@ -77,6 +80,17 @@ def test_sft_bad_input(tiny_toy, tmp_path):
     assert r.exit_code == 2 and "frames must be a positive integer" in r.output
     r = runner.invoke(app, _args(tiny_toy, tmp_path / "c", "--resume"))
     assert r.exit_code == 2 and "no checkpoint" in r.output
+
+
+def test_sft_refuses_other_families(tiny_toy, tmp_path):
+    from gradprobe.data import shapesworld as sw
+    from gradprobe.models.tiny import create_tiny
+
+    d = create_tiny("llava", tmp_path / "llava", sw.vocabulary())
+    args = _args(tiny_toy, tmp_path / "run")
+    args[args.index("--model") + 1] = str(d)
+    r = runner.invoke(app, args, env={"COLUMNS": "300"})
+    assert r.exit_code == 2 and "for a llava checkpoint attach the alignment callback" in r.output, r.output
 
 
 def test_sft_evaluates_and_plots(tiny_toy, tmp_path):

@@ -108,8 +108,6 @@ class Adapter:
     temporal_patch: ClassVar[int] = 1
     #: (substring of the parameter name, role), first match wins.
     role_rules: ClassVar[tuple[tuple[str, str], ...]] = ()
-    #: the note `gradprobe models` prints.
-    note: ClassVar[str] = ""
     #: True when the family's processor sizes frames itself (pixel policy ``total`` is then refused).
     fixed_resolution: ClassVar[bool] = False
 

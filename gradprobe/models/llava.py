@@ -16,7 +16,6 @@ class LlavaAdapter(LlavaNextVideoAdapter):
     architectures: ClassVar[tuple[str, ...]] = ("LlavaForConditionalGeneration",)
     model_class: ClassVar[str] = "LlavaForConditionalGeneration"
     role_rules: ClassVar[tuple[tuple[str, str], ...]] = LLAVA_ROLES
-    note: ClassVar[str] = "video as a stack of m frame images (one <image> each)"
 
     def _frame_processor(self) -> Any:
         return self.processor.image_processor

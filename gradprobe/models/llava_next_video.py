@@ -44,7 +44,6 @@ class LlavaNextVideoAdapter(Adapter):
     model_class: ClassVar[str] = "LlavaNextVideoForConditionalGeneration"
     role_rules: ClassVar[tuple[tuple[str, str], ...]] = LLAVA_ROLES
     fixed_resolution: ClassVar[bool] = True
-    note: ClassVar[str] = "frames at the vision tower's resolution; vision_feature_layer=-2 leaves the last vision layer without gradient"
 
     def _frame_processor(self) -> Any:
         return self.processor.video_processor

@@ -32,7 +32,6 @@ class Qwen2_5_VLAdapter(Adapter):
         ("language_model", "language"),
         ("model.", "language"),
     )
-    note: ClassVar[str] = "videos sized by the pixel policy (fixed or total); M-RoPE with mm_token_type_ids"
 
     def _factor(self) -> int:
         vp = self.processor.video_processor

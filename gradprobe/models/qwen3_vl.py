@@ -24,4 +24,3 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         ("language_model", "language"),
         ("model.", "language"),
     )
-    note: ClassVar[str] = "timestamps per frame pair from the clip's frame rate; DeepStack mergers count as projector"

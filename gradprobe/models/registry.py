@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +68,23 @@ def family_of(architecture: str) -> Family:
     )
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _hub_architectures(model_id: str) -> list[str]:
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(model_id)
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"{model_id}: no such local directory, and not loadable as a hub id ({str(e).splitlines()[0]})"
+        ) from None
+    return list(getattr(cfg, "architectures", None) or [])
+
+
 def architecture_of(model_dir: str | os.PathLike[str]) -> str:
-    """The first entry of ``architectures`` in a checkpoint directory's config.json.
+    """The first entry of ``architectures`` in a checkpoint's config.json (a local directory or a hub id).
 
     Raises:
         ModelError: missing directory, missing or invalid config.json, or an unsupported architecture.
@@ -76,13 +92,16 @@ def architecture_of(model_dir: str | os.PathLike[str]) -> str:
     model_dir = Path(model_dir)
     cfg = model_dir / "config.json"
     if not model_dir.exists():
-        raise ModelError(f"{model_dir}: model path not found")
-    if not cfg.is_file():
+        if not _HUB_ID.fullmatch(str(model_dir)):
+            raise ModelError(f"{model_dir}: model path not found")
+        archs = _hub_architectures(str(model_dir))
+    elif not cfg.is_file():
         raise ModelError(f"{model_dir}: no config.json; not a model checkpoint directory")
-    try:
-        archs = json.loads(cfg.read_text()).get("architectures") or []
-    except json.JSONDecodeError:
-        raise ModelError(f"{cfg}: not valid JSON") from None
+    else:
+        try:
+            archs = json.loads(cfg.read_text()).get("architectures") or []
+        except json.JSONDecodeError:
+            raise ModelError(f"{cfg}: not valid JSON") from None
     arch = archs[0] if archs else "unknown"
     try:
         family_of(arch)

@@ -260,7 +260,6 @@ class ToyAdapter(Qwen2_5_VLAdapter):
 
     family: ClassVar[str] = "toy"
     architectures: ClassVar[tuple[str, ...]] = ("Qwen2_5_VLForConditionalGeneration",)
-    note: ClassVar[str] = "the built-in tiny Qwen2.5-VL"
 
     def frame_size(self, h: int, w: int, m: int) -> tuple[int, int] | None:
         return None

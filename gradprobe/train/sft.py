@@ -97,6 +97,22 @@ def _lora(model: torch.nn.Module, rank: int) -> torch.nn.Module:
     return get_peft_model(model, cfg)
 
 
+def _MarkToyCheckpoints() -> Any:
+    """A callback that marks each saved checkpoint as the toy's, so `gradprobe align --model` on the
+    checkpoints of a run picks the toy adapter."""
+    from transformers import TrainerCallback
+
+    from gradprobe.models.toy import mark
+
+    class MarkToyCheckpoints(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            d = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if d.is_dir():
+                mark(d)
+
+    return MarkToyCheckpoints()
+
+
 def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
     """Run Video-SFT with the alignment callback; return the run summary (also in ``<out>/sft_summary.json``).
 
@@ -194,6 +210,7 @@ def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
                                 frames=eval_budget),
             every=opts.eval_every or opts.probe_every,
         ))
+    callbacks.append(_MarkToyCheckpoints())
     trainer = Trainer(model=model, args=args, train_dataset=Records(videos), data_collator=collator,
                       processing_class=processor, callbacks=callbacks)
     video_probe = None
@@ -228,7 +245,7 @@ def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
         "seconds": time.time() - t0,
         "guard": {"action": opts.guard, "fired": cb.monitor.fired, "stop_reason": cb.monitor.stop_reason},
         "probes": len(cb.monitor.rows),
-        "evaluations": callbacks[0].rows if callbacks else [],
+        "evaluations": callbacks[0].rows if eval_paths is not None else [],
         "trajectory": str(out / TRAJECTORY),
     }
     (out / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
