@@ -314,6 +314,19 @@ def run_align(
     return _align_one(opts, prep, prep.model_dirs[0], opts.out, progress, log)
 
 
+def _checkpoint_row(label: str, model: str, budget: dict[str, Any]) -> dict[str, Any]:
+    """One row of checkpoints.csv: a budget's scalars, intervals as _lo/_hi columns, its batch_info."""
+    row: dict[str, Any] = {"checkpoint": label, "model": model}
+    for k, v in budget.items():
+        if k in ("ci95_t", "ci95_boot"):
+            row[f"{k}_lo"], row[f"{k}_hi"] = (v if v else (None, None))
+        elif k == "batch_info":
+            row.update(v)
+        else:
+            row[k] = v
+    return row
+
+
 def checkpoint_label(model_dir: Path, index: int) -> str:
     """A directory-safe name for a checkpoint: its position and its folder name."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", model_dir.name) or "model"
@@ -348,11 +361,9 @@ def run_align_checkpoints(
         label = checkpoint_label(d, i)
         reports.append((label, _align_one(opts, prep, d, str(out / label) if out else None, progress, log)))
         if out is not None:
-            rows = [dict(b, checkpoint=lab, model=str(r.summary["meta"]["model"]))
-                    for lab, r in reports for b in r.summary["budgets"]]
-            flat = pd.json_normalize(rows, sep=".")
-            flat.drop(columns=[c for c in flat.columns if c.startswith("batch_info.")], errors="ignore") \
-                .to_csv(out / "checkpoints.csv", index=False)
+            pd.DataFrame([_checkpoint_row(lab, r.summary["meta"]["model"], b)
+                          for lab, r in reports for b in r.summary["budgets"]]).to_csv(out / "checkpoints.csv",
+                                                                                      index=False)
             io.write_json(out / "checkpoints.json", {
                 "schema": "gradprobe.align-checkpoints/1",
                 "checkpoints": [{"label": lab, "model": r.summary["meta"]["model"], "m_star": r.summary["m_star"]}

@@ -202,6 +202,10 @@ def test_several_checkpoints(world, ckpt, tmp_path):
     one = json.loads((out / f"00-{a.name}" / "summary.json").read_text())
     assert one["budgets"][0]["mean"] == pytest.approx(table["mean"].iloc[0])
     assert table["mean"].iloc[0] != table["mean"].iloc[2]  # different weights, same batches
+    assert one["budgets"][0]["ci95_t"] == pytest.approx([table["ci95_t_lo"].iloc[0], table["ci95_t_hi"].iloc[0]])
+    assert (table["video_visual_tokens"].iloc[:2] == table["video_visual_tokens"].iloc[2:].to_numpy()).all()
+    r = runner.invoke(app, ["plot", str(out)], env=ENV)
+    assert r.exit_code == 0 and (out / "checkpoints.png").stat().st_size > 10_000, r.output
 
 
 def test_unit_roles_and_budget_rules_from_configs():

@@ -173,8 +173,33 @@ def trap_curves(evals: pd.DataFrame, traj: pd.DataFrame, axes: Any = None) -> An
     return axes
 
 
+def checkpoint_curves(table: pd.DataFrame, ax: Any = None) -> Any:
+    """A(m) ± 95% t CI against m (log2 axis), one line per checkpoint (``checkpoints.csv``)."""
+    plt = _mpl()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4.5))
+    labels = list(dict.fromkeys(table["checkpoint"]))
+    for i, lab in enumerate(labels):
+        g = table[(table["checkpoint"] == lab) & table["mean"].notna()].sort_values("frames")
+        shift = 2.0 ** (0.04 * (i - (len(labels) - 1) / 2))  # keep error bars apart
+        lo, hi = g["ci95_t_lo"].fillna(g["mean"]), g["ci95_t_hi"].fillna(g["mean"])
+        ax.errorbar(g["frames"] * shift, g["mean"], yerr=[g["mean"] - lo, hi - g["mean"]], fmt="o-", capsize=3,
+                    color=plt.cm.viridis(i / max(1, len(labels) - 1)), label=lab)
+    ax.axhline(0.0, color="k", lw=0.8, ls="--")
+    fr = sorted(table["frames"].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(fr)
+    ax.set_xticklabels([str(f) for f in fr])
+    ax.set_xlabel("frame budget m")
+    ax.set_ylabel("mean A(m), 95% CI (t)")
+    ax.set_title("image–video gradient alignment per checkpoint")
+    ax.legend(fontsize=8)
+    return ax
+
+
 def plot_dir(out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Draw the plots of an output dir: ``gradprobe align`` (alignment curve, module heatmap),
+    """Draw the plots of an output dir: ``gradprobe align`` (alignment curve, module heatmap; A(m) per
+    checkpoint when several were measured),
     ``gradprobe sft`` (training trajectory, with A(m) along the run when it was tracked) or
     ``gradprobe trap`` (accuracy and alignment per budget).
 
@@ -188,6 +213,14 @@ def plot_dir(out_dir: str | os.PathLike[str]) -> list[Path]:
 
     plt = _mpl()
     d = Path(out_dir)
+    if d.is_dir() and (d / "checkpoints.csv").is_file():
+        table = pd.read_csv(d / "checkpoints.csv")
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        checkpoint_curves(table, ax)
+        fig.tight_layout()
+        fig.savefig(d / "checkpoints.png", dpi=120)
+        plt.close(fig)
+        return [d / "checkpoints.png"]
     if d.is_dir() and (d / SUMMARY).is_file():
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharex=True)
         trap_curves(*load_trap(d), axes)
