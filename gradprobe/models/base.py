@@ -256,13 +256,15 @@ class Adapter:
         return labels
 
     def collate(self, samples: Sequence[Sample], *, store: ClipStore | None = None, m: int | None = None,
-                images: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+                images: Mapping[str, np.ndarray] | None = None, with_info: bool = True) -> dict[str, Any]:
         """Samples (all images, or all videos at budget m) → model inputs with answer-only labels.
 
         Args:
             store: where video clips come from (videos only).
             m: the frame budget (videos only).
             images: decoded images by media path (images only; see :func:`load_image`).
+            with_info: add the batch's confounds under ``"_gradprobe"`` (read by :func:`batch_info`;
+                :func:`loss_fn` and :func:`strip_info` drop it). Use False for a Trainer's collator.
         """
         kinds = {s.kind for s in samples}
         if len(kinds) != 1:
@@ -283,8 +285,8 @@ class Adapter:
         kwargs = self.media_kwargs(kind, media, clips)
         batch = dict(self.processor(text=texts, return_tensors="pt", padding=True, **kwargs))
         batch["labels"] = self.labels(batch, texts, spans, samples)
-        info = self.info(batch, kind, media, clips)
-        batch[INFO_KEY] = info
+        if with_info:
+            batch[INFO_KEY] = self.info(batch, kind, media, clips)
         return batch
 
     # ------------------------------------------------------------------ recording

@@ -45,8 +45,10 @@ def hf_loss(model: Any, batch: Mapping[str, Any]) -> Any:
     Probe batches are collated once, before the Trainer has placed the model; ``.to`` is a no-op when
     they already live there.
     """
+    from gradprobe.models.base import strip_info
+
     device = next(model.parameters()).device
-    return model(**{k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}).loss
+    return model(**{k: v.to(device) if hasattr(v, "to") else v for k, v in strip_info(batch).items()}).loss
 
 
 class AlignmentCallback(TrainerCallback):
