@@ -77,30 +77,46 @@ def _qwen_video_processor(cls: Any, patch: int, px: int) -> Any:
                max_pixels=px, do_sample_frames=False, **policy)
 
 
-def _qwen2_5_vl(words: Sequence[str], side: int) -> tuple[Any, Any]:
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-    )
+#: Qwen2.5-VL-7B's shape (text and vision) and its processors' pixel limits, for benchmarks
+QWEN2_5_VL_7B = dict(
+    text=dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+              intermediate_size=18944, mrope_section=[16, 24, 24], vocab_size=152064),
+    vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, window_size=112,
+                fullatt_block_indexes=[7, 15, 23, 31], out_hidden_size=3584),
+    patch=14, min_pixels=3136, max_pixels=12845056,
+)
+_QWEN2_5_VL_TINY = dict(
+    text=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=128, mrope_section=[2, 3, 3]),
+    vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, window_size=32,
+                fullatt_block_indexes=[1], out_hidden_size=64),
+    patch=8, min_pixels=256, max_pixels=None,
+)
+
+
+def _qwen2_5_vl(words: Sequence[str], side: int, shape: str = "tiny") -> tuple[Any, Any]:
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor)
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
+    dims = QWEN2_5_VL_7B if shape == "7b" else _QWEN2_5_VL_TINY
     tok = _qwen_tokenizer(words)
-    px = side * side
+    px = dims["max_pixels"] or side * side
+    patch = dims["patch"]
     proc = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=256,
-                                              max_pixels=px),
-        video_processor=_qwen_video_processor(Qwen2VLVideoProcessor, 8, px),
+        image_processor=Qwen2VLImageProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                              min_pixels=dims["min_pixels"], max_pixels=px),
+        video_processor=_qwen_video_processor(Qwen2VLVideoProcessor, patch, px),
         tokenizer=tok, chat_template=QWEN_TEMPLATE)
     v = tok.get_vocab()
+    text = dict(dims["text"])
+    section = text.pop("mrope_section")
+    text.setdefault("vocab_size", len(v))
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(v), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, max_position_embeddings=4096,
-                         bos_token_id=v["<|im_start|>"], eos_token_id=v["<|im_end|>"], pad_token_id=v["<|pad|>"]),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, window_size=32,
-                           fullatt_block_indexes=[1], out_hidden_size=64, spatial_merge_size=2, temporal_patch_size=2),
+        text_config=dict(**text, rope_scaling={"type": "mrope", "mrope_section": section},
+                         max_position_embeddings=32768, bos_token_id=v["<|im_start|>"], eos_token_id=v["<|im_end|>"],
+                         pad_token_id=v["<|pad|>"]),
+        vision_config=dict(**dims["vision"], spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=v["<|image_pad|>"], video_token_id=v["<|video_pad|>"],
         vision_start_token_id=v["<|vision_start|>"], vision_end_token_id=v["<|vision_end|>"],
         tie_word_embeddings=False,
@@ -108,7 +124,7 @@ def _qwen2_5_vl(words: Sequence[str], side: int) -> tuple[Any, Any]:
     return Qwen2_5_VLForConditionalGeneration(cfg), proc
 
 
-def _qwen3_vl(words: Sequence[str], side: int) -> tuple[Any, Any]:
+def _qwen3_vl(words: Sequence[str], side: int, shape: str = "tiny") -> tuple[Any, Any]:
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
@@ -142,18 +158,30 @@ def _llava_tokenizer(words: Sequence[str]) -> Any:
                           extra={"image_token": "<image>", "video_token": "<video>"})
 
 
-def _clip_vision(side: int) -> dict[str, Any]:
-    return dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, image_size=side, patch_size=8, projection_dim=32)
+#: LLaVA-NeXT-Video-7B's shape: CLIP ViT-L/14-336 and a Vicuna-7B language model
+LLAVA_NEXT_VIDEO_7B = dict(
+    vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                image_size=336, patch_size=14, projection_dim=768),
+    text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+              num_key_value_heads=32, vocab_size=32064),
+    side=336, patch=14,
+)
 
 
-def _llama_text(v: dict[str, int]) -> dict[str, Any]:
-    return dict(model_type="llama", vocab_size=len(v), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+def _clip_vision(side: int, dims: dict[str, Any] | None = None) -> dict[str, Any]:
+    base = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=side,
+                patch_size=8, projection_dim=32)
+    return dict(model_type="clip_vision_model", **(dims or base))
+
+
+def _llama_text(v: dict[str, int], dims: dict[str, Any] | None = None) -> dict[str, Any]:
+    base = dict(vocab_size=len(v), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)
+    return dict(model_type="llama", **(dims or base), max_position_embeddings=32768,
                 bos_token_id=v["<s>"], eos_token_id=v["</s>"], pad_token_id=v["<pad>"])
 
 
-def _llava(words: Sequence[str], side: int) -> tuple[Any, Any]:
+def _llava(words: Sequence[str], side: int, shape: str = "tiny") -> tuple[Any, Any]:
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tok = _llava_tokenizer(words)
@@ -167,7 +195,7 @@ def _llava(words: Sequence[str], side: int) -> tuple[Any, Any]:
     return LlavaForConditionalGeneration(cfg), proc
 
 
-def _llava_next_video(words: Sequence[str], side: int) -> tuple[Any, Any]:
+def _llava_next_video(words: Sequence[str], side: int, shape: str = "tiny") -> tuple[Any, Any]:
     from transformers import (
         LlavaNextImageProcessor,
         LlavaNextVideoConfig,
@@ -176,20 +204,24 @@ def _llava_next_video(words: Sequence[str], side: int) -> tuple[Any, Any]:
     )
     from transformers.models.llava_next_video.video_processing_llava_next_video import LlavaNextVideoVideoProcessor
 
+    big = LLAVA_NEXT_VIDEO_7B if shape == "7b" else None
+    side, patch = (big["side"], big["patch"]) if big else (side, 8)
     tok = _llava_tokenizer(words)
     v = tok.get_vocab()
     size = {"shortest_edge": side}
     crop = {"height": side, "width": side}
-    ip = LlavaNextImageProcessor(size=size, crop_size=crop, image_grid_pinpoints=[[side, side], [side, 2 * side]])
+    pinpoints = [[side, 2 * side], [2 * side, side], [2 * side, 2 * side]] if big else [[side, side], [side, 2 * side]]
+    ip = LlavaNextImageProcessor(size=size, crop_size=crop, image_grid_pinpoints=pinpoints)
     vp = LlavaNextVideoVideoProcessor(size=size, crop_size=crop, do_sample_frames=False)
-    proc = LlavaNextVideoProcessor(image_processor=ip, video_processor=vp, tokenizer=tok, patch_size=8,
+    proc = LlavaNextVideoProcessor(image_processor=ip, video_processor=vp, tokenizer=tok, patch_size=patch,
                                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                    chat_template=LLAVA_TEMPLATE)
-    cfg = LlavaNextVideoConfig(vision_config=_clip_vision(side), text_config=_llama_text(v),
+    cfg = LlavaNextVideoConfig(vision_config=_clip_vision(side, big["vision"] if big else None),
+                               text_config=_llama_text(v, big["text"] if big else None),
                                image_token_index=v["<image>"], video_token_index=v["<video>"],
                                vision_feature_layer=-2, vision_feature_select_strategy="default",
-                               image_grid_pinpoints=[[side, side], [side, 2 * side]], spatial_pool_stride=2,
-                               image_seq_length=(side // 8) ** 2, video_seq_length=(side // 16) ** 2,
+                               image_grid_pinpoints=pinpoints, spatial_pool_stride=2,
+                               image_seq_length=(side // patch) ** 2, video_seq_length=(side // patch // 2) ** 2,
                                tie_word_embeddings=False)
     return LlavaNextVideoForConditionalGeneration(cfg), proc
 
@@ -197,25 +229,37 @@ def _llava_next_video(words: Sequence[str], side: int) -> tuple[Any, Any]:
 _BUILDERS = {"qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl, "llava": _llava, "llava_next_video": _llava_next_video}
 
 
+SHAPES = {"tiny": FAMILY_NAMES, "7b": ("qwen2_5_vl", "llava_next_video")}
+
+
 def create_tiny(family: str, directory: str | os.PathLike[str], words: Sequence[str], *, side: int = 32,
-                seed: int = 0) -> Path:
-    """Build a tiny random-weight checkpoint of ``family`` in ``directory`` (model and processor).
+                seed: int = 0, shape: str = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32) -> Path:
+    """Build a random-weight checkpoint of ``family`` in ``directory`` (model and processor).
 
     Args:
         family: one of :data:`FAMILY_NAMES`.
         words: the vocabulary the word-level tokenizer is trained on.
-        side: image/frame side in pixels the processors are set up for.
+        side: image/frame side in pixels the tiny processors are set up for.
         seed: seed of the random weights.
+        shape: ``tiny`` (default), or ``7b`` for the released 7B shapes and processor settings of
+            Qwen2.5-VL and LLaVA-NeXT-Video (benchmarks; the tokenizer stays word-level).
+        device, dtype: where and in which dtype the weights are initialised (a 7B shape wants a GPU).
 
     Raises:
-        ModelError: an unknown family.
+        ModelError: an unknown family or shape.
     """
-    if family not in _BUILDERS:
-        raise ModelError(f"no tiny builder for family {family!r}; known: {', '.join(FAMILY_NAMES)}")
+    if family not in SHAPES.get(shape, ()):
+        raise ModelError(f"no {shape} builder for family {family!r}; known: {', '.join(SHAPES.get(shape, ()))}")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model, proc = _BUILDERS[family](words, side)
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model, proc = _BUILDERS[family](words, side, shape)
+    finally:
+        torch.set_default_dtype(old)
     proc.save_pretrained(d)
     model.save_pretrained(d)
     return d

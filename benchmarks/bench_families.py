@@ -1,0 +1,217 @@
+"""`gradprobe align` on a random-weight model of a family, with the family's processors: speed and memory.
+
+Usage (GPU; a 7B shape needs about 16 GB of disk for the checkpoint):
+    python benchmarks/bench_families.py --family qwen2_5_vl --shape 7b --frames 8,16,32,64 \
+        --out benchmarks/results/families_qwen2_5_vl_7b.json
+    python benchmarks/bench_families.py --family llava_next_video --shape 7b --frames 8,16,32,64 \
+        --out benchmarks/results/families_llava_next_video_7b.json
+CPU check of the script itself:
+    python benchmarks/bench_families.py --family qwen2_5_vl --shape tiny --device cpu --side 64 --frames 8,16
+
+What it does, in one process:
+
+1. builds the checkpoint with :func:`gradprobe.models.tiny.create_tiny` (random weights initialised on the
+   device in the run's dtype; ``7b``: the released 7B shapes and processor pixel settings, tokenizer
+   word-level) and saves it with ``save_pretrained``, once per work directory;
+2. writes ShapesWorld probe data, with images and 64-frame videos upscaled to ``--side`` pixels;
+3. ``plain``: loads the checkpoint with ``from_pretrained`` and times collating the first video batch
+   plus a plain forward+backward at each budget (median of ``--repeats``, peak device memory), then
+   frees it;
+4. ``align``: runs the code path of ``gradprobe align`` (fixed pixel policy, uniform sampler) with a
+   progress hook that times every video batch (collation, forward, backward, streamed dots) and reads
+   the peak device memory per budget; the first batch of each budget is left out of the median.
+
+The JSON has, per budget: visual tokens, sequence length, pixels per frame, plain seconds and peak GiB,
+probed seconds per video batch (median) and peak GiB, and their ratio. A budget that runs out of
+memory is recorded as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def make_data(work: Path, side: int, n_images: int, n_videos: int) -> tuple[Path, Path]:
+    """ShapesWorld probe data with every image and frame upscaled to side × side."""
+    from PIL import Image
+
+    from gradprobe.data import shapesworld as sw
+    from gradprobe.data.video import read_frames, write_mp4
+
+    d = work / f"data-{side}-{n_images}-{n_videos}"
+    if (d / "done").is_file():
+        return d / "probe_images.jsonl", d / "probe_videos.jsonl"
+    imgs, vids = sw.generate(d, n_images=n_images, n_videos=n_videos, seed=0, split="probe")
+    for line in imgs.read_text().splitlines():
+        p = d / json.loads(line)["image"]
+        Image.open(p).convert("RGB").resize((side, side), Image.BICUBIC).save(p)
+    for line in vids.read_text().splitlines():
+        p = d / json.loads(line)["video"]
+        frames = read_frames(p)
+        write_mp4(p, np.stack([np.asarray(Image.fromarray(f).resize((side, side), Image.BICUBIC)) for f in frames]))
+    (d / "done").write_text("")
+    return imgs, vids
+
+
+class _Timer:
+    """A gradprobe Progress that times each step of each phase and reads peak memory per phase."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.steps: dict[str, list[float]] = {}
+        self.peak: dict[str, float | None] = {}
+        self._t = 0.0
+
+    def start(self, phase: str, total: int | None) -> None:
+        _sync(self.device)
+        _reset_peak(self.device)
+        self.steps[phase] = []
+        self._t = time.perf_counter()
+
+    def advance(self, phase: str) -> None:
+        _sync(self.device)
+        now = time.perf_counter()
+        self.steps[phase].append(now - self._t)
+        self._t = now
+
+    def finish(self, phase: str) -> None:
+        self.peak[phase] = _peak_gib(self.device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen3_vl", "llava_next_video", "llava"])
+    ap.add_argument("--shape", default="7b", choices=["7b", "tiny"])
+    ap.add_argument("--frames", default="8,16,32,64")
+    ap.add_argument("--side", type=int, default=448, help="image and frame side in pixels")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default=None, help="default bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--attn-implementation", default="sdpa")
+    ap.add_argument("--image-batches", type=int, default=4)
+    ap.add_argument("--video-batches", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--work", default="/tmp/gradprobe-bench")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+
+    from gradprobe.data import shapesworld as sw
+    from gradprobe.models.base import loss_fn, strip_info
+    from gradprobe.models.tiny import create_tiny
+    from gradprobe.probe.store import resolve_dtype
+    from gradprobe.run import AlignOptions, _align_one, _prepare
+
+    device = torch.device(a.device)
+    dtype = resolve_dtype(a.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    work = Path(a.work)
+    ckpt = work / f"{a.family}-{a.shape}-{str(dtype).removeprefix('torch.')}"
+    t0 = time.perf_counter()
+    if not (ckpt / "config.json").is_file():
+        create_tiny(a.family, ckpt, sw.vocabulary(), shape=a.shape, side=a.side, device=str(device), dtype=dtype)
+    build_s = time.perf_counter() - t0
+    imgs, vids = make_data(work, a.side, n_images=a.image_batches, n_videos=a.video_batches)
+    opts = AlignOptions(frames=a.frames, model=str(ckpt), image_data=str(imgs), video_data=str(vids),
+                        image_batches=a.image_batches, video_batches=a.video_batches, batch_size=1,
+                        video_batch_size=1, device=a.device, dtype=str(dtype).removeprefix("torch."),
+                        attn_implementation=a.attn_implementation, n_boot=200)
+    prep = _prepare(opts, log=print)
+
+    # plain forward+backward of the first video batch at each budget
+    adapter_cls = prep.family.adapter_class()
+    model, adapter = adapter_cls.load(ckpt, dtype=dtype, device=str(device), attn_implementation=a.attn_implementation)
+    params = sum(p.numel() for p in model.parameters())
+    plain: dict[int, dict[str, Any]] = {}
+
+    def collated(m: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        b = adapter.collate(prep.vid_chunks[0], store=prep.store, m=m)
+        moved = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
+                 for k, v in strip_info(b).items()}
+        return moved, dict(b["_gradprobe"])
+
+    for m in prep.frames:
+        batch, info = collated(m)
+        times = []
+        _reset_peak(device)
+        try:
+            for _ in range(a.repeats):
+                model.zero_grad(set_to_none=True)
+                _sync(device)
+                t = time.perf_counter()
+                batch, _ = collated(m)  # collation is timed on both sides (align collates each batch it reads)
+                loss_fn(model, batch).backward()
+                _sync(device)
+                times.append(time.perf_counter() - t)
+            plain[m] = dict(info, plain_s=statistics.median(times), plain_peak_gib=_peak_gib(device))
+        except torch.OutOfMemoryError:
+            plain[m] = dict(info, plain_s=None, plain_peak_gib=None, plain_error="out of memory")
+        model.zero_grad(set_to_none=True)
+    del model, batch
+    _reset_peak(device)
+
+    timer = _Timer(device)
+    error = None
+    try:
+        report = _align_one(opts, prep, ckpt, None, timer, print)
+        summary = report.summary
+    except torch.OutOfMemoryError:
+        summary, error = None, "out of memory"
+    rows = []
+    for m in prep.frames:
+        steps = timer.steps.get(f"frames={m}", [])
+        probed = statistics.median(steps[1:] or steps) if steps else None  # the first batch also warms up
+        row = dict(frames=m, **plain[m], probed_s=probed, probed_peak_gib=timer.peak.get(f"frames={m}"))
+        row["ratio"] = probed / row["plain_s"] if probed and row.get("plain_s") else None
+        if summary is not None:
+            b = next(x for x in summary["budgets"] if x["frames"] == m)
+            row.update(mean=b["mean"], ci95_t=b["ci95_t"])
+        rows.append(row)
+        print(json.dumps(row))
+    result = {
+        "command": " ".join(sys.argv),
+        "family": a.family, "shape": a.shape, "parameters": params, "side": a.side,
+        "dtype": str(dtype).removeprefix("torch."), "attn_implementation": a.attn_implementation,
+        "image_batches": a.image_batches, "video_batches": a.video_batches, "batch_size": 1,
+        "build_seconds": build_s, "align_error": error,
+        "image_phase_s": sum(timer.steps.get("image", [])), "image_peak_gib": timer.peak.get("image"),
+        "budgets": rows,
+        "env": {"torch": torch.__version__, "python": platform.python_version(),
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()},
+    }
+    import transformers
+
+    result["env"]["transformers"] = transformers.__version__
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
