@@ -96,12 +96,6 @@ def _chunks(records: list[Any], size: int, count: int, what: str, path: Path,
     return [records[i * size : (i + 1) * size] for i in range(count)]
 
 
-def _architecture(model_dir: Path) -> str:
-    from gradprobe.models.registry import architecture_of
-
-    return architecture_of(model_dir)
-
-
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -191,9 +185,7 @@ def _prepare(opts: AlignOptions, log: Callable[[str], None]) -> _Prepared:
     adapter_cls = fams[0].adapter_class()
     for m in frames:
         adapter_cls.check_budget(m)
-    if adapter_cls.fixed_resolution and policy.kind != "fixed":
-        raise InputError(f"pixel-policy: {adapter_cls.family} sizes every frame to its vision tower's resolution; "
-                         "only the fixed policy applies")
+    adapter_cls.check_policy(policy)
     image_root = Path(opts.data_root) if opts.data_root else Path(image_path).parent
     video_root = Path(opts.data_root) if opts.data_root else Path(video_path).parent
     if opts.data_root and not image_root.is_dir():

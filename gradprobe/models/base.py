@@ -113,12 +113,7 @@ class Adapter:
 
     def __init__(self, processor: Any, *, pixel_policy: PixelPolicy | None = None) -> None:
         self.processor = processor
-        self.policy = pixel_policy or PixelPolicy()
-        if self.fixed_resolution and self.policy.kind != "fixed":
-            raise InputError(
-                f"pixel-policy: {self.family} sizes every frame to its vision tower's resolution; "
-                "only the fixed policy applies"
-            )
+        self.policy = self.check_policy(pixel_policy or PixelPolicy())
         self.tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
 
     # ------------------------------------------------------------------ loading
@@ -152,6 +147,16 @@ class Adapter:
     @classmethod
     def budget_rule(cls) -> str:
         return f"even m ≥ 2 (temporal patch {cls.temporal_patch})" if cls.temporal_patch == 2 else "any m ≥ 1"
+
+    @classmethod
+    def check_policy(cls, policy: PixelPolicy) -> PixelPolicy:
+        """Refuse a pixel policy the family cannot follow (LLaVA's processors fix the resolution)."""
+        if cls.fixed_resolution and policy.kind != "fixed":
+            raise InputError(
+                f"pixel-policy: {cls.family} sizes every frame to its vision tower's resolution; "
+                "only the fixed policy applies"
+            )
+        return policy
 
     @classmethod
     def check_budget(cls, m: int) -> int:

@@ -95,8 +95,12 @@ _QWEN2_5_VL_TINY = dict(
 
 
 def _qwen2_5_vl(words: Sequence[str], side: int, shape: str = "tiny") -> tuple[Any, Any]:
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+    )
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     dims = QWEN2_5_VL_7B if shape == "7b" else _QWEN2_5_VL_TINY
