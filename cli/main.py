@@ -21,6 +21,29 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 
+# options shared by the commands that load a model and data
+FramesOpt = Annotated[str, typer.Option(help="Frame budgets m, comma-separated.")]
+ImageDataOpt = Annotated[str | None, typer.Option(help="Image records: LLaVA or ShareGPT, JSON or JSONL.")]
+VideoDataOpt = Annotated[str | None, typer.Option(help="Video records: LLaVA (incl. LLaVA-Video-178K) or ShareGPT, JSON or JSONL.")]
+DataRootOpt = Annotated[str | None, typer.Option(help="Directory media paths are relative to (default: each data file's).")]
+SamplerOpt = Annotated[str, typer.Option(help="Frame sampler Φ_m: uniform, static (one frame copied m times) or shuffled.")]
+PixelPolicyOpt = Annotated[str, typer.Option(help="fixed (same per-frame resolution at every m) or total (a total-pixel budget, as qwen-vl-utils).")]
+FramePixelsOpt = Annotated[int | None, typer.Option(help="Per-frame pixel cap (Qwen default 448×448).")]
+TotalPixelsOpt = Annotated[int | None, typer.Option(help="Total video pixels for --pixel-policy total (Qwen default 24576 tokens' worth).")]
+SkipBadOpt = Annotated[bool, typer.Option(help="Skip (and count) bad records instead of stopping.")]
+BatchSizeOpt = Annotated[int, typer.Option(help="Image minibatch size.")]
+VideoBatchSizeOpt = Annotated[int, typer.Option(help="Video minibatch size.")]
+IncludeOpt = Annotated[list[str] | None, typer.Option(help="Regex of parameter names to probe (repeatable).")]
+ExcludeOpt = Annotated[list[str] | None, typer.Option(help="Regex of parameter names to skip (repeatable).")]
+RolesOpt = Annotated[str | None, typer.Option(help="Parameter roles: vision,projector,language,head.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
+DtypeOpt = Annotated[str | None, typer.Option(help="Model dtype (default float32 on CPU, bfloat16 on GPU).")]
+DeviceMapOpt = Annotated[str | None, typer.Option(help="from_pretrained device_map (e.g. auto) instead of --device.")]
+AttnOpt = Annotated[str | None, typer.Option(help="from_pretrained attn_implementation: eager, sdpa, flash_attention_2.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print summary.json to stdout instead of the table.")]
+CacheOpt = Annotated[str | None, typer.Option(help="Toy cache directory (default $GRADPROBE_CACHE or ~/.cache/gradprobe).")]
+
+
 def _fail(msg: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -103,35 +126,35 @@ class _RichProgress:
 
 @app.command()
 def align(
-    frames: Annotated[str, typer.Option(help="Frame budgets m, comma-separated.")] = "8,16,32,64",
+    frames: FramesOpt = "8,16,32,64",
     model: Annotated[list[str] | None, typer.Option(help="Model checkpoint directory or hub id (default: the toy); repeat or comma-separate for several checkpoints of one run.")] = None,
-    image_data: Annotated[str | None, typer.Option(help="Image records: LLaVA or ShareGPT, JSON or JSONL.")] = None,
-    video_data: Annotated[str | None, typer.Option(help="Video records: LLaVA (incl. LLaVA-Video-178K) or ShareGPT, JSON or JSONL.")] = None,
-    data_root: Annotated[str | None, typer.Option(help="Directory media paths are relative to (default: each data file's).")] = None,
-    sampler: Annotated[str, typer.Option(help="Frame sampler Φ_m: uniform, static (one frame copied m times) or shuffled.")] = "uniform",
-    pixel_policy: Annotated[str, typer.Option(help="fixed (same per-frame resolution at every m) or total (a total-pixel budget, as qwen-vl-utils).")] = "fixed",
-    frame_pixels: Annotated[int | None, typer.Option(help="Per-frame pixel cap (Qwen default 448×448).")] = None,
-    total_pixels: Annotated[int | None, typer.Option(help="Total video pixels for --pixel-policy total (Qwen default 24576 tokens' worth).")] = None,
-    skip_bad: Annotated[bool, typer.Option(help="Skip (and count) bad records instead of stopping.")] = False,
+    image_data: ImageDataOpt = None,
+    video_data: VideoDataOpt = None,
+    data_root: DataRootOpt = None,
+    sampler: SamplerOpt = "uniform",
+    pixel_policy: PixelPolicyOpt = "fixed",
+    frame_pixels: FramePixelsOpt = None,
+    total_pixels: TotalPixelsOpt = None,
+    skip_bad: SkipBadOpt = False,
     image_batches: Annotated[int, typer.Option(help="K, image minibatches for ḡ_img.")] = 8,
     video_batches: Annotated[int, typer.Option(help="J, video minibatches per budget (same clips at every m).")] = 12,
-    batch_size: Annotated[int, typer.Option(help="Image minibatch size.")] = 16,
-    video_batch_size: Annotated[int, typer.Option(help="Video minibatch size.")] = 4,
-    include: Annotated[list[str] | None, typer.Option(help="Regex of parameter names to probe (repeatable).")] = None,
-    exclude: Annotated[list[str] | None, typer.Option(help="Regex of parameter names to skip (repeatable).")] = None,
-    roles: Annotated[str | None, typer.Option(help="Parameter roles: vision,projector,language,head.")] = None,
+    batch_size: BatchSizeOpt = 16,
+    video_batch_size: VideoBatchSizeOpt = 4,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    roles: RolesOpt = None,
     image_groups: Annotated[int | None, typer.Option(help="G, image-group means kept (default: largest divisor of K ≤ 8).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[str | None, typer.Option(help="Model dtype (default float32 on CPU, bfloat16 on GPU).")] = None,
-    device_map: Annotated[str | None, typer.Option(help="from_pretrained device_map (e.g. auto) instead of --device.")] = None,
-    attn_implementation: Annotated[str | None, typer.Option(help="from_pretrained attn_implementation: eager, sdpa, flash_attention_2.")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
+    attn_implementation: AttnOpt = None,
     reference_device: Annotated[str, typer.Option(help="Where ḡ_img lives: model (its device) or cpu (pinned).")] = "model",
     reference_dtype: Annotated[str | None, typer.Option(help="dtype of ḡ_img (default float32).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap and of the run.")] = 0,
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
     out: Annotated[str, typer.Option(help="Output directory.")] = "gradprobe-align",
-    json_out: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout instead of the table.")] = False,
-    cache_dir: Annotated[str | None, typer.Option(help="Toy cache directory (default $GRADPROBE_CACHE or ~/.cache/gradprobe).")] = None,
+    json_out: JsonOpt = False,
+    cache_dir: CacheOpt = None,
 ) -> None:
     """Measure A(m) = ⟨ḡ_img, g_vid^(m)⟩ per frame budget, with 95% CIs and the threshold m*."""
     from gradprobe import AlignInterrupted, GradprobeError
@@ -169,6 +192,125 @@ def align(
         err.print(f"wrote {Path(out) / 'checkpoints.csv'} and one directory per checkpoint")
     else:
         err.print(f"wrote {Path(out) / 'summary.json'}, alignment.csv, modules.csv")
+
+
+def _spec(s: dict[str, Any] | None) -> str:
+    if not s:
+        return "—"
+    bottom = f", bottom {s['bottom']:.4g}" if s.get("bottom") is not None else ""
+    conv = "" if s.get("converged") else ", not converged"
+    return f"{s['beta']:.4g} (top {s['top']:.4g}{bottom}; {s['products']} HVPs{conv})"
+
+
+def render_curvature(summary: dict[str, Any], console: Console) -> None:
+    """Print the per-budget curvature table and the one-step lookahead table."""
+    im, st = summary["image"], summary["settings"]
+    if im:
+        console.print(f"β_img = ‖H_img‖₂ ≈ {_spec(im.get('beta'))}   ‖g_img‖ = {_fmt(im.get('norm'))}   "
+                      f"L_img = {_fmt(im.get('loss'))}")
+        if im.get("trace"):
+            tr = im["trace"]
+            console.print(f"tr H_img ≈ {tr['mean']:.4g} 95% CI {_ci(tr.get('ci95'))} ({len(tr['samples'])} Hutchinson vectors)")
+    t = Table(title="curvature per frame budget (A: CI over video batches; q = g_vidᵀH_img g_vid: CI over image batches)",
+              title_justify="left")
+    for col in ("m", "A", "95% CI", "cos", "‖g_vid‖", "q", "95% CI ", "q/(β‖g‖²)", "β_vid", "η0 (Eq. 11)", "2/β_vid"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for b in summary["budgets"]:
+        if not b.get("finite", True) or "A" not in b:
+            t.add_row(str(b["frames"]), *["—"] * 10)
+            continue
+        t.add_row(str(b["frames"]), _fmt(b["A"]), _ci(b["A_ci95"]), _fmt(b["cos"], ".3f"), _fmt(b["norm_vid"]),
+                  _fmt(b["q"]), _ci(b["q_ci95"]), _fmt(b["q_over_beta_sqnorm"], ".3f"),
+                  _fmt((b.get("beta_vid") or {}).get("beta")), _fmt(b["eta0"], ".3g") if b["eta0"] else "none (A ≥ 0)",
+                  _fmt(b["eta_descent"], ".3g"), style="red" if b["A"] < 0 else "")
+    console.print(t)
+    lt = Table(title="one step θ⁺ = θ − η g_vid: predicted vs actual loss change", title_justify="left")
+    for col in ("m", "η", "ΔL_img", "Eq. 8", "rel. err", "Eq. 13 range", "ΔL_vid", "2nd order", "Eq. 14 bound", "holds"):
+        lt.add_column(col, justify="right", no_wrap=True)
+    for b in summary["budgets"]:
+        for r in b.get("steps", []):
+            holds = ("13✓" if r["eq13_holds"] else "13✗") + (" 14✓" if r["eq14_holds"] else " 14✗" if r["eq14_holds"] is not None else "")
+            lt.add_row(str(r["frames"]), f"{r['lr']:.0e}", _fmt(r["d_img"], ".4g") + ("" if r["resolved_img"] else "*"),
+                       _fmt(r["d_img_eq8"], ".4g"), _fmt(r["eq8_rel_error"], ".2g"),
+                       f"[{r['d_img_lower_eq13']:.3g}, {r['d_img_upper']:.3g}]",
+                       _fmt(r["d_vid"], ".4g") + ("" if r["resolved_vid"] else "*"), _fmt(r["d_vid_second_order"], ".4g"),
+                       _fmt(r["d_vid_bound_eq14"], ".4g"), holds)
+    console.print(lt)
+    tried = st.get("backend_tried") or {}
+    note = f"; passed over: {', '.join(tried)}" if tried else ""
+    console.print(f"[dim]HVP backend {st.get('backend')} (requested {st['backend_requested']}{note}); "
+                  f"{st['method']} to tol {st['tol']:g}; {st['n_params']:,} parameters; "
+                  f"{im.get('n_batches', 0)} image batches; * = change within 10× the loss noise[/]")
+    for w in summary.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+@app.command()
+def curvature(
+    frames: FramesOpt = "8,16,32,64",
+    lr: Annotated[str, typer.Option(help="Step sizes η, comma-separated, for Eq. 8/11/14 and the one-step lookahead.")] = "1e-5",
+    model: Annotated[str | None, typer.Option(help="Model checkpoint directory or hub id (default: the toy).")] = None,
+    image_data: ImageDataOpt = None,
+    video_data: VideoDataOpt = None,
+    data_root: DataRootOpt = None,
+    backend: Annotated[str, typer.Option(help="HVP backend: auto, double_backward, forward_over_reverse, finite_difference.")] = "auto",
+    method: Annotated[str, typer.Option(help="β by lanczos or power (iteration).")] = "lanczos",
+    max_iter: Annotated[int, typer.Option(help="Most Hessian-vector products per eigenvalue run.")] = 100,
+    tol: Annotated[float, typer.Option(help="Relative tolerance of the eigenvalue runs.")] = 1e-3,
+    beta_vid: Annotated[bool, typer.Option(help="Estimate β_vid^(m) for Eq. 14 (one eigenvalue run per budget).")] = True,
+    trace_samples: Annotated[int, typer.Option(help="Hutchinson vectors for tr H_img (0: skip).")] = 0,
+    per_module: Annotated[bool, typer.Option(help="Also estimate β_img of each module's diagonal Hessian block.")] = False,
+    fd_step: Annotated[float | None, typer.Option(help="Relative step of finite_difference (default eps^(1/3) of the dtype).")] = None,
+    image_batches: Annotated[int, typer.Option(help="K, image minibatches of L_img.")] = 4,
+    video_batches: Annotated[int, typer.Option(help="J, video minibatches per budget (same clips at every m).")] = 4,
+    batch_size: BatchSizeOpt = 16,
+    video_batch_size: VideoBatchSizeOpt = 4,
+    sampler: SamplerOpt = "uniform",
+    pixel_policy: PixelPolicyOpt = "fixed",
+    frame_pixels: FramePixelsOpt = None,
+    total_pixels: TotalPixelsOpt = None,
+    skip_bad: SkipBadOpt = False,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    roles: RolesOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
+    attn_implementation: AttnOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of the start and probe vectors.")] = 0,
+    out: Annotated[str, typer.Option(help="Output directory.")] = "gradprobe-curvature",
+    json_out: JsonOpt = False,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Hessian bounds per frame budget: β, q = g_vidᵀH_img g_vid, η0 (Eq. 11) and a one-step lookahead vs Eq. 8 and 14."""
+    from gradprobe import GradprobeError
+    from gradprobe.estimators.curvature import CurvatureInterrupted
+    from gradprobe.run import CurvatureOptions, run_curvature
+
+    opts = CurvatureOptions(
+        frames=frames, model=model, image_data=image_data, video_data=video_data, data_root=data_root,
+        image_batches=image_batches, video_batches=video_batches, batch_size=batch_size,
+        video_batch_size=video_batch_size, include=include or [], exclude=exclude or [], roles=roles, device=device,
+        dtype=dtype, device_map=device_map, attn_implementation=attn_implementation, sampler=sampler,
+        pixel_policy=pixel_policy, frame_pixels=frame_pixels, total_pixels=total_pixels, skip_bad=skip_bad,
+        seed=seed, out=out, cache_dir=cache_dir, lr=lr, backend=backend, method=method, max_iter=max_iter, tol=tol,
+        beta_vid=beta_vid, trace_samples=trace_samples, per_module=per_module, fd_step=fd_step,
+    )
+    out_console = _wide_console(150) if not json_out else err
+    try:
+        with _RichProgress(err) as progress:
+            report = run_curvature(opts, progress=progress, log=lambda s: err.print(f"[dim]{s}[/]"))
+    except GradprobeError as e:
+        _fail(str(e))
+    except CurvatureInterrupted as e:
+        render_curvature(e.report.summary, out_console)
+        err.print(f"[yellow]interrupted:[/] partial results written to {out}")
+        raise typer.Exit(130) from None
+    if json_out:
+        sys.stdout.write(json.dumps(report.summary, indent=2) + "\n")
+    else:
+        render_curvature(report.summary, out_console)
+    err.print(f"wrote {Path(out) / 'summary.json'}, lookahead.csv, curvature_modules.csv, spectra.csv")
 
 
 @app.command()

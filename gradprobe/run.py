@@ -245,9 +245,10 @@ def _prepare(opts: AlignOptions, log: Callable[[str], None]) -> _Prepared:
     return _Prepared(model_dirs, fams[0], frames, device, dtype, img_chunks, vid_chunks, images, store, meta)
 
 
-def _align_one(opts: AlignOptions, prep: _Prepared, model_dir: Path, out: str | None, progress: Progress | None,
-               log: Callable[[str], None]) -> AlignReport:
-    from gradprobe.models.base import PixelPolicy, batch_info, loss_fn
+def _load(opts: AlignOptions, prep: _Prepared, model_dir: Path,
+          log: Callable[[str], None]) -> tuple[torch.nn.Module, Any, list[Any], dict[int, _LazyBatches]]:
+    """Load one checkpoint with its adapter; its image batches and its video batches per budget."""
+    from gradprobe.models.base import PixelPolicy
 
     log(f"loading {model_dir}")
     adapter_cls = prep.family.adapter_class()
@@ -263,6 +264,14 @@ def _align_one(opts: AlignOptions, prep: _Prepared, model_dir: Path, out: str | 
                         prep.dtype)
         for m in prep.frames
     }
+    return model, adapter, images, videos
+
+
+def _align_one(opts: AlignOptions, prep: _Prepared, model_dir: Path, out: str | None, progress: Progress | None,
+               log: Callable[[str], None]) -> AlignReport:
+    from gradprobe.models.base import batch_info, loss_fn
+
+    model, adapter, images, videos = _load(opts, prep, model_dir, log)
     meta = dict(prep.meta, model=str(model_dir))
     torch.manual_seed(opts.seed)
     return align(
@@ -363,3 +372,70 @@ def run_align_checkpoints(
                 "pending": [str(x) for x in prep.model_dirs[i + 1:]],
             })
     return reports
+
+
+@dataclass
+class CurvatureOptions(AlignOptions):
+    """Options of :func:`run_curvature` (the command line's ``gradprobe curvature``).
+
+    Model, data, selection and device options are those of :class:`AlignOptions` (one
+    checkpoint); the batch counts default lower because every Hessian-vector product reads
+    every batch.
+    """
+
+    image_batches: int = 4
+    video_batches: int = 4
+    lr: str | float | Sequence[float] = "1e-5"
+    backend: str = "auto"
+    method: str = "lanczos"
+    max_iter: int = 100
+    tol: float = 1e-3
+    beta_vid: bool = True
+    trace_samples: int = 0
+    per_module: bool = False
+    fd_step: float | None = None
+
+
+def run_curvature(
+    opts: CurvatureOptions,
+    *,
+    progress: Progress | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Any:
+    """Run ``gradprobe curvature`` from options: load model and data, build batches, measure
+    β, q, η0 and the one-step lookahead (:func:`gradprobe.estimators.curvature.curvature`).
+
+    Raises:
+        GradprobeError: any bad option, path, record or budget (one line, for the CLI).
+    """
+    from gradprobe.estimators.curvature import curvature, parse_lrs
+    from gradprobe.estimators.hvp import BACKENDS
+    from gradprobe.estimators.spectrum import METHODS
+    from gradprobe.models.base import loss_fn
+
+    log = log or (lambda s: None)
+    # cheap option checks before any model or data is loaded
+    lrs = parse_lrs(opts.lr)
+    if opts.backend not in BACKENDS:
+        raise InputError(f"backend: unknown HVP backend {opts.backend!r}; use one of {', '.join(BACKENDS)}")
+    if opts.method not in METHODS:
+        raise InputError(f"method: unknown eigenvalue method {opts.method!r}; use {' or '.join(METHODS)}")
+    check_positive_int("max-iter", opts.max_iter)
+    if not 0 < opts.tol < 1:
+        raise InputError(f"tol: expected a relative tolerance in (0, 1), got {opts.tol}")
+    if opts.fd_step is not None and not 0 < opts.fd_step < 1:
+        raise InputError(f"fd-step: expected a relative step in (0, 1), got {opts.fd_step}")
+    check_positive_int("trace-samples", opts.trace_samples, minimum=0)
+    if len(model_list(opts.model)) > 1:
+        raise InputError("model: curvature measures one checkpoint; give one --model")
+    prep = _prepare(opts, log)
+    model, adapter, images, videos = _load(opts, prep, prep.model_dirs[0], log)
+    torch.manual_seed(opts.seed)
+    return curvature(
+        model, images, videos, loss_fn,
+        lrs=lrs, backend=opts.backend, method=opts.method, max_iter=opts.max_iter, tol=opts.tol,
+        beta_vid=opts.beta_vid, trace_samples=opts.trace_samples, per_module=opts.per_module,
+        include=opts.include or None, exclude=opts.exclude or None, roles=opts.roles,
+        role_of=adapter.role_of, module_of=adapter.module_of, fd_step=opts.fd_step, seed=opts.seed,
+        out_dir=opts.out, progress=progress, meta=dict(prep.meta, model=str(prep.model_dirs[0])),
+    )

@@ -196,3 +196,22 @@ def m_star_distribution(frames: Sequence[int], draws: Mapping[int, np.ndarray]) 
         out[str(m)] = float(np.mean(first == i))
     out["none"] = float(np.mean(first == -1))
     return out
+
+
+def weighted_mean_ci(x: Sequence[float], w: Sequence[float] | None = None,
+                     confidence: float = 0.95) -> tuple[float, float | None, tuple[float, float] | None]:
+    """Weighted mean of per-batch values with a Student-t interval over the batches.
+
+    ``w`` are weights summing to 1 (default equal). The standard error is
+    ``√(n/(n−1) Σ w_i² (x_i − x̄)²)``, which is ``s/√n`` for equal weights; n − 1 degrees of
+    freedom. Returns ``(mean, stderr, ci)``, with no interval for one value.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = x.size
+    w = np.full(n, 1.0 / n) if w is None else np.asarray(w, dtype=np.float64)
+    mean = float((w * x).sum())
+    if n < 2:
+        return mean, None, None
+    se = math.sqrt(n / (n - 1) * float((w**2 * (x - mean) ** 2).sum()))
+    q = float(_st.t.ppf(0.5 + confidence / 2, n - 1))
+    return mean, se, (mean - q * se, mean + q * se)
