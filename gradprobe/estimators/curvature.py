@@ -300,11 +300,11 @@ def curvature(
                 g_vid = gv.grad
                 A = vdot(g_img, g_vid)
                 sq = vdot(g_vid, g_vid)
-                a_mean, a_se, a_ci = stats.weighted_mean_ci(gv.dots or [], H_vid.weights)
+                _, a_se, a_ci = stats.weighted_mean_ci(gv.dots or [], H_vid.weights)
                 Hg = H_img @ g_vid
                 progress.advance(phase)
                 q = vdot(g_vid, Hg)
-                q_mean, q_se, q_ci = stats.weighted_mean_ci(H_img.last_quads, H_img.weights)
+                _, q_se, q_ci = stats.weighted_mean_ci(H_img.last_quads, H_img.weights)
                 q_vid = vdot(g_vid, H_vid @ g_vid)
                 progress.advance(phase)
                 s_vid = None

@@ -42,7 +42,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -520,7 +520,7 @@ class HessianOperator:
         self.fd_rounding = math.sqrt(rounding_sq) / (2 * t * vn)
         return out
 
-    _products: dict[str, Callable[[HessianOperator, Vec], Vec]] = {
+    _products: ClassVar[dict[str, Callable[[HessianOperator, Vec], Vec]]] = {
         "double_backward": _double_backward,
         "forward_over_reverse": _forward_over_reverse,
         "finite_difference": _finite_difference,
