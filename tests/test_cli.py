@@ -164,3 +164,56 @@ def test_models_lists_families_and_unknown_architecture_names_them(tmp_path):
     _write(d, "config.json", '{"architectures": ["GPT2LMHeadModel"]}')
     with pytest.raises(gradprobe.errors.ModelError, match="'GPT2LMHeadModel' is not supported; supported: Qwen2_5_VL"):
         adapter_for(d)
+
+
+CURV = ["--image-batches", "2", "--batch-size", "4", "--video-batches", "2", "--video-batch-size", "2",
+        "--max-iter", "15"]
+
+
+def test_curvature_end_to_end(tiny_toy, tmp_path, monkeypatch):
+    """`gradprobe curvature` on the toy default: β, q, η0 and predicted vs actual ΔL per budget."""
+    monkeypatch.setattr(gradprobe.run, "DEFAULT_TOY", ToySpec(**{**tiny_toy.spec.__dict__}))
+    out = tmp_path / "curv"
+    r = runner.invoke(app, ["curvature", "--frames", "2,4", "--lr", "1e-4,1e-3", *CURV, "--trace-samples", "3",
+                            "--cache-dir", str(tiny_toy.root.parent), "--out", str(out)], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    for needle in ("β_img", "η0 (Eq. 11)", "Eq. 8", "Eq. 14 bound", "tr H_img"):
+        assert needle in r.output, needle
+    s = json.loads((out / "summary.json").read_text())
+    assert s["schema"] == "gradprobe.curvature/1" and s["complete"] and s["meta"]["source"] == "toy"
+    assert s["settings"]["backend"] == "double_backward"  # auto's first choice works on the toy
+    assert s["image"]["beta"]["beta"] > 0 and s["image"]["beta"]["top"] >= s["image"]["beta"]["bottom"]
+    assert [b["frames"] for b in s["budgets"]] == [2, 4]
+    for b in s["budgets"]:
+        assert b["beta_vid"]["beta"] > 0 and b["q"] is not None and len(b["steps"]) == 2
+        assert (b["eta0"] is None) == (b["A"] >= 0)
+    steps = pd.read_csv(out / "lookahead.csv")
+    assert len(steps) == 4 and steps["d_img"].notna().all()
+    assert (out / "curvature_modules.csv").is_file()
+    r = runner.invoke(app, ["plot", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (out / "lookahead.png").read_bytes()[:4] == b"\x89PNG" and (out / "spectra.png").is_file()
+
+    r = runner.invoke(app, ["curvature", "--frames", "2", "--lr", "1e-4", *CURV, "--no-beta-vid",
+                            "--backend", "finite_difference", "--method", "power", "--json",
+                            "--cache-dir", str(tiny_toy.root.parent), "--out", str(tmp_path / "c2")])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout[r.stdout.index("{"):])
+    assert doc["settings"]["backend"] == "finite_difference" and doc["image"]["beta"]["method"] == "power"
+    assert doc["budgets"][0]["beta_vid"] is None
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--lr", "fast"], "lr: 'fast' is not a number"),
+    (["--lr", "0"], "must be positive"),
+    (["--backend", "magic"], "unknown HVP backend 'magic'"),
+    (["--method", "qr"], "unknown eigenvalue method 'qr'"),
+    (["--tol", "5"], "tol"),
+    (["--max-iter", "0"], "max-iter"),
+    (["--fd-step", "2"], "fd-step"),
+    (["--frames", "3"], "takes even m"),
+    (["--model", "a,b"], "one --model"),
+])
+def test_curvature_bad_input(tiny_toy, args, needle):
+    base = _paths(tiny_toy) if "--model" not in args else []
+    assert_one_line_error(runner.invoke(app, ["curvature", *base, *args], env={"COLUMNS": "300"}), needle)

@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from gradprobe.errors import DataError
 from gradprobe.report.io import read_align_dir
 
 
@@ -197,11 +198,87 @@ def checkpoint_curves(table: pd.DataFrame, ax: Any = None) -> Any:
     return ax
 
 
+def lookahead_plot(steps: pd.DataFrame, axes: Any = None) -> Any:
+    """Predicted vs actual one-step loss change against η, one colour per budget (``lookahead.csv``).
+
+    Left: ΔL_img measured (points), Eq. 8 (line) and the Eq. 13 range (band). Right: ΔL_vid
+    measured (points), its second-order value (line) and the Eq. 14 bound (dashed).
+    """
+    plt = _mpl()
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    frames = sorted(steps["frames"].unique())
+    for i, m in enumerate(frames):
+        g = steps[steps["frames"] == m].sort_values("lr")
+        c = plt.cm.viridis(i / max(1, len(frames) - 1))
+        axes[0].plot(g["lr"], g["d_img_eq8"], "-", color=c, label=f"m={m} Eq. 8")
+        axes[0].fill_between(g["lr"], g["d_img_lower_eq13"], g["d_img_upper"], color=c, alpha=0.12)
+        axes[0].plot(g["lr"], g["d_img"], "o", color=c, mfc="none", label=f"m={m} measured")
+        axes[1].plot(g["lr"], g["d_vid_second_order"], "-", color=c, label=f"m={m} 2nd order")
+        if g["d_vid_bound_eq14"].notna().any():
+            axes[1].plot(g["lr"], g["d_vid_bound_eq14"], "--", color=c, label=f"m={m} Eq. 14 bound")
+        axes[1].plot(g["lr"], g["d_vid"], "o", color=c, mfc="none", label=f"m={m} measured")
+    for ax, what in zip(axes, ("ΔL_img", "ΔL_vid"), strict=True):
+        ax.set_xscale("log")
+        lin = float(steps[["d_img", "d_vid"]].abs().replace(0, float("nan")).min().min())
+        ax.set_yscale("symlog", linthresh=lin if math.isfinite(lin) and lin > 0 else 1e-12)
+        ax.axhline(0.0, color="k", lw=0.8, ls=":")
+        ax.set_xlabel("step size η")
+        ax.set_ylabel(f"{what} after θ − η g_vid")
+        ax.legend(fontsize=7)
+    axes[0].set_title("image loss: measured vs Eq. 8 (band: Eq. 13 with β_img)", fontsize=10)
+    axes[1].set_title("video loss: measured vs second order and Eq. 14", fontsize=10)
+    return axes
+
+
+def spectrum_convergence(spectra: pd.DataFrame, ax: Any = None) -> Any:
+    """β estimate against Hessian-vector products for every eigenvalue run (``spectra.csv``)."""
+    plt = _mpl()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4.5))
+    for label, g in spectra.groupby("operator", sort=False):
+        ax.plot(g["products"], g["beta"], ".-", label=str(label))
+    ax.set_yscale("log")
+    ax.set_xlabel("Hessian-vector products")
+    ax.set_ylabel("β estimate (max |eigenvalue|)")
+    ax.set_title("convergence of the spectral-norm estimates", fontsize=10)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def _curvature_plots(d: Path) -> list[Path]:
+    from gradprobe.estimators.curvature import LOOKAHEAD, SPECTRA
+
+    plt = _mpl()
+    paths = []
+    steps = pd.read_csv(d / LOOKAHEAD) if (d / LOOKAHEAD).stat().st_size else pd.DataFrame()
+    if len(steps):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        lookahead_plot(steps, axes)
+        fig.tight_layout()
+        paths.append(d / "lookahead.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    if (d / SPECTRA).is_file() and (d / SPECTRA).stat().st_size > 1:
+        spectra = pd.read_csv(d / SPECTRA)
+        if len(spectra):
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            spectrum_convergence(spectra, ax)
+            fig.tight_layout()
+            paths.append(d / "spectra.png")
+            fig.savefig(paths[-1], dpi=120)
+            plt.close(fig)
+    if not paths:
+        raise DataError(f"{d}: the curvature run has no rows to plot yet")
+    return paths
+
+
 def plot_dir(out_dir: str | os.PathLike[str]) -> list[Path]:
     """Draw the plots of an output dir: ``gradprobe align`` (alignment curve, module heatmap; A(m) per
     checkpoint when several were measured),
     ``gradprobe sft`` (training trajectory, with A(m) along the run when it was tracked) or
-    ``gradprobe trap`` (accuracy and alignment per budget).
+    ``gradprobe trap`` (accuracy and alignment per budget) or ``gradprobe curvature`` (predicted vs
+    actual one-step loss change, convergence of β).
 
     Raises:
         DataError: if the directory is neither.
@@ -239,6 +316,8 @@ def plot_dir(out_dir: str | os.PathLike[str]) -> list[Path]:
         fig.savefig(d / "trajectory.png", dpi=120)
         plt.close(fig)
         return [d / "trajectory.png"]
+    if d.is_dir() and (d / "lookahead.csv").is_file():
+        return _curvature_plots(d)
     summary, batches, modules = read_align_dir(out_dir)
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
