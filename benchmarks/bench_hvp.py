@@ -4,7 +4,10 @@ Lanczos and power iteration need for β.
 Usage:
     python benchmarks/bench_hvp.py --out benchmarks/results/hvp_cpu.json            # the CPU toy
     python benchmarks/bench_hvp.py --shape 7b --device cuda --include 'language_model.layers.(2[0-7])\\.' \
-        --out benchmarks/results/hvp_qwen2_5_vl_7b.json                             # GPU, 7B shape
+        --out benchmarks/results/hvp_qwen2_5_vl_7b_last8.json                       # GPU, 7B shape, last 8 layers
+    python benchmarks/bench_hvp.py --shape 7b --device cuda --out benchmarks/results/hvp_qwen2_5_vl_7b.json
+CPU check of the 7B code path at the tiny shape:
+    python benchmarks/bench_hvp.py --shape tiny --side 64 --repeats 2
 
 What it does, in one process:
 
@@ -74,10 +77,11 @@ def _load(a: argparse.Namespace) -> tuple[Any, Any, list[Any], list[Any], torch.
         from gradprobe.models.tiny import create_tiny
 
         work = Path(a.work)
-        ckpt = work / f"qwen2_5_vl-7b-{str(dtype).removeprefix('torch.')}"
+        ckpt = work / f"qwen2_5_vl-{a.shape}-{str(dtype).removeprefix('torch.')}"
         if not (ckpt / "config.json").is_file():
-            create_tiny("qwen2_5_vl", ckpt, sw.vocabulary(), shape="7b", side=448, device=str(device), dtype=dtype)
-        imgs, vids = make_data(work, 448, n_images=max(2, a.beta_batches), n_videos=2)
+            create_tiny("qwen2_5_vl", ckpt, sw.vocabulary(), shape=a.shape, side=a.side, device=str(device),
+                        dtype=dtype)
+        imgs, vids = make_data(work, a.side, n_images=max(2, a.beta_batches), n_videos=2)
         paths = dict(model=str(ckpt), image_data=str(imgs), video_data=str(vids))
         sizes = dict(batch_size=1, video_batch_size=1)
     opts = AlignOptions(frames="8", image_batches=max(1, a.beta_batches), video_batches=1, device=a.device,
@@ -142,6 +146,22 @@ def cost(model: Any, adapter: Any, batch: Any, device: torch.device, include: li
     return out
 
 
+def profile(model: Any, batch: Any, include: list[str] | None) -> None:
+    from torch.profiler import profile as torch_profile
+
+    from gradprobe.estimators.hvp import HessianOperator
+    from gradprobe.models.base import loss_fn
+    from gradprobe.probe import select_parameters
+
+    with HessianOperator(model, loss_fn, [batch], select_parameters(model, include=include),
+                         backend="double_backward") as H:
+        v = H.random(torch.Generator().manual_seed(0))
+        H @ v  # warm-up
+        with torch_profile() as p:
+            H @ v
+    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def _products_to(history: list[dict[str, float]], ref: float, tol: float) -> int | None:
     """Products after which the relative error of β stays ≤ tol."""
     errs = [abs(h["beta"] - ref) / ref for h in history]
@@ -180,7 +200,9 @@ def beta_runs(model: Any, images: list[Any], seeds: int) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="toy", choices=["toy", "7b"])
+    ap.add_argument("--shape", default="toy", choices=["toy", "tiny", "7b"],
+                    help="toy: the cached toy default; tiny / 7b: a random-weight Qwen2.5-VL of that shape")
+    ap.add_argument("--side", type=int, default=448, help="image and frame side for tiny / 7b")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="default bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--attn-implementation", default="sdpa")
@@ -189,6 +211,8 @@ def main() -> None:
     ap.add_argument("--beta-batches", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--no-beta", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the torch.profiler table of one double_backward product on the image batch")
     ap.add_argument("--work", default="/tmp/gradprobe-bench")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -203,6 +227,8 @@ def main() -> None:
     for k, v in result["cost"].items():
         print(k, {n: round(x, 4) for n, x in v["seconds"].items()}, {n: round(x, 2) for n, x in v["ratio"].items()},
               v["peak_gib"], v["failed"])
+    if a.profile:
+        profile(model, images[0], a.include)
     if not a.no_beta and a.shape == "toy":
         result["beta"] = beta_runs(model, images[: a.beta_batches], a.seeds)
         for r in result["beta"]["runs"]:
