@@ -7,12 +7,15 @@ exit code 2; anything else is a bug.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "GradprobeError",
     "InputError",
     "DataError",
     "ModelError",
     "BudgetError",
+    "RunInterrupted",
 ]
 
 
@@ -34,3 +37,13 @@ class ModelError(GradprobeError):
 
 class BudgetError(GradprobeError, ValueError):
     """A frame budget the model or the data cannot take."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A long run stopped by Ctrl-C; ``.report`` holds everything computed so far (already saved)."""
+
+    what = "run"
+
+    def __init__(self, report: Any) -> None:
+        super().__init__(f"{self.what} interrupted")
+        self.report = report

@@ -26,7 +26,7 @@ import torch
 
 from gradprobe._checks import check_frames, check_positive_int
 from gradprobe._version import __version__
-from gradprobe.errors import DataError, InputError
+from gradprobe.errors import DataError, InputError, RunInterrupted
 from gradprobe.estimators import stats
 from gradprobe.probe.context import measurement_mode
 from gradprobe.probe.hooks import GradientProbe, LossFn
@@ -85,12 +85,10 @@ class AlignReport:
         return d
 
 
-class AlignInterrupted(KeyboardInterrupt):
-    """Raised when a run is interrupted; ``.report`` holds everything computed so far."""
+class AlignInterrupted(RunInterrupted):
+    """Raised when a run is interrupted; ``.report`` (an :class:`AlignReport`) holds everything computed so far."""
 
-    def __init__(self, report: AlignReport) -> None:
-        super().__init__("alignment run interrupted")
-        self.report = report
+    what = "alignment run"
 
 
 def image_group_count(k: int, image_groups: int | None) -> int:

@@ -38,7 +38,7 @@ import torch
 
 from gradprobe._checks import check_frames, check_positive_int
 from gradprobe._version import __version__
-from gradprobe.errors import DataError, InputError
+from gradprobe.errors import DataError, InputError, RunInterrupted
 from gradprobe.estimators import stats
 from gradprobe.estimators.align import Progress
 from gradprobe.estimators.hvp import BACKENDS, HessianOperator, LossFn, Vec, vdot, vrandom
@@ -80,12 +80,10 @@ class CurvatureReport:
         return d
 
 
-class CurvatureInterrupted(KeyboardInterrupt):
-    """Raised when a run is interrupted; ``.report`` holds everything computed so far."""
+class CurvatureInterrupted(RunInterrupted):
+    """Raised when a run is interrupted; ``.report`` (an :class:`CurvatureReport`) holds everything computed so far."""
 
-    def __init__(self, report: CurvatureReport) -> None:
-        super().__init__("curvature run interrupted")
-        self.report = report
+    what = "curvature run"
 
 
 def parse_lrs(spec: str | float | Sequence[float]) -> list[float]:
