@@ -260,7 +260,7 @@ def test_forward_over_reverse_on_a_real_mllm_with_masked_scatter(tiny_toy):
                         video_data=str(tiny_toy.data("probe", "videos")), image_batches=1, video_batches=1,
                         batch_size=2, video_batch_size=1, dtype="float64", device="cpu")
     prep = _prepare(opts, lambda s: None)
-    model, adapter, images, videos = _load(opts, prep, prep.model_dirs[0], lambda s: None)
+    model, _, images, videos = _load(opts, prep, prep.model_dirs[0], lambda s: None)
     batches = [images[0], videos[2][0]]
     sel = select_parameters(model, include=["visual.merger", "language_model.layers.1", "visual.blocks.1"])
     out = {}
@@ -408,7 +408,7 @@ def planted_loss(model, batch):
 
 def _planted_batches():
     g = torch.Generator().manual_seed(1)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     B = sym(8, np.linspace(-0.5, 2.0, 8), 5)
     u = r(8) / math.sqrt(8)
     images = [{"kind": "image", "a": r(8), "B": B, "u": u, "c": 0.7, "input_ids": torch.zeros(2, 1)} for _ in range(2)]

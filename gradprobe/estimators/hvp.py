@@ -81,10 +81,6 @@ def vscale(a: Sequence[torch.Tensor], alpha: float) -> Vec:
     return [alpha * x for x in a]
 
 
-def vzeros(like: Sequence[torch.Tensor]) -> Vec:
-    return [torch.zeros_like(x) for x in like]
-
-
 def vrandom(like: Sequence[torch.Tensor], generator: torch.Generator, kind: str = "gaussian") -> Vec:
     """Gaussian or Rademacher entries, drawn on the CPU from ``generator`` (device-independent)."""
     out = []
