@@ -408,24 +408,13 @@ def run_curvature(
     Raises:
         GradprobeError: any bad option, path, record or budget (one line, for the CLI).
     """
-    from gradprobe.estimators.curvature import curvature, parse_lrs
-    from gradprobe.estimators.hvp import BACKENDS
-    from gradprobe.estimators.spectrum import METHODS
+    from gradprobe.estimators.curvature import check_options, curvature
     from gradprobe.models.base import loss_fn
 
     log = log or (lambda s: None)
     # cheap option checks before any model or data is loaded
-    lrs = parse_lrs(opts.lr)
-    if opts.backend not in BACKENDS:
-        raise InputError(f"backend: unknown HVP backend {opts.backend!r}; use one of {', '.join(BACKENDS)}")
-    if opts.method not in METHODS:
-        raise InputError(f"method: unknown eigenvalue method {opts.method!r}; use {' or '.join(METHODS)}")
-    check_positive_int("max-iter", opts.max_iter)
-    if not 0 < opts.tol < 1:
-        raise InputError(f"tol: expected a relative tolerance in (0, 1), got {opts.tol}")
-    if opts.fd_step is not None and not 0 < opts.fd_step < 1:
-        raise InputError(f"fd-step: expected a relative step in (0, 1), got {opts.fd_step}")
-    check_positive_int("trace-samples", opts.trace_samples, minimum=0)
+    lrs = check_options(opts.lr, opts.backend, opts.method, opts.max_iter, opts.tol, opts.trace_samples,
+                        opts.fd_step, sep="-")
     if len(model_list(opts.model)) > 1:
         raise InputError("model: curvature measures one checkpoint; give one --model")
     prep = _prepare(opts, log)

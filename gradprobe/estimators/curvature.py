@@ -109,6 +109,24 @@ def parse_lrs(spec: str | float | Sequence[float]) -> list[float]:
     return out
 
 
+def check_options(lrs: str | float | Sequence[float], backend: str, method: str, max_iter: int, tol: float,
+                  trace_samples: int, fd_step: float | None, sep: str = "_") -> list[float]:
+    """Validate the options of :func:`curvature` (``sep="-"`` names them as command-line flags);
+    returns the learning rates."""
+    lr_list = parse_lrs(lrs)
+    if backend not in BACKENDS:
+        raise InputError(f"backend: unknown HVP backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if method not in METHODS:
+        raise InputError(f"method: unknown eigenvalue method {method!r}; use {' or '.join(METHODS)}")
+    check_positive_int(f"max{sep}iter", max_iter)
+    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise InputError(f"tol: expected a relative tolerance in (0, 1), got {tol!r}")
+    if fd_step is not None and not 0 < fd_step < 1:
+        raise InputError(f"fd{sep}step: expected a relative step in (0, 1), got {fd_step}")
+    check_positive_int(f"trace{sep}samples", trace_samples, minimum=0)
+    return lr_list
+
+
 def _spectrum_rows(label: str, s: Spectrum) -> list[dict[str, Any]]:
     return [{"operator": label, "method": s.method, **h} for h in s.history]
 
@@ -196,15 +214,7 @@ def curvature(
     if not isinstance(video_batches, Mapping):
         raise InputError("video_batches must map each frame budget m to its batches")
     frames = check_frames(video_batches.keys())
-    lr_list = parse_lrs(lrs)
-    if backend not in BACKENDS:
-        raise InputError(f"backend: unknown HVP backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    if method not in METHODS:
-        raise InputError(f"method: unknown eigenvalue method {method!r}; use {' or '.join(METHODS)}")
-    check_positive_int("max_iter", max_iter)
-    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
-        raise InputError(f"tol: expected a relative tolerance in (0, 1), got {tol!r}")
-    check_positive_int("trace_samples", trace_samples, minimum=0)
+    lr_list = check_options(lrs, backend, method, max_iter, tol, trace_samples, fd_step)
     images = list(image_batches)
     if not images:
         raise DataError("no image batches")

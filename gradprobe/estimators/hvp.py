@@ -371,6 +371,11 @@ class HessianOperator:
         return vrandom(self.zeros(), generator, kind)
 
     @property
+    def fd_relative_step(self) -> float:
+        """``r`` of ``finite_difference``: ``fd_step``, or ``eps^(1/3)`` of the coarsest parameter dtype."""
+        return self.fd_step if self.fd_step is not None else max(relative_step(p.dtype) for p in self.params)
+
+    @property
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
 
@@ -496,7 +501,7 @@ class HessianOperator:
         if vn == 0:
             self.last_quads = [0.0] * len(self.batches)
             return self.zeros()
-        r = self.fd_step if self.fd_step is not None else max(relative_step(p.dtype) for p in self.params)
+        r = self.fd_relative_step
         t = r * (theta if theta > 0 else 1.0) / vn
         out = self.zeros()
         side: dict[float, list[float]] = {}
@@ -537,8 +542,6 @@ class HessianOperator:
             "tried": dict(self.tried),
             "products": self.n_products,
             "batches": len(self.batches),
-            "fd_relative_step": (self.fd_step if self.fd_step is not None else
-                                 max(relative_step(p.dtype) for p in self.params))
-            if self.backend == "finite_difference" else None,
+            "fd_relative_step": self.fd_relative_step if self.backend == "finite_difference" else None,
             "fd_rounding": self.fd_rounding,
         }
