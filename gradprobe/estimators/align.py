@@ -101,6 +101,50 @@ def image_group_count(k: int, image_groups: int | None) -> int:
     return g
 
 
+def image_phase(probe: GradientProbe, loss_fn: LossFn, images: Sequence[Any], store: ReferenceStore, per: int, *,
+                progress: Progress, warn: Callable[[str], None], rows: list[dict[str, Any]]) -> list[int]:
+    """Accumulate image-group mean gradients into ``store``: group g holds batches ``g·per … (g+1)·per − 1``.
+
+    A group with a non-finite batch is dropped from ``store``; the kept rows are scaled to means.
+    ``rows`` gets one dict per image batch as it is measured. Returns the kept groups.
+
+    Raises:
+        DataError: every image batch gave a non-finite loss or gradient.
+    """
+    G = store.rows
+    progress.start("image", len(images))
+    bad_group = np.zeros(G, dtype=bool)
+    for k, batch in enumerate(images):
+        g = k // per
+        r = probe.run_batch(loss_fn, batch, accumulate=store, accumulate_row=g)
+        if not r.finite:
+            bad_group[g] = True
+            warn(f"image batch {k}: non-finite loss or gradient; its group {g} is excluded")
+        rows.append(
+            {"batch": k, "group": g, "loss": r.loss, "norm": math.sqrt(max(r.sqnorm.sum(), 0.0))
+             if r.finite else float("nan"), "finite": r.finite}
+        )
+        progress.advance("image")
+    progress.finish("image")
+    finite_groups = [g for g in range(G) if not bad_group[g]]
+    if not finite_groups:
+        raise DataError("every image batch gave a non-finite loss or gradient")
+    if len(finite_groups) < G:
+        store.keep_rows(finite_groups)
+    store.scale_(torch.full((store.rows,), 1.0 / per, dtype=torch.float64))
+    if store.rows < 2:
+        warn(
+            "only one image group: intervals treat ḡ_img as exact and norm_img is unavailable; "
+            "use more image batches or image_groups >= 2"
+        )
+    elif store.rows < MIN_GOOD_GROUPS:
+        warn(
+            f"only {store.rows} image groups: with fewer than {MIN_GOOD_GROUPS} the intervals may "
+            "under-cover when image-batch noise dominates; use more image batches or image_groups"
+        )
+    return finite_groups
+
+
 @dataclass
 class _BudgetAcc:
     """What has been measured for one budget so far."""
@@ -218,40 +262,12 @@ def align(
     try:
         with measurement_mode(model, selection, eval_mode=eval_mode), probe.attached():
             # ---- image phase: group means of the image gradients
-            progress.start("image", K)
-            bad_group = np.zeros(G, dtype=bool)
-            for k, batch in enumerate(images):
-                g = k // per
-                r = probe.run_batch(loss_fn, batch, accumulate=store, accumulate_row=g)
-                if not r.finite:
-                    bad_group[g] = True
-                    warn(f"image batch {k}: non-finite loss or gradient; its group {g} is excluded")
-                image_rows.append(
-                    {"batch": k, "group": g, "loss": r.loss, "norm": math.sqrt(max(r.sqnorm.sum(), 0.0))
-                     if r.finite else float("nan"), "finite": r.finite}
-                )
-                progress.advance("image")
-            progress.finish("image")
-            finite_groups = [g for g in range(G) if not bad_group[g]]
-            if not finite_groups:
-                raise DataError("every image batch gave a non-finite loss or gradient")
-            if len(finite_groups) < G:
-                store.keep_rows(finite_groups)
-            store.scale_(torch.full((store.rows,), 1.0 / per, dtype=torch.float64))
+            finite_groups = image_phase(probe, loss_fn, images, store, per, progress=progress, warn=warn,
+                                        rows=image_rows)
             grams = store.gram(probe.acc_dtype)
             gram_mod = np.zeros((n_mod, store.rows, store.rows))
             for i, gm in enumerate(grams):
                 gram_mod[midx[i]] += gm.to(torch.float64).numpy()
-            if store.rows < 2:
-                warn(
-                    "only one image group: intervals treat ḡ_img as exact and norm_img is unavailable; "
-                    "use more image batches or image_groups >= 2"
-                )
-            elif store.rows < MIN_GOOD_GROUPS:
-                warn(
-                    f"only {store.rows} image groups: with fewer than {MIN_GOOD_GROUPS} the intervals may "
-                    "under-cover when image-batch noise dominates; use more image batches or image_groups"
-                )
 
             img_norm = math.sqrt(max(gram_mod.sum(axis=0).mean(), 0.0))  # ‖ḡ_img‖ of the estimate itself
 
