@@ -313,6 +313,119 @@ def curvature(
     err.print(f"wrote {Path(out) / 'summary.json'}, lookahead.csv, curvature_modules.csv, spectra.csv")
 
 
+def render_decompose(summary: dict[str, Any], console: Console) -> None:
+    """Print the per-budget decomposition, ρ_sh and ρ_tmp, the assumption checks and both m*."""
+    if not summary.get("budgets"):
+        console.print(summary.get("note", "nothing to decompose"))
+        return
+    t = Table(title="A(m) = ρ_sh − α(m) ρ_tmp + ⟨g_img, ε(m)⟩ (Eq. 16–20); 95% CIs", title_justify="left")
+    for col in ("m", "A measured", "95% CI", "ρ_sh", "−α ρ_tmp", "95% CI ", "predicted", "residual", "α(m)",
+                "95% CI  ", "Var ε(m)"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for b in summary["budgets"]:
+        t.add_row(str(b["frames"]), _fmt(b["A"]), _ci(b["A_ci95_t"]), _fmt(b["rho_sh"]), _fmt(b["contrib_tmp"]),
+                  _ci(b["contrib_tmp_ci95"]), _fmt(b["A_pred"]), _fmt(b["residual"]), _fmt(b["alpha"]),
+                  _ci(b["alpha_ci95"]), _fmt(b["var_eps"]), style="red" if b["A"] < 0 else "")
+    console.print(t)
+    sh, tm, td = summary["rho_sh"], summary["rho_tmp"], summary["tmp_direction"]
+    console.print(f"ρ_sh = {_fmt(sh['value'])} 95% CI {_ci(sh['ci95'])}   ({summary['shared']['label']})")
+    if td["resolved"]:
+        console.print(f"ρ_tmp = {_fmt(tm['value'])} 95% CI {_ci(tm['ci95'])}   cos(g_img, ĝ_tmp) = "
+                      f"{_fmt(tm['cos_img_tmp'], '.3f')}   ĝ_tmp explains {td['explained']:.0%} of Σ‖d_m‖²")
+    else:
+        console.print("ρ_tmp undefined: no temporal direction (the budgets' mean gradients equal the shared one)")
+    ct = Table(title="assumption checks", title_justify="left")
+    for col in ("check", "claim", "statistic", "value", "95% CI", "verdict"):
+        ct.add_column(col, no_wrap=col != "claim")
+    colour = {"held": "green", "violated": "red", "inconclusive": "yellow"}
+    for c in summary["checks"]:
+        ct.add_row(c["check"], c["claim"], c["statistic"], _fmt(c["value"]), _ci(c["ci95"]),
+                   f"[{colour[c['verdict']]}]{c['verdict']}[/]")
+    console.print(ct)
+    ms = summary["m_star"]
+    for key, name in (("model", "model-based, Eq. 22"), ("empirical", "empirical, first mean A(m) ≤ 0")):
+        s = ms[key]
+        boot = ", ".join(f"{k}: {v:.2f}" for k, v in s.get("bootstrap", {}).items() if v > 0)
+        console.print(f"m* ({name}): [bold]{s['value'] if s['value'] is not None else 'none in the grid'}[/]"
+                      + (f"   bootstrap: {boot}" if boot else ""))
+        if s.get("note"):
+            console.print(f"[dim]  {s['note']}[/]")
+    st, v = summary["settings"], summary["video"]
+    console.print(f"[dim]{summary['image']['n_batches']} image batches in {summary['image']['groups']} groups; "
+                  f"{v['batches_used']} video batches in {v['groups']} groups; tolerance τ = "
+                  f"{st['tolerance']:g} × scale; {st['n_params']:,} parameters[/]")
+    for w in summary.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+@app.command()
+def decompose(
+    frames: FramesOpt = "2,8,16,32,64",
+    shared: Annotated[str, typer.Option(help="The variant that defines g_sh: smallest (the smallest budget the model accepts), static or shuffled (that sampler at every budget).")] = "smallest",
+    model: Annotated[str | None, typer.Option(help="Model checkpoint directory or hub id (default: the toy).")] = None,
+    image_data: ImageDataOpt = None,
+    video_data: VideoDataOpt = None,
+    data_root: DataRootOpt = None,
+    sampler: SamplerOpt = "uniform",
+    pixel_policy: PixelPolicyOpt = "fixed",
+    frame_pixels: FramePixelsOpt = None,
+    total_pixels: TotalPixelsOpt = None,
+    skip_bad: SkipBadOpt = False,
+    image_batches: Annotated[int, typer.Option(help="K, image minibatches for g_img.")] = 8,
+    video_batches: Annotated[int, typer.Option(help="J, video minibatches (the same clips at every m and in the shared variant).")] = 12,
+    batch_size: BatchSizeOpt = 16,
+    video_batch_size: VideoBatchSizeOpt = 4,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    roles: RolesOpt = None,
+    image_groups: Annotated[int | None, typer.Option(help="G, image-group means kept (default: largest divisor of K ≤ 8).")] = None,
+    video_groups: Annotated[int | None, typer.Option(help="H, video groups whose mean gradients are kept per variant (default: largest divisor of J in 2..8).")] = None,
+    tolerance: Annotated[float, typer.Option(help="Relative tolerance τ of the checks (fraction of each quantity's scale).")] = 0.1,
+    redundant_from: Annotated[int | None, typer.Option(help="Check Var ε(m) non-decreasing only for m ≥ this.")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
+    attn_implementation: AttnOpt = None,
+    reference_device: Annotated[str, typer.Option(help="Where the mean gradients live: model (its device) or cpu (pinned).")] = "model",
+    reference_dtype: Annotated[str | None, typer.Option(help="dtype of the mean gradients (default float32).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap and of the run.")] = 0,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
+    out: Annotated[str, typer.Option(help="Output directory.")] = "gradprobe-decompose",
+    json_out: JsonOpt = False,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """The α(m) decomposition g_vid^(m) = g_sh + α(m) g_tmp + ε(m): ρ_sh, ρ_tmp, Assumptions 3–5 and both m*."""
+    from gradprobe import GradprobeError
+    from gradprobe.estimators.decompose import DecomposeInterrupted
+    from gradprobe.run import DecomposeOptions, run_decompose
+
+    opts = DecomposeOptions(
+        frames=frames, model=model, image_data=image_data, video_data=video_data, data_root=data_root,
+        image_batches=image_batches, video_batches=video_batches, batch_size=batch_size,
+        video_batch_size=video_batch_size, include=include or [], exclude=exclude or [], roles=roles,
+        image_groups=image_groups, device=device, dtype=dtype, device_map=device_map,
+        attn_implementation=attn_implementation, reference_device=reference_device,
+        reference_dtype=reference_dtype, sampler=sampler, pixel_policy=pixel_policy, frame_pixels=frame_pixels,
+        total_pixels=total_pixels, skip_bad=skip_bad, seed=seed, n_boot=n_boot, out=out, cache_dir=cache_dir,
+        shared=shared, video_groups=video_groups, tolerance=tolerance, redundant_from=redundant_from,
+    )
+    out_console = _wide_console(150) if not json_out else err
+    try:
+        with _RichProgress(err) as progress:
+            report = run_decompose(opts, progress=progress, log=lambda s: err.print(f"[dim]{s}[/]"))
+    except GradprobeError as e:
+        _fail(str(e))
+    except DecomposeInterrupted as e:
+        render_decompose(e.report.summary, out_console)
+        err.print(f"[yellow]interrupted:[/] partial results written to {out}")
+        raise typer.Exit(130) from None
+    if json_out:
+        sys.stdout.write(json.dumps(report.summary, indent=2) + "\n")
+    else:
+        render_decompose(report.summary, out_console)
+    err.print(f"wrote {Path(out) / 'summary.json'}, decompose.csv, decompose_checks.csv, decompose_batches.csv")
+
+
 @app.command()
 def plot(
     out_dir: Annotated[str, typer.Argument(help="An output directory of `gradprobe align`, `sft` or `trap`.")],

@@ -150,7 +150,12 @@ class _Prepared:
     meta: dict[str, Any]
 
 
-def _prepare(opts: AlignOptions, log: Callable[[str], None]) -> _Prepared:
+def _prepare(opts: AlignOptions, log: Callable[[str], None],
+             add_frames: Callable[[Any], Sequence[int]] | None = None) -> _Prepared:
+    """Resolve model and data paths, read and batch the records, decode the clips.
+
+    ``add_frames(adapter_class)`` names budgets to decode beside the grid (e.g. the family's smallest).
+    """
     from gradprobe.data.clips import ClipStore
     from gradprobe.data.records import read_samples
     from gradprobe.data.sampling import check_sampler
@@ -183,6 +188,8 @@ def _prepare(opts: AlignOptions, log: Callable[[str], None]) -> _Prepared:
         raise InputError("model: the checkpoints are of different families "
                          f"({', '.join(sorted({f.name for f in fams}))}); give checkpoints of one run")
     adapter_cls = fams[0].adapter_class()
+    if add_frames is not None:
+        frames = sorted({*frames, *add_frames(adapter_cls)})
     for m in frames:
         adapter_cls.check_budget(m)
     adapter_cls.check_policy(policy)
@@ -427,4 +434,81 @@ def run_curvature(
         include=opts.include or None, exclude=opts.exclude or None, roles=opts.roles,
         role_of=adapter.role_of, module_of=adapter.module_of, fd_step=opts.fd_step, seed=opts.seed,
         out_dir=opts.out, progress=progress, meta=dict(prep.meta, model=str(prep.model_dirs[0])),
+    )
+
+
+@dataclass
+class DecomposeOptions(AlignOptions):
+    """Options of :func:`run_decompose` (the command line's ``gradprobe decompose``).
+
+    ``shared`` picks the temporally collapsed variant that defines g_sh: ``smallest`` (the smallest
+    budget the model accepts, measured once), ``static`` or ``shuffled`` (that sampler at every budget
+    of the grid, on the same clips).
+    """
+
+    frames: str | Sequence[int] = "2,8,16,32,64"
+    shared: str = "smallest"
+    video_groups: int | None = None
+    tolerance: float = 0.1
+    redundant_from: int | None = None
+
+
+SHARED_LABELS = {
+    "static": "static: the clip's middle frame copied m times, at every budget",
+    "shuffled": "shuffled: the uniform frames in random order, at every budget",
+}
+
+
+def run_decompose(
+    opts: DecomposeOptions,
+    *,
+    progress: Progress | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Any:
+    """Run ``gradprobe decompose`` from options: load model and data, build the budgets' batches and the
+    shared variant's, and estimate the α(m) decomposition (:func:`gradprobe.estimators.decompose.decompose`).
+
+    Raises:
+        GradprobeError: any bad option, path, record or budget (one line, for the CLI).
+    """
+    from gradprobe.data.clips import ClipStore
+    from gradprobe.estimators.decompose import SHARED_MODES, check_tolerance, decompose
+    from gradprobe.models.base import batch_info, loss_fn
+
+    log = log or (lambda s: None)
+    if opts.shared not in SHARED_MODES:
+        raise InputError(f"shared: unknown shared variant {opts.shared!r}; use one of {', '.join(SHARED_MODES)}")
+    if opts.shared == opts.sampler:
+        raise InputError(f"shared: the budgets already use the {opts.sampler} sampler; the shared variant must differ")
+    check_tolerance(opts.tolerance)
+    if opts.video_groups is not None:
+        check_positive_int("video-groups", opts.video_groups, 2)
+    if len(model_list(opts.model)) > 1:
+        raise InputError("model: decompose measures one checkpoint; give one --model")
+    grid = parse_frames(opts.frames) if isinstance(opts.frames, str) else parse_frames(list(opts.frames))
+    if opts.redundant_from is not None and not any(m >= opts.redundant_from for m in grid):
+        raise InputError(f"redundant-from: no budget is >= {opts.redundant_from} (budgets: {grid})")
+    prep = _prepare(opts, log, add_frames=lambda a: [a.min_budget()] if opts.shared == "smallest" else [])
+    m0 = prep.family.adapter_class().min_budget()
+    extra = m0 if opts.shared == "smallest" and m0 not in grid else None
+    model, adapter, images, videos = _load(opts, prep, prep.model_dirs[0], log)
+    shared: Any
+    if opts.shared == "smallest":
+        shared = videos.pop(extra) if extra is not None else None
+        label = f"smallest budget the model accepts (m={m0})" + (", also in the grid" if extra is None else "")
+    else:
+        st = ClipStore(prep.store.root, grid, opts.shared, size_of=prep.store.size_of)
+        shared = {m: _LazyBatches(prep.vid_chunks, (lambda c, m=m: adapter.collate(c, store=st, m=m)),
+                                  videos[m].device, prep.dtype) for m in grid}
+        label = SHARED_LABELS[opts.shared]
+    meta = dict(prep.meta, model=str(prep.model_dirs[0]), shared=opts.shared, shared_frames=m0
+                if opts.shared == "smallest" else None)
+    torch.manual_seed(opts.seed)
+    return decompose(
+        model, images, videos, loss_fn, shared=shared, shared_label=label,
+        include=opts.include or None, exclude=opts.exclude or None, roles=opts.roles,
+        role_of=adapter.role_of, module_of=adapter.module_of, image_groups=opts.image_groups,
+        video_groups=opts.video_groups, reference_device=opts.reference_device,
+        reference_dtype=opts.reference_dtype, tolerance=opts.tolerance, redundant_from=opts.redundant_from,
+        n_boot=opts.n_boot, seed=opts.seed, batch_info=batch_info, out_dir=opts.out, progress=progress, meta=meta,
     )

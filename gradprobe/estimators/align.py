@@ -91,14 +91,25 @@ class AlignInterrupted(RunInterrupted):
     what = "alignment run"
 
 
+def group_count(n: int, groups: int | None, option: str = "image_groups", what: str = "image batches",
+                minimum: int = 1) -> int:
+    """How many equal groups to split ``n`` batches into: ``groups`` (which must divide n) or, by default,
+    the largest divisor of n between ``minimum`` and 8."""
+    if groups is None:
+        divisors = [d for d in range(minimum, min(n, MAX_DEFAULT_GROUPS) + 1) if n % d == 0]
+        if not divisors:
+            raise InputError(f"{option}: {n} {what} have no divisor between {minimum} and {MAX_DEFAULT_GROUPS}; "
+                             f"give {option} or use another number of batches")
+        return max(divisors)
+    g = check_positive_int(option, groups, minimum)
+    if n % g:
+        raise InputError(f"{option}: {n} {what} cannot be split into {g} equal groups")
+    return g
+
+
 def image_group_count(k: int, image_groups: int | None) -> int:
     """G for K image batches: the given count (which must divide K) or the largest divisor of K ≤ 8."""
-    if image_groups is None:
-        return max(d for d in range(1, min(k, MAX_DEFAULT_GROUPS) + 1) if k % d == 0)
-    g = check_positive_int("image_groups", image_groups)
-    if k % g:
-        raise InputError(f"image_groups: {k} image batches cannot be split into {g} equal groups")
-    return g
+    return group_count(k, image_groups)
 
 
 def image_phase(probe: GradientProbe, loss_fn: LossFn, images: Sequence[Any], store: ReferenceStore, per: int, *,

@@ -159,6 +159,11 @@ class Adapter:
         return policy
 
     @classmethod
+    def min_budget(cls) -> int:
+        """The smallest frame budget the family takes (its temporal patch, at least 1)."""
+        return max(1, cls.temporal_patch)
+
+    @classmethod
     def check_budget(cls, m: int) -> int:
         """Refuse budgets the family cannot take (Qwen: odd m would repeat the last frame)."""
         t = cls.temporal_patch
