@@ -8,6 +8,7 @@ from gradprobe._version import __version__
 from gradprobe.errors import BudgetError, DataError, GradprobeError, InputError, ModelError
 from gradprobe.estimators.align import AlignInterrupted, AlignReport, Progress, align
 from gradprobe.estimators.curvature import CurvatureInterrupted, CurvatureReport, curvature
+from gradprobe.estimators.decompose import DecomposeInterrupted, DecomposeReport, decompose
 from gradprobe.estimators.hvp import HessianOperator
 from gradprobe.estimators.spectrum import hutchinson_trace, lanczos, power_iteration, spectral_density
 from gradprobe.probe import GradientProbe, ReferenceStore, select_parameters
@@ -19,6 +20,8 @@ __all__ = [
     "CurvatureInterrupted",
     "CurvatureReport",
     "DataError",
+    "DecomposeInterrupted",
+    "DecomposeReport",
     "GradientProbe",
     "GradprobeError",
     "HessianOperator",
@@ -29,6 +32,7 @@ __all__ = [
     "__version__",
     "align",
     "curvature",
+    "decompose",
     "hutchinson_trace",
     "lanczos",
     "power_iteration",

@@ -58,3 +58,20 @@ class Planted:
             m: [self._split(self.s + self.alpha(m) * self.t + sigma_vid * z) for z in clips] for m in frames
         }
         return images, videos
+
+    def draw_decomposition(self, K, J, frames, sigma_img, sigma_clip, sigma_frames, rng, alpha=None):
+        """Images, videos per budget and the shared variant for the decomposition.
+
+        Video batch j at budget m is ``s + α(m) t + σ_clip ζ_j + σ_frames(m) ξ_jm`` (ζ_j: the clip, the
+        same in every variant; ξ_jm: fresh noise whose size ``sigma_frames(m)`` may grow with m); the
+        shared variant of batch j is ``s + σ_clip ζ_j``. So g_sh = s, g_tmp = t, ε(m) has mean 0 and
+        Var ε(m) = d (σ_clip² + σ_frames(m)²).
+        """
+        alpha = alpha or self.alpha
+        d = len(self.u)
+        images = [self._split(self.u + sigma_img * rng.standard_normal(d)) for _ in range(K)]
+        clips = [rng.standard_normal(d) for _ in range(J)]
+        videos = {m: [self._split(self.s + alpha(m) * self.t + sigma_clip * z + sigma_frames(m) * rng.standard_normal(d))
+                      for z in clips] for m in frames}
+        shared = [self._split(self.s + sigma_clip * z) for z in clips]
+        return images, videos, shared

@@ -92,13 +92,13 @@ class AlignInterrupted(RunInterrupted):
 
 
 def group_count(n: int, groups: int | None, option: str = "image_groups", what: str = "image batches",
-                minimum: int = 1) -> int:
+                minimum: int = 1, maximum: int = MAX_DEFAULT_GROUPS) -> int:
     """How many equal groups to split ``n`` batches into: ``groups`` (which must divide n) or, by default,
-    the largest divisor of n between ``minimum`` and 8."""
+    the largest divisor of n between ``minimum`` and ``maximum``."""
     if groups is None:
-        divisors = [d for d in range(minimum, min(n, MAX_DEFAULT_GROUPS) + 1) if n % d == 0]
+        divisors = [d for d in range(minimum, min(n, maximum) + 1) if n % d == 0]
         if not divisors:
-            raise InputError(f"{option}: {n} {what} have no divisor between {minimum} and {MAX_DEFAULT_GROUPS}; "
+            raise InputError(f"{option}: {n} {what} have no divisor between {minimum} and {maximum}; "
                              f"give {option} or use another number of batches")
         return max(divisors)
     g = check_positive_int(option, groups, minimum)

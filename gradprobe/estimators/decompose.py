@@ -65,7 +65,7 @@ from gradprobe._checks import check_frames
 from gradprobe._version import __version__
 from gradprobe.errors import DataError, InputError, RunInterrupted
 from gradprobe.estimators import stats
-from gradprobe.estimators.align import MIN_GOOD_GROUPS, Progress, group_count, image_group_count, image_phase
+from gradprobe.estimators.align import Progress, group_count, image_group_count, image_phase
 from gradprobe.probe.context import measurement_mode
 from gradprobe.probe.hooks import GradientProbe, LossFn
 from gradprobe.probe.select import ModuleOf, RoleOf, select_parameters
@@ -80,6 +80,10 @@ BATCHES = "decompose_batches.csv"
 CHECKS = "decompose_checks.csv"
 SHARED_MODES = ("smallest", "static", "shuffled")
 HELD, VIOLATED, INCONCLUSIVE = "held", "violated", "inconclusive"
+#: Default largest number of video groups (each keeps one mean gradient per variant).
+MAX_VIDEO_GROUPS = 12
+#: Fewer video groups than this and the bootstrap intervals under-cover (tests/test_decompose.py).
+MIN_VIDEO_GROUPS = 8
 #: relative size below which an eigenvalue or a difference counts as rounding, not signal
 _ROUNDING = 1e-9
 
@@ -181,7 +185,8 @@ def decompose(
         shared_label: how the shared variant is described in the outputs.
         include, exclude, roles, role_of, module_of: parameter selection.
         image_groups: G (must divide K; default the largest divisor of K ≤ 8).
-        video_groups: H (must divide J, ≥ 2; default the largest divisor of J between 2 and 8).
+        video_groups: H (must divide J, ≥ 2; default the largest divisor of J between 2 and 12). With
+            fewer than 8 the intervals of α(m), ρ_tmp and Var ε(m) under-cover.
             Memory: (G + H × variants) reference rows of the selected parameters' size.
         reference_device, reference_dtype: where and in what dtype the rows are kept.
         tolerance: relative tolerance τ of the checks (see the module docstring).
@@ -230,7 +235,7 @@ def decompose(
     if K == 0:
         raise DataError("no image batches")
     G = image_group_count(K, image_groups)
-    H = group_count(J, video_groups, "video_groups", "video batches", minimum=2)
+    H = group_count(J, video_groups, "video_groups", "video batches", minimum=2, maximum=MAX_VIDEO_GROUPS)
     tolerance = check_tolerance(tolerance)
     if redundant_from is not None and not any(m >= redundant_from for m in frames):
         raise InputError(f"redundant_from: no budget is >= {redundant_from} (budgets: {frames})")
@@ -305,9 +310,10 @@ def decompose(
         warn(f"interrupted: {len(groups)} of {H} video groups finished; the decomposition uses those")
     elif len(groups) < H:
         warn(f"{H - len(groups)} of {H} video groups excluded (non-finite batches)")
-    if groups and len(groups) < MIN_GOOD_GROUPS:
-        warn(f"only {len(groups)} video groups: with fewer than {MIN_GOOD_GROUPS} the intervals may under-cover; "
-             "use more video batches or video_groups")
+    if groups and len(groups) < MIN_VIDEO_GROUPS:
+        warn(f"only {len(groups)} video groups: with fewer than {MIN_VIDEO_GROUPS} the intervals of α(m), ρ_tmp and "
+             "Var ε(m) under-cover (about 91% at 6 groups and 85% at 4 in planted tests); use more video batches "
+             "or video_groups")
     raw = None
     if G_used and len(groups) >= 2:
         cols = np.concatenate([np.arange(h * per_vid, (h + 1) * per_vid) for h in groups])
@@ -357,6 +363,27 @@ class _Raw:
         return self.gram.shape[0]
 
 
+def _cross_mean(gram: np.ndarray, diag: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Mean of a Gram matrix over pairs of distinct resampled units, unit h drawn ``w[b, h]`` times.
+
+    ``gram`` is (n, n, …) over the units and ``diag`` (n, …) its diagonal. With every weight 1 this
+    is the U-statistic over distinct units (pairs h ≠ k: unbiased for ⟨E x, E y⟩). A resample pairs
+    two copies of one unit; the diagonal ⟨x_h, y_h⟩ would then add the units' own noise, so copies
+    pair through ``⟨x_h, y_h⟩ − (mean diagonal − U)`` instead: the resampled statistic keeps the mean
+    of the U-statistic and a linear term proportional to the weights, as for a plain mean. (Leaving
+    the copies' pairs out instead weights unit h by w_h (W − w_h) and understates the variance.)
+    """
+    n = gram.shape[0]
+    off = gram.sum(axis=(0, 1)) - diag.sum(axis=0)
+    u0 = off / (n * (n - 1))
+    surrogate = diag - (diag.mean(axis=0) - u0)
+    sub = "bh,hk...,bk->b..."
+    total = np.einsum(sub, w, gram, w) - np.einsum("bh,h...->b...", w**2, diag - surrogate)
+    W = w.sum(axis=1)
+    total = total - np.einsum("bh,h...->b...", w, surrogate)
+    return total / (W * (W - 1)).reshape((-1,) + (1,) * (total.ndim - 1))
+
+
 def _moments(raw: _Raw, wg: np.ndarray, wh: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Unbiased moments under weights on image groups ``wg`` (B, G) and video groups ``wh`` (B, H).
 
@@ -369,16 +396,12 @@ def _moments(raw: _Raw, wg: np.ndarray, wh: np.ndarray) -> tuple[np.ndarray, np.
     Tg = np.einsum("vgj,jh->vgh", raw.T, onehot) / per  # (V, G, H)
     Sg = raw.S @ onehot / per  # (V, H)
     a = np.einsum("bg,vgh,bh->bv", wg, Tg, wh) / (wg.sum(1) * wh.sum(1))[:, None]
-    diag = raw.gram[np.arange(H), :, np.arange(H), :]  # (H, V, V)
-    full = np.einsum("bh,hvkw,bk->bvw", wh, raw.gram, wh) - np.einsum("bh,hvw->bvw", wh**2, diag)
-    den = wh.sum(1) ** 2 - (wh**2).sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        C = full / den[:, None, None]
-        C = (C + C.transpose(0, 2, 1)) / 2
-        E2 = wh @ Sg.T / wh.sum(1)[:, None]
-        ig = raw.img_gram
-        offg = np.einsum("bg,gk,bk->b", wg, ig, wg) - (wg**2) @ np.diag(ig)
-        img_sq = offg / (wg.sum(1) ** 2 - (wg**2).sum(1)) if ig.shape[0] >= 2 else np.full(len(wg), np.nan)
+    gram = raw.gram.transpose(0, 2, 1, 3)  # (H, H, V, V)
+    C = _cross_mean(gram, gram[np.arange(H), np.arange(H)], wh)
+    C = (C + C.transpose(0, 2, 1)) / 2
+    E2 = wh @ Sg.T / wh.sum(1)[:, None]
+    ig = raw.img_gram
+    img_sq = _cross_mean(ig, np.diag(ig), wg) if ig.shape[0] >= 2 else np.full(len(wg), np.nan)
     return a, C, E2, img_sq
 
 
@@ -402,7 +425,7 @@ def _decompose(a: np.ndarray, C: np.ndarray, E2: np.ndarray, sh_of: Sequence[int
     D[:, :, own] = 0.0
     b[:, own] = 0.0
     sqd = np.einsum("bii->bi", D)
-    scale = np.maximum(np.nanmax(np.abs(np.einsum("bii->bi", C[:, :M, :M])), axis=1), np.finfo(float).tiny)
+    scale = np.maximum(np.nan_to_num(np.abs(np.einsum("bii->bi", C[:, :M, :M]))).max(axis=1), np.finfo(float).tiny)
     ok = np.isfinite(D).all(axis=(1, 2))
     lam = np.full(B, np.nan)
     u = np.zeros((B, M))
