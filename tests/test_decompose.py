@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import TinyNet, make_batches, tiny_loss
+from conftest import make_batches, tiny_loss
 from planted import Linear, Planted, linear_loss
 
 import gradprobe

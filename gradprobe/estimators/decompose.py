@@ -49,6 +49,7 @@ change when the loss is multiplied by a constant.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import math
 import os
 import warnings
@@ -543,10 +544,6 @@ def _combine(verdicts: Sequence[str]) -> str:
     return HELD if verdicts and all(v == HELD for v in verdicts) else INCONCLUSIVE
 
 
-def _fmt(x: float | None) -> str:
-    return "—" if x is None or not math.isfinite(x) else f"{x:.3g}"
-
-
 def _monotone(name: str, claim: str, frames: Sequence[int], values: np.ndarray, boot: _Boot | None, key: str,
               tau: float, what: str) -> dict[str, Any]:
     """Consecutive steps of a per-budget quantity, each ≥ −τ."""
@@ -555,7 +552,7 @@ def _monotone(name: str, claim: str, frames: Sequence[int], values: np.ndarray, 
         return _check(name, claim, f"steps of {what}", None, None, INCONCLUSIVE,
                       "one budget: no step to test; give at least two budgets", steps=[])
     steps = []
-    for i, k in zip(idx[:-1], idx[1:], strict=True):
+    for i, k in itertools.pairwise(idx):
         val = float(values[k] - values[i])
         ci = None
         if boot is not None:
@@ -779,7 +776,7 @@ def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
     """Intervals as ``_lo`` / ``_hi`` columns."""
     out: dict[str, Any] = {}
     for k, v in row.items():
-        if k.endswith("ci95") or k.endswith("_t"):
+        if k.endswith(("ci95", "_t")):
             out[f"{k}_lo"], out[f"{k}_hi"] = (v if v else (None, None))
         else:
             out[k] = v

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -273,12 +275,88 @@ def _curvature_plots(d: Path) -> list[Path]:
     return paths
 
 
+def _band(ax: Any, x: Sequence[float], cis: Sequence[Any], color: str) -> None:
+    ok = [i for i, c in enumerate(cis) if c]
+    if ok:
+        ax.fill_between([x[i] for i in ok], [cis[i][0] for i in ok], [cis[i][1] for i in ok], color=color, alpha=0.15)
+
+
+def decompose_plot(summary: dict[str, Any], axes: Any = None) -> Any:
+    """The decomposition of ``gradprobe decompose`` against m (``summary.json``).
+
+    Left: the contributions ρ_sh and −α(m) ρ_tmp, their sum (the prediction of Eq. 20) and the
+    measured A(m) with its 95% t interval; both m* marked. Right: α(m) and Var ε(m). Bands: 95%
+    bootstrap intervals.
+    """
+    plt = _mpl()
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    b = summary["budgets"]
+    m = [r["frames"] for r in b]
+    ax = axes[0]
+    ax.plot(m, [r["contrib_sh"] for r in b], "-", color="tab:green", label="ρ_sh (shared)")
+    _band(ax, m, [r["rho_sh_ci95"] for r in b], "tab:green")
+    ax.plot(m, [r["contrib_tmp"] for r in b], "-", color="tab:purple", label="−α(m) ρ_tmp (temporal)")
+    _band(ax, m, [r["contrib_tmp_ci95"] for r in b], "tab:purple")
+    ax.plot(m, [r["A_pred"] for r in b], "--", color="tab:blue", label="predicted ρ_sh − α(m) ρ_tmp")
+    _band(ax, m, [r["A_pred_ci95"] for r in b], "tab:blue")
+    lo = [r["A"] - r["A_ci95_t"][0] if r["A_ci95_t"] else 0.0 for r in b]
+    hi = [r["A_ci95_t"][1] - r["A"] if r["A_ci95_t"] else 0.0 for r in b]
+    ax.errorbar(m, [r["A"] for r in b], yerr=[lo, hi], fmt="o", color="k", capsize=3, label="measured A(m)")
+    ax.axhline(0.0, color="k", lw=0.8, ls=":")
+    stars = summary.get("m_star") or {}
+    for key, style, name in (("model", "-.", "m* model (Eq. 22)"), ("empirical", ":", "m* empirical")):
+        v = (stars.get(key) or {}).get("value")
+        if v is not None:
+            ax.axvline(v, color="tab:red", ls=style, lw=1.2, label=f"{name} = {v}")
+    ax.set_ylabel("contribution to ⟨g_img, g_vid^(m)⟩")
+    ax.set_title(f"Eq. 20 vs measured A(m); g_sh: {summary['shared']['label']}", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    ax.plot(m, [r["alpha"] for r in b], "o-", color="tab:purple", label="α(m)")
+    _band(ax, m, [r["alpha_ci95"] for r in b], "tab:purple")
+    ax.set_ylabel("α(m) = ⟨d_m, ĝ_tmp⟩", color="tab:purple")
+    tw = ax.twinx()
+    lo = [r["var_eps"] - r["var_eps_ci95"][0] if r["var_eps_ci95"] else 0.0 for r in b]
+    hi = [r["var_eps_ci95"][1] - r["var_eps"] if r["var_eps_ci95"] else 0.0 for r in b]
+    tw.errorbar(m, [r["var_eps"] for r in b], yerr=[lo, hi], fmt="s--", color="tab:orange", capsize=3,
+                label="Var ε(m)")
+    tw.set_ylabel("Var ε(m) = tr Cov g_vid^(m) (per batch)", color="tab:orange")
+    ax.set_title("temporal coefficient and residual variance", fontsize=9)
+    for a in axes:
+        a.set_xscale("log", base=2)
+        a.set_xticks(m)
+        a.set_xticklabels([str(x) for x in m])
+        a.set_xlabel("frames m")
+    return axes
+
+
+def _decompose_png(d: Path) -> Path:
+    from gradprobe.estimators.decompose import SCHEMA
+
+    try:
+        summary = json.loads((d / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{d / 'summary.json'}: cannot read ({e})") from None
+    if summary.get("schema") != SCHEMA:
+        raise DataError(f"{d / 'summary.json'}: schema is {summary.get('schema')!r}, expected {SCHEMA!r}")
+    if not summary.get("budgets"):
+        raise DataError(f"{d}: {summary.get('note', 'no budgets to plot')}")
+    plt = _mpl()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    decompose_plot(summary, axes)
+    fig.tight_layout()
+    fig.savefig(d / "decompose.png", dpi=120)
+    plt.close(fig)
+    return d / "decompose.png"
+
+
 def plot_dir(out_dir: str | os.PathLike[str]) -> list[Path]:
     """Draw the plots of an output dir: ``gradprobe align`` (alignment curve, module heatmap; A(m) per
     checkpoint when several were measured),
     ``gradprobe sft`` (training trajectory, with A(m) along the run when it was tracked) or
-    ``gradprobe trap`` (accuracy and alignment per budget) or ``gradprobe curvature`` (predicted vs
-    actual one-step loss change, convergence of β).
+    ``gradprobe trap`` (accuracy and alignment per budget), ``gradprobe curvature`` (predicted vs
+    actual one-step loss change, convergence of β) or ``gradprobe decompose`` (contributions against m).
 
     Raises:
         DataError: if the directory is neither.
@@ -318,6 +396,8 @@ def plot_dir(out_dir: str | os.PathLike[str]) -> list[Path]:
         return [d / "trajectory.png"]
     if d.is_dir() and (d / "lookahead.csv").is_file():
         return _curvature_plots(d)
+    if d.is_dir() and (d / "decompose.csv").is_file():
+        return [_decompose_png(d)]
     summary, batches, modules = read_align_dir(out_dir)
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
