@@ -217,3 +217,61 @@ def test_curvature_end_to_end(tiny_toy, tmp_path, monkeypatch):
 def test_curvature_bad_input(tiny_toy, args, needle):
     base = _paths(tiny_toy) if "--model" not in args else []
     assert_one_line_error(runner.invoke(app, ["curvature", *base, *args], env={"COLUMNS": "300"}), needle)
+
+
+DEC = ["--image-batches", "4", "--batch-size", "4", "--video-batches", "4", "--video-batch-size", "2",
+       "--n-boot", "200"]
+
+
+def test_decompose_end_to_end(tiny_toy, tmp_path, monkeypatch):
+    """`gradprobe decompose` on the toy default: α(m), ρ_sh, ρ_tmp, the checks and both m*; then its plot."""
+    monkeypatch.setattr(gradprobe.run, "DEFAULT_TOY", ToySpec(**{**tiny_toy.spec.__dict__}))
+    out = tmp_path / "dec"
+    r = runner.invoke(app, ["decompose", "--frames", "2,4,8", *DEC, "--cache-dir", str(tiny_toy.root.parent),
+                            "--out", str(out)], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    for needle in ("α(m)", "ρ_sh =", "ρ_tmp", "assumption_3", "assumption_4", "assumption_5_residual",
+                   "assumption_5_variance", "alpha_monotone", "m* (model-based, Eq. 22)", "m* (empirical"):
+        assert needle in r.output, needle
+    s = json.loads((out / "summary.json").read_text())
+    assert s["schema"] == "gradprobe.decompose/1" and s["complete"] and s["meta"]["source"] == "toy"
+    assert s["shared"]["label"] == "smallest budget the model accepts (m=2), also in the grid"
+    assert [b["frames"] for b in s["budgets"]] == [2, 4, 8] and s["budgets"][0]["alpha"] == 0.0
+    assert {c["verdict"] for c in s["checks"]} <= {"held", "violated", "inconclusive"}
+    assert set(s["m_star"]) == {"model", "empirical"}
+    assert len(pd.read_csv(out / "decompose_batches.csv")) == 4 * 3
+    assert len(pd.read_csv(out / "decompose.csv")) == 3 and len(pd.read_csv(out / "decompose_checks.csv")) == 5
+    r = runner.invoke(app, ["plot", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (out / "decompose.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("shared, frames, label, variants", [
+    ("smallest", "4,6", "smallest budget the model accepts (m=2)", ["m=4", "m=6", "shared"]),
+    ("static", "4,6", "static: the clip's middle frame copied m times, at every budget",
+     ["m=4", "m=6", "shared m=4", "shared m=6"]),
+    ("shuffled", "4", "shuffled: the uniform frames in random order, at every budget", ["m=4", "shared m=4"]),
+])
+def test_decompose_shared_variants(tiny_toy, tmp_path, shared, frames, label, variants):
+    r = runner.invoke(app, ["decompose", "--frames", frames, "--shared", shared, *_paths(tiny_toy), *DEC, "--json",
+                            "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout[r.stdout.index("{"):])
+    assert doc["shared"]["label"] == label and doc["settings"]["variants"] == variants
+    assert all(b["alpha"] != 0.0 for b in doc["budgets"])  # every budget differs from its shared variant
+    assert doc["rho_sh"]["varies_with_m"] == (shared != "smallest")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--shared", "frozen"], "unknown shared variant 'frozen'"),
+    (["--sampler", "static", "--shared", "static"], "the shared variant must differ"),
+    (["--tolerance", "0"], "tolerance: expected a number > 0"),
+    (["--video-groups", "3"], "4 video batches cannot be split into 3 equal groups"),
+    (["--video-groups", "1"], "video-groups"),
+    (["--redundant-from", "99"], "no budget is >= 99"),
+    (["--frames", "3"], "takes even m"),
+    (["--model", "a,b"], "one --model"),
+])
+def test_decompose_bad_input(tiny_toy, args, needle):
+    base = _paths(tiny_toy) if "--model" not in args else []
+    assert_one_line_error(runner.invoke(app, ["decompose", *base, *DEC, *args], env={"COLUMNS": "300"}), needle)
