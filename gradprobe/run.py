@@ -443,10 +443,13 @@ class DecomposeOptions(AlignOptions):
 
     ``shared`` picks the temporally collapsed variant that defines g_sh: ``smallest`` (the smallest
     budget the model accepts, measured once), ``static`` or ``shuffled`` (that sampler at every budget
-    of the grid, on the same clips).
+    of the grid, on the same clips). The batch counts default higher than align's: the intervals of
+    α(m) need at least 8 video groups, and ρ_sh and ρ_tmp carry the image-side noise.
     """
 
     frames: str | Sequence[int] = "2,8,16,32,64"
+    image_batches: int = 16
+    video_batches: int = 24
     shared: str = "smallest"
     video_groups: int | None = None
     tolerance: float = 0.1

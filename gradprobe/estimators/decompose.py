@@ -444,8 +444,8 @@ def _decompose(a: np.ndarray, C: np.ndarray, E2: np.ndarray, sh_of: Sequence[int
     else:
         D0, u0 = ref
         sign = np.where(np.einsum("bi,ij,j->b", u, D0, u0) < 0, -1.0, 1.0)
-    u = u * sign[:, None]
-    alpha = alpha * sign[:, None]
+    u = u * sign[:, None] + 0.0  # + 0.0: no negative zeros
+    alpha = alpha * sign[:, None] + 0.0
     proj = (u * b).sum(axis=1)  # uᵀb = √λ ⟨E g_img, ĝ_tmp⟩
     with np.errstate(invalid="ignore", divide="ignore"):
         rho_tmp = np.where(resolved, -proj / np.where(sq > 0, sq, 1.0), np.nan)
