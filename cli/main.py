@@ -42,6 +42,11 @@ DeviceMapOpt = Annotated[str | None, typer.Option(help="from_pretrained device_m
 AttnOpt = Annotated[str | None, typer.Option(help="from_pretrained attn_implementation: eager, sdpa, flash_attention_2.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print summary.json to stdout instead of the table.")]
 CacheOpt = Annotated[str | None, typer.Option(help="Toy cache directory (default $GRADPROBE_CACHE or ~/.cache/gradprobe).")]
+ImageGroupsOpt = Annotated[int | None, typer.Option(help="G, image-group means kept (default: largest divisor of K ≤ 8).")]
+RefDeviceOpt = Annotated[str, typer.Option(help="Where the reference (mean) gradients live: model (its device) or cpu (pinned).")]
+RefDtypeOpt = Annotated[str | None, typer.Option(help="dtype of the reference gradients (default float32).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the bootstrap and of the run.")]
+NBootOpt = Annotated[int, typer.Option(help="Bootstrap resamples.")]
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -143,15 +148,15 @@ def align(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     roles: RolesOpt = None,
-    image_groups: Annotated[int | None, typer.Option(help="G, image-group means kept (default: largest divisor of K ≤ 8).")] = None,
+    image_groups: ImageGroupsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
     device_map: DeviceMapOpt = None,
     attn_implementation: AttnOpt = None,
-    reference_device: Annotated[str, typer.Option(help="Where ḡ_img lives: model (its device) or cpu (pinned).")] = "model",
-    reference_dtype: Annotated[str | None, typer.Option(help="dtype of ḡ_img (default float32).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the bootstrap and of the run.")] = 0,
-    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
+    reference_device: RefDeviceOpt = "model",
+    reference_dtype: RefDtypeOpt = None,
+    seed: SeedOpt = 0,
+    n_boot: NBootOpt = 2000,
     out: Annotated[str, typer.Option(help="Output directory.")] = "gradprobe-align",
     json_out: JsonOpt = False,
     cache_dir: CacheOpt = None,
@@ -245,6 +250,29 @@ def render_curvature(summary: dict[str, Any], console: Console) -> None:
         console.print(f"[yellow]warning:[/] {w}")
 
 
+def _execute(run: Any, opts: Any, render: Any, json_out: bool, width: int = 150) -> Any:
+    """Run one command with a progress bar: one-line errors (exit 2), the partial table on Ctrl-C (exit 130),
+    then the table, or summary.json on stdout with ``--json``."""
+    from gradprobe import GradprobeError
+    from gradprobe.errors import RunInterrupted
+
+    out_console = _wide_console(width) if not json_out else err
+    try:
+        with _RichProgress(err) as progress:
+            report = run(opts, progress=progress, log=lambda s: err.print(f"[dim]{s}[/]"))
+    except GradprobeError as e:
+        _fail(str(e))
+    except RunInterrupted as e:
+        render(e.report.summary, out_console)
+        err.print(f"[yellow]interrupted:[/] partial results written to {opts.out}")
+        raise typer.Exit(130) from None
+    if json_out:
+        sys.stdout.write(json.dumps(report.summary, indent=2) + "\n")
+    else:
+        render(report.summary, out_console)
+    return report
+
+
 @app.command()
 def curvature(
     frames: FramesOpt = "8,16,32,64",
@@ -283,8 +311,6 @@ def curvature(
     cache_dir: CacheOpt = None,
 ) -> None:
     """Hessian bounds per frame budget: β, q = g_vidᵀH_img g_vid, η0 (Eq. 11) and a one-step lookahead vs Eq. 8 and 14."""
-    from gradprobe import GradprobeError
-    from gradprobe.estimators.curvature import CurvatureInterrupted
     from gradprobe.run import CurvatureOptions, run_curvature
 
     opts = CurvatureOptions(
@@ -296,20 +322,7 @@ def curvature(
         seed=seed, out=out, cache_dir=cache_dir, lr=lr, backend=backend, method=method, max_iter=max_iter, tol=tol,
         beta_vid=beta_vid, trace_samples=trace_samples, per_module=per_module, fd_step=fd_step,
     )
-    out_console = _wide_console(150) if not json_out else err
-    try:
-        with _RichProgress(err) as progress:
-            report = run_curvature(opts, progress=progress, log=lambda s: err.print(f"[dim]{s}[/]"))
-    except GradprobeError as e:
-        _fail(str(e))
-    except CurvatureInterrupted as e:
-        render_curvature(e.report.summary, out_console)
-        err.print(f"[yellow]interrupted:[/] partial results written to {out}")
-        raise typer.Exit(130) from None
-    if json_out:
-        sys.stdout.write(json.dumps(report.summary, indent=2) + "\n")
-    else:
-        render_curvature(report.summary, out_console)
+    _execute(run_curvature, opts, render_curvature, json_out)
     err.print(f"wrote {Path(out) / 'summary.json'}, lookahead.csv, curvature_modules.csv, spectra.csv")
 
 
@@ -378,25 +391,23 @@ def decompose(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     roles: RolesOpt = None,
-    image_groups: Annotated[int | None, typer.Option(help="G, image-group means kept (default: largest divisor of K ≤ 8).")] = None,
-    video_groups: Annotated[int | None, typer.Option(help="H, video groups whose mean gradients are kept per variant (default: largest divisor of J in 2..8).")] = None,
+    image_groups: ImageGroupsOpt = None,
+    video_groups: Annotated[int | None, typer.Option(help="H, video groups whose mean gradients are kept per variant (default: largest divisor of J in 2..12).")] = None,
     tolerance: Annotated[float, typer.Option(help="Relative tolerance τ of the checks (fraction of each quantity's scale).")] = 0.1,
     redundant_from: Annotated[int | None, typer.Option(help="Check Var ε(m) non-decreasing only for m ≥ this.")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
     device_map: DeviceMapOpt = None,
     attn_implementation: AttnOpt = None,
-    reference_device: Annotated[str, typer.Option(help="Where the mean gradients live: model (its device) or cpu (pinned).")] = "model",
-    reference_dtype: Annotated[str | None, typer.Option(help="dtype of the mean gradients (default float32).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the bootstrap and of the run.")] = 0,
-    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
+    reference_device: RefDeviceOpt = "model",
+    reference_dtype: RefDtypeOpt = None,
+    seed: SeedOpt = 0,
+    n_boot: NBootOpt = 2000,
     out: Annotated[str, typer.Option(help="Output directory.")] = "gradprobe-decompose",
     json_out: JsonOpt = False,
     cache_dir: CacheOpt = None,
 ) -> None:
     """The α(m) decomposition g_vid^(m) = g_sh + α(m) g_tmp + ε(m): ρ_sh, ρ_tmp, Assumptions 3–5 and both m*."""
-    from gradprobe import GradprobeError
-    from gradprobe.estimators.decompose import DecomposeInterrupted
     from gradprobe.run import DecomposeOptions, run_decompose
 
     opts = DecomposeOptions(
@@ -409,20 +420,7 @@ def decompose(
         total_pixels=total_pixels, skip_bad=skip_bad, seed=seed, n_boot=n_boot, out=out, cache_dir=cache_dir,
         shared=shared, video_groups=video_groups, tolerance=tolerance, redundant_from=redundant_from,
     )
-    out_console = _wide_console(150) if not json_out else err
-    try:
-        with _RichProgress(err) as progress:
-            report = run_decompose(opts, progress=progress, log=lambda s: err.print(f"[dim]{s}[/]"))
-    except GradprobeError as e:
-        _fail(str(e))
-    except DecomposeInterrupted as e:
-        render_decompose(e.report.summary, out_console)
-        err.print(f"[yellow]interrupted:[/] partial results written to {out}")
-        raise typer.Exit(130) from None
-    if json_out:
-        sys.stdout.write(json.dumps(report.summary, indent=2) + "\n")
-    else:
-        render_decompose(report.summary, out_console)
+    _execute(run_decompose, opts, render_decompose, json_out)
     err.print(f"wrote {Path(out) / 'summary.json'}, decompose.csv, decompose_checks.csv, decompose_batches.csv")
 
 
