@@ -367,3 +367,15 @@ def test_bad_data():
         gradprobe.decompose(Linear(), images, {m: [v[0]] * 13 for m, v in videos.items()}, linear_loss)
     with pytest.raises(InputError, match="map each frame budget"):
         gradprobe.decompose(Linear(), images, [videos[2]], linear_loss)
+
+
+def test_per_budget_rho_sh_that_turns_negative_violates_assumption_3_at_that_budget():
+    p = Planted()
+    images = [p._split(p.u) for _ in range(4)]
+    shared = {m: [p._split(p.s - 0.4 * math.log2(m) * p.u)] * 4 for m in FRAMES}  # ρ_sh(m) = 1 − 0.4 log2 m
+    videos = {m: [p._split(p.s - 0.4 * math.log2(m) * p.u + p.alpha(m) * p.t)] * 4 for m in FRAMES}
+    s = gradprobe.decompose(Linear(), images, videos, linear_loss, shared=shared, n_boot=100).summary
+    c = next(c for c in s["checks"] if c["check"] == "assumption_3")
+    assert c["verdict"] == "violated"
+    assert c["statistic"] == "ρ_sh at m=32" and c["value"] == pytest.approx(1 - 0.4 * 5)
+    assert [b["rho_sh"] for b in s["budgets"]] == pytest.approx([1 - 0.4 * math.log2(m) for m in FRAMES])

@@ -657,12 +657,14 @@ def _finalize(*, raw: _Raw | None, frames: list[int], variants: list[_Variant], 
     sh_idx = list(range(M)) if per_m else [0]
     sh_cis = {i: ci("rho_sh", i) for i in sh_idx}
     v3 = _combine([_positive(sh_cis[i]) for i in sh_idx])
-    lo_i = min(sh_idx, key=lambda i: sh_cis[i][0] if sh_cis[i] else pt["rho_sh"][i])
+    # the decisive budget: the lowest upper end when violated, else the lowest lower end
+    end = 1 if v3 == VIOLATED else 0
+    lo_i = min(sh_idx, key=lambda i: sh_cis[i][end] if sh_cis[i] else pt["rho_sh"][i])
     reason3 = ("no interval (n_boot=0)" if boot is None else
                {HELD: "the interval lies above 0", VIOLATED: "the interval lies at or below 0",
                 INCONCLUSIVE: "the interval contains 0"}[v3])
     if per_m:
-        reason3 = f"{reason3} (the lowest of the budgets' intervals)"
+        reason3 = f"{reason3} at m={frames[lo_i]}" + ("" if v3 == VIOLATED else " (the lowest of the budgets')")
     checks.append(_check("assumption_3", "ρ_sh = E⟨g_img, g_sh⟩ > 0",
                          "ρ_sh" + (f" at m={frames[lo_i]}" if per_m else ""), float(pt["rho_sh"][lo_i]),
                          sh_cis[lo_i], v3, reason3))
