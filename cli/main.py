@@ -165,15 +165,7 @@ def align(
     from gradprobe import AlignInterrupted, GradprobeError
     from gradprobe.run import AlignOptions, run_align_checkpoints
 
-    opts = AlignOptions(
-        frames=frames, model=model or None, image_data=image_data, video_data=video_data, data_root=data_root,
-        image_batches=image_batches, video_batches=video_batches, batch_size=batch_size,
-        video_batch_size=video_batch_size, include=include or [], exclude=exclude or [], roles=roles,
-        image_groups=image_groups, device=device, dtype=dtype, device_map=device_map,
-        attn_implementation=attn_implementation, reference_device=reference_device,
-        reference_dtype=reference_dtype, sampler=sampler, pixel_policy=pixel_policy, frame_pixels=frame_pixels,
-        total_pixels=total_pixels, skip_bad=skip_bad, seed=seed, n_boot=n_boot, out=out, cache_dir=cache_dir,
-    )
+    opts = _options(AlignOptions, locals())
     out_console = _wide_console() if not json_out else err
     try:
         with _RichProgress(err) as progress:
@@ -250,6 +242,20 @@ def render_curvature(summary: dict[str, Any], console: Console) -> None:
         console.print(f"[yellow]warning:[/] {w}")
 
 
+def _options(cls: Any, values: dict[str, Any]) -> Any:
+    """A command's parameters as the options dataclass ``cls``: every field from the parameter of its name
+    (unset repeatable options as empty lists, no model as None)."""
+    import dataclasses
+
+    kw = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+    for name in ("include", "exclude"):
+        if name in kw:
+            kw[name] = kw[name] or []
+    if "model" in kw:
+        kw["model"] = kw["model"] or None
+    return cls(**kw)
+
+
 def _execute(run: Any, opts: Any, render: Any, json_out: bool, width: int = 150) -> Any:
     """Run one command with a progress bar: one-line errors (exit 2), the partial table on Ctrl-C (exit 130),
     then the table, or summary.json on stdout with ``--json``."""
@@ -313,15 +319,7 @@ def curvature(
     """Hessian bounds per frame budget: β, q = g_vidᵀH_img g_vid, η0 (Eq. 11) and a one-step lookahead vs Eq. 8 and 14."""
     from gradprobe.run import CurvatureOptions, run_curvature
 
-    opts = CurvatureOptions(
-        frames=frames, model=model, image_data=image_data, video_data=video_data, data_root=data_root,
-        image_batches=image_batches, video_batches=video_batches, batch_size=batch_size,
-        video_batch_size=video_batch_size, include=include or [], exclude=exclude or [], roles=roles, device=device,
-        dtype=dtype, device_map=device_map, attn_implementation=attn_implementation, sampler=sampler,
-        pixel_policy=pixel_policy, frame_pixels=frame_pixels, total_pixels=total_pixels, skip_bad=skip_bad,
-        seed=seed, out=out, cache_dir=cache_dir, lr=lr, backend=backend, method=method, max_iter=max_iter, tol=tol,
-        beta_vid=beta_vid, trace_samples=trace_samples, per_module=per_module, fd_step=fd_step,
-    )
+    opts = _options(CurvatureOptions, locals())
     _execute(run_curvature, opts, render_curvature, json_out)
     err.print(f"wrote {Path(out) / 'summary.json'}, lookahead.csv, curvature_modules.csv, spectra.csv")
 
@@ -410,16 +408,7 @@ def decompose(
     """The α(m) decomposition g_vid^(m) = g_sh + α(m) g_tmp + ε(m): ρ_sh, ρ_tmp, Assumptions 3–5 and both m*."""
     from gradprobe.run import DecomposeOptions, run_decompose
 
-    opts = DecomposeOptions(
-        frames=frames, model=model, image_data=image_data, video_data=video_data, data_root=data_root,
-        image_batches=image_batches, video_batches=video_batches, batch_size=batch_size,
-        video_batch_size=video_batch_size, include=include or [], exclude=exclude or [], roles=roles,
-        image_groups=image_groups, device=device, dtype=dtype, device_map=device_map,
-        attn_implementation=attn_implementation, reference_device=reference_device,
-        reference_dtype=reference_dtype, sampler=sampler, pixel_policy=pixel_policy, frame_pixels=frame_pixels,
-        total_pixels=total_pixels, skip_bad=skip_bad, seed=seed, n_boot=n_boot, out=out, cache_dir=cache_dir,
-        shared=shared, video_groups=video_groups, tolerance=tolerance, redundant_from=redundant_from,
-    )
+    opts = _options(DecomposeOptions, locals())
     _execute(run_decompose, opts, render_decompose, json_out)
     err.print(f"wrote {Path(out) / 'summary.json'}, decompose.csv, decompose_checks.csv, decompose_batches.csv")
 
