@@ -474,13 +474,17 @@ class _Boot:
     H: int
 
     def ci(self, key: str, point: float, index: Any = ()) -> tuple[float, float] | None:
-        """Expanded percentile interval; df from the two marginal bootstrap variances (Satterthwaite)."""
+        """Expanded percentile interval of ``key`` (element ``index`` of it, if given)."""
+        return self.ci_of(point, lambda d: d[key][:, index] if index != () else d[key])
+
+    def ci_of(self, point: float, pick: Callable[[dict[str, np.ndarray]], np.ndarray]) -> tuple[float, float] | None:
+        """Expanded percentile interval of the statistic ``pick(draws)``; df from the two marginal bootstrap
+        variances (Satterthwaite)."""
         if not math.isfinite(point):
             return None
-        j = self.joint[key][(slice(None), *np.atleast_1d(index))] if index != () else self.joint[key]
         terms = []
         for draws, n in ((self.img, self.G), (self.vid, self.H)):
-            x = draws[key][(slice(None), *np.atleast_1d(index))] if index != () else draws[key]
+            x = pick(draws)
             x = x[np.isfinite(x)]
             v = float(np.var(x, ddof=1)) if x.size > 1 else 0.0
             if n >= 2 and v > 0:
@@ -489,7 +493,7 @@ class _Boot:
             return (point, point)
         v = sum(t for t, _ in terms)
         df = v * v / sum(t * t / d for t, d in terms)
-        return stats.percentile_ci(j, df=df)
+        return stats.percentile_ci(pick(self.joint), df=df)
 
 
 def _run_boot(raw: _Raw, sh_of: Sequence[int], M: int, n_boot: int, seed: int,
@@ -544,21 +548,17 @@ def _combine(verdicts: Sequence[str]) -> str:
     return HELD if verdicts and all(v == HELD for v in verdicts) else INCONCLUSIVE
 
 
-def _monotone(name: str, claim: str, frames: Sequence[int], values: np.ndarray, boot: _Boot | None, key: str,
-              tau: float, what: str) -> dict[str, Any]:
-    """Consecutive steps of a per-budget quantity, each ≥ −τ."""
-    idx = list(range(len(frames)))
-    if len(idx) < 2:
+def _monotone(name: str, claim: str, frames: Sequence[int], cols: Sequence[int], values: np.ndarray,
+              boot: _Boot | None, key: str, tau: float, what: str) -> dict[str, Any]:
+    """Consecutive steps over the budgets ``cols`` (indices into ``frames``) of the per-budget ``values``
+    (bootstrap draws under ``key``), each ≥ −τ."""
+    if len(cols) < 2:
         return _check(name, claim, f"steps of {what}", None, None, INCONCLUSIVE,
                       "one budget: no step to test; give at least two budgets", steps=[])
     steps = []
-    for i, k in itertools.pairwise(idx):
+    for i, k in itertools.pairwise(cols):
         val = float(values[k] - values[i])
-        ci = None
-        if boot is not None:
-            for draws in (boot.joint, boot.img, boot.vid):
-                draws[f"_step_{key}"] = draws[key][:, k] - draws[key][:, i]
-            ci = boot.ci(f"_step_{key}", val)
+        ci = boot.ci_of(val, lambda d, i=i, k=k: d[key][:, k] - d[key][:, i]) if boot is not None else None
         steps.append({"from": frames[i], "to": frames[k], "value": val, "ci95": list(ci) if ci else None,
                       "verdict": _at_least(ci, tau)})
     worst = min(steps, key=lambda s: s["ci95"][0] if s["ci95"] else s["value"])
@@ -698,19 +698,16 @@ def _finalize(*, raw: _Raw | None, frames: list[int], variants: list[_Variant], 
     red = [i for i, m in enumerate(frames) if redundant_from is None or m >= redundant_from]
     var_vals = pt["var"][red]
     tau_var = (tolerance * float(np.abs(var_vals).max()) if var_vals.size else 0.0) + _ROUNDING * top_sq
-    if boot is not None:
-        for draws in (boot.joint, boot.img, boot.vid):
-            draws["_var_red"] = draws["var"][:, red]
     checks.append(_monotone("assumption_5_variance",
                             "Var ε(m) non-decreasing in m" + (f" for m ≥ {redundant_from}" if redundant_from else ""),
-                            [frames[i] for i in red], var_vals, boot, "_var_red", tau_var, "Var ε(m)"))
+                            frames, red, pt["var"], boot, "var", tau_var, "Var ε(m)"))
     if not resolved:
         checks.append(_check("alpha_monotone", "α(m) non-decreasing in m", "α(m)", 0.0, (0.0, 0.0) if M > 1 else None,
                              HELD if M > 1 else INCONCLUSIVE,
                              "α(m) = 0 at every budget (constant)" if M > 1 else "one budget: no step to test"))
     else:
-        checks.append(_monotone("alpha_monotone", "α(m) non-decreasing in m", frames, pt["alpha"], boot, "alpha",
-                                tau_alpha, "α(m)"))
+        checks.append(_monotone("alpha_monotone", "α(m) non-decreasing in m", frames, range(M), pt["alpha"], boot,
+                                "alpha", tau_alpha, "α(m)"))
 
     # ---- m*
     A_pred, A = pt["A_pred"], pt["A"]
