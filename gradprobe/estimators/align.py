@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,37 +23,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gradprobe._checks import check_frames, check_positive_int
+from gradprobe._checks import check_frames
 from gradprobe._version import __version__
 from gradprobe.errors import DataError, InputError, RunInterrupted
 from gradprobe.estimators import stats
-from gradprobe.probe.context import measurement_mode
-from gradprobe.probe.hooks import GradientProbe, LossFn
-from gradprobe.probe.select import ModuleOf, RoleOf, select_parameters
-from gradprobe.probe.store import ReferenceStore, resolve_dtype
+from gradprobe.probe.hooks import LossFn
+from gradprobe.probe.measure import Measurement, Progress, group_count, image_group_count
+from gradprobe.probe.select import ModuleOf, RoleOf
+from gradprobe.probe.sketch import inner_variance
 from gradprobe.report import io
 
-__all__ = ["AlignInterrupted", "AlignReport", "Progress", "align"]
-
-#: Default largest number of image groups (reference rows) kept.
-MAX_DEFAULT_GROUPS = 8
-#: Fewer image groups than this and the intervals can under-cover (see tests/test_planted.py).
-MIN_GOOD_GROUPS = 4
-
-
-class Progress:
-    """Progress callbacks; the default does nothing. The CLI passes a rich-backed one."""
-
-    def start(self, phase: str, total: int | None) -> None:  # noqa: D102
-        pass
-
-    def advance(self, phase: str) -> None:  # noqa: D102
-        pass
-
-    def finish(self, phase: str) -> None:  # noqa: D102
-        pass
-
-
+__all__ = ["AlignInterrupted", "AlignReport", "Progress", "align", "group_count", "image_group_count"]
 @dataclass
 class AlignReport:
     """Result of :func:`align`.
@@ -91,71 +70,6 @@ class AlignInterrupted(RunInterrupted):
     what = "alignment run"
 
 
-def group_count(n: int, groups: int | None, option: str = "image_groups", what: str = "image batches",
-                minimum: int = 1, maximum: int = MAX_DEFAULT_GROUPS) -> int:
-    """How many equal groups to split ``n`` batches into: ``groups`` (which must divide n) or, by default,
-    the largest divisor of n between ``minimum`` and ``maximum``."""
-    if groups is None:
-        divisors = [d for d in range(minimum, min(n, maximum) + 1) if n % d == 0]
-        if not divisors:
-            raise InputError(f"{option}: {n} {what} have no divisor between {minimum} and {maximum}; "
-                             f"give {option} or use another number of batches")
-        return max(divisors)
-    g = check_positive_int(option, groups, minimum)
-    if n % g:
-        raise InputError(f"{option}: {n} {what} cannot be split into {g} equal groups")
-    return g
-
-
-def image_group_count(k: int, image_groups: int | None) -> int:
-    """G for K image batches: the given count (which must divide K) or the largest divisor of K ≤ 8."""
-    return group_count(k, image_groups)
-
-
-def image_phase(probe: GradientProbe, loss_fn: LossFn, images: Sequence[Any], store: ReferenceStore, per: int, *,
-                progress: Progress, warn: Callable[[str], None], rows: list[dict[str, Any]]) -> list[int]:
-    """Accumulate image-group mean gradients into ``store``: group g holds batches ``g·per … (g+1)·per − 1``.
-
-    A group with a non-finite batch is dropped from ``store``; the kept rows are scaled to means.
-    ``rows`` gets one dict per image batch as it is measured. Returns the kept groups.
-
-    Raises:
-        DataError: every image batch gave a non-finite loss or gradient.
-    """
-    G = store.rows
-    progress.start("image", len(images))
-    bad_group = np.zeros(G, dtype=bool)
-    for k, batch in enumerate(images):
-        g = k // per
-        r = probe.run_batch(loss_fn, batch, accumulate=store, accumulate_row=g)
-        if not r.finite:
-            bad_group[g] = True
-            warn(f"image batch {k}: non-finite loss or gradient; its group {g} is excluded")
-        rows.append(
-            {"batch": k, "group": g, "loss": r.loss, "norm": math.sqrt(max(r.sqnorm.sum(), 0.0))
-             if r.finite else float("nan"), "finite": r.finite}
-        )
-        progress.advance("image")
-    progress.finish("image")
-    finite_groups = [g for g in range(G) if not bad_group[g]]
-    if not finite_groups:
-        raise DataError("every image batch gave a non-finite loss or gradient")
-    if len(finite_groups) < G:
-        store.keep_rows(finite_groups)
-    store.scale_(torch.full((store.rows,), 1.0 / per, dtype=torch.float64))
-    if store.rows < 2:
-        warn(
-            "only one image group: intervals treat ḡ_img as exact and norm_img is unavailable; "
-            "use more image batches or image_groups >= 2"
-        )
-    elif store.rows < MIN_GOOD_GROUPS:
-        warn(
-            f"only {store.rows} image groups: with fewer than {MIN_GOOD_GROUPS} the intervals may "
-            "under-cover when image-batch noise dominates; use more image batches or image_groups"
-        )
-    return finite_groups
-
-
 @dataclass
 class _BudgetAcc:
     """What has been measured for one budget so far."""
@@ -186,6 +100,8 @@ def align(
     role_of: RoleOf | None = None,
     module_of: ModuleOf | None = None,
     image_groups: int | None = None,
+    sketch: str | int | None = "auto",
+    sketch_seed: int = 0,
     reference_device: str = "model",
     reference_dtype: str | torch.dtype | None = None,
     video_norms: bool = True,
@@ -208,8 +124,13 @@ def align(
         include, exclude, roles, role_of, module_of: parameter selection
             (:func:`gradprobe.probe.select_parameters`).
         image_groups: G, the number of image-group means kept as reference rows;
-            K must be a multiple of G. Default: the largest divisor of K that is ≤ 8.
-            Memory: G × (selected parameters) × dtype size.
+            K must be a multiple of G. Default: the largest divisor of K that is ≤ 8 with exact
+            rows, K (every image batch its own row) with sketches.
+            Memory: G × (selected parameters) × dtype size exact, G × k × 4 bytes sketched.
+        sketch: ``auto`` (exact rows when they fit a quarter of the free memory, else a sketch),
+            ``exact``, or a number of buckets k (see :mod:`gradprobe.probe.measure`). With a sketch
+            the intervals include the sketch error.
+        sketch_seed: seed of the sketch map.
         reference_device: ``"model"`` or ``"cpu"`` (pinned); see :mod:`gradprobe.probe.store`.
         reference_dtype: dtype of the reference rows (default float32, float64 for float64 models).
         video_norms: keep a running sum per budget (one more reference-sized row) for the
@@ -242,117 +163,92 @@ def align(
     G = image_group_count(K, image_groups)
     if n_boot < 0:
         raise InputError(f"n_boot: expected >= 0, got {n_boot}")
-    progress = progress or Progress()
-    selection = select_parameters(
-        model, include=include, exclude=exclude, roles=roles, role_of=role_of, module_of=module_of
-    )
-    probe = GradientProbe(model, selection)
-    ref_dtype = resolve_dtype(reference_dtype, probe.acc_dtype)
-    mods = probe.module_names
-    n_mod = len(mods)
-    midx = probe.module_index
-    warn_list: list[str] = []
+    meas = Measurement(model, loss_fn, include=include, exclude=exclude, roles=roles, role_of=role_of,
+                       module_of=module_of, sketch=sketch, sketch_seed=sketch_seed,
+                       exact_rows=G + int(video_norms), reference_device=reference_device,
+                       reference_dtype=reference_dtype, eval_mode=eval_mode, batch_info=batch_info,
+                       progress=progress)
+    if meas.sketched and image_groups is None:
+        G = K  # a sketched row costs k numbers: every image batch is its own row
+    progress = meas.progress
+    n_mod = len(meas.module_names)
     excluded: list[dict[str, Any]] = []
     image_rows: list[dict[str, Any]] = []
     batch_rows: list[dict[str, Any]] = []  # alignment.csv, in the order measured
     accs: dict[int, _BudgetAcc] = {}
-    sink = None
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        sink = io.RowSink(Path(out_dir) / io.ALIGNMENT)
-    complete = True
     per = K // G
-
-    def warn(msg: str) -> None:
-        warn_list.append(msg)
-        warnings.warn(msg, stacklevel=3)
-
-    store = ReferenceStore(selection.params, G, ref_dtype, reference_device)
+    store = meas.store(G)
+    pair_store = meas.store(1) if video_norms else None
     gram_mod = np.zeros((n_mod, G, G))
     finite_groups: list[int] = []
-    try:
-        with measurement_mode(model, selection, eval_mode=eval_mode), probe.attached():
-            # ---- image phase: group means of the image gradients
-            finite_groups = image_phase(probe, loss_fn, images, store, per, progress=progress, warn=warn,
-                                        rows=image_rows)
-            grams = store.gram(probe.acc_dtype)
-            gram_mod = np.zeros((n_mod, store.rows, store.rows))
-            for i, gm in enumerate(grams):
-                gram_mod[midx[i]] += gm.to(torch.float64).numpy()
+    with meas.session(Path(out_dir) / io.ALIGNMENT if out_dir is not None else None):
+        # ---- image phase: group means of the image gradients
+        finite_groups = meas.image_phase(images, store, per, image_rows)
+        gram_mod = meas.gram(store)
+        img_norm = math.sqrt(max(gram_mod.sum(axis=0).mean(), 0.0))  # ‖ḡ_img‖ of the estimate itself
 
-            img_norm = math.sqrt(max(gram_mod.sum(axis=0).mean(), 0.0))  # ‖ḡ_img‖ of the estimate itself
+        # ---- video phase
+        for m in frames:
+            acc = accs.setdefault(m, _BudgetAcc(mod_pair=np.zeros(n_mod)))
+            if pair_store is not None:
+                pair_store.zero_()
+            batches = video_batches[m]
+            progress.start(f"frames={m}", len(batches) if hasattr(batches, "__len__") else None)
+            for j, batch in enumerate(batches):
+                r, info = meas.run(batch, refs=store, pair_sum=pair_store)
+                d_col = r.dots.sum(axis=0)  # (G,)
+                row = {"frames": m, "batch": j, "loss": r.loss, "finite": r.finite}
+                if r.finite:
+                    acc.cols.append(d_col)
+                    acc.mod_cols.append(r.dots)
+                    acc.sq.append(float(r.sqnorm.sum()))
+                    acc.mod_sq.append(r.sqnorm)
+                    acc.idx.append(j)
+                    acc.losses.append(r.loss)
+                    acc.info.append(info)
+                    if r.pair is not None and acc.pair_valid:
+                        acc.pair += float(r.pair.sum())
+                        acc.mod_pair += r.pair
+                    vn = math.sqrt(max(r.sqnorm.sum(), 0.0))
+                    d = float(d_col.mean())
+                    cos = d / (img_norm * vn) if img_norm > 0 and vn > 0 else float("nan")
+                    acc.cos.append(cos)
+                    row.update(value=d, cos=cos, norm_vid=vn)
+                else:
+                    acc.excluded.append(j)
+                    acc.pair_valid = False
+                    excluded.append({"frames": m, "batch": j, "reason": "non-finite loss or gradient"})
+                    meas.warn(f"frames={m} batch {j}: non-finite loss or gradient; excluded from the statistics")
+                    row.update(value=float("nan"), cos=float("nan"), norm_vid=float("nan"))
+                row.update({f"dot_g{g}": float(v) for g, v in enumerate(d_col)})
+                row.update(info)
+                batch_rows.append(row)
+                meas.record(row)
+                progress.advance(f"frames={m}")
+            progress.finish(f"frames={m}")
 
-            # ---- video phase
-            pair_store = ReferenceStore(selection.params, 1, ref_dtype, reference_device) if video_norms else None
-            for m in frames:
-                acc = accs.setdefault(m, _BudgetAcc(mod_pair=np.zeros(n_mod)))
-                if pair_store is not None:
-                    pair_store.zero_()
-                batches = video_batches[m]
-                total = len(batches) if hasattr(batches, "__len__") else None
-                progress.start(f"frames={m}", total)
-                for j, batch in enumerate(batches):
-                    info = dict(batch_info(batch)) if batch_info is not None else {}
-                    r = probe.run_batch(loss_fn, batch, refs=store, pair_sum=pair_store)
-                    d_col = r.dots.sum(axis=0)  # (G,)
-                    row = {"frames": m, "batch": j, "loss": r.loss, "finite": r.finite}
-                    if r.finite:
-                        mod_dots = r.by_module(r.dots, midx, n_mod)  # (Mods, G)
-                        mod_sq = r.by_module(r.sqnorm, midx, n_mod)
-                        acc.cols.append(d_col)
-                        acc.mod_cols.append(mod_dots)
-                        acc.sq.append(float(r.sqnorm.sum()))
-                        acc.mod_sq.append(mod_sq)
-                        acc.idx.append(j)
-                        acc.losses.append(r.loss)
-                        acc.info.append(info)
-                        if r.pair is not None and acc.pair_valid:
-                            acc.pair += float(r.pair.sum())
-                            acc.mod_pair += r.by_module(r.pair, midx, n_mod)
-                        vn = math.sqrt(max(r.sqnorm.sum(), 0.0))
-                        d = float(d_col.mean())
-                        cos = d / (img_norm * vn) if img_norm > 0 and vn > 0 else float("nan")
-                        acc.cos.append(cos)
-                        row.update(value=d, cos=cos, norm_vid=vn)
-                    else:
-                        acc.excluded.append(j)
-                        acc.pair_valid = False
-                        excluded.append({"frames": m, "batch": j, "reason": "non-finite loss or gradient"})
-                        warn(f"frames={m} batch {j}: non-finite loss or gradient; excluded from the statistics")
-                        row.update(value=float("nan"), cos=float("nan"), norm_vid=float("nan"))
-                    row.update({f"dot_g{g}": float(v) for g, v in enumerate(d_col)})
-                    row.update(info)
-                    batch_rows.append(row)
-                    if sink is not None:
-                        sink.write(row)
-                    progress.advance(f"frames={m}")
-                progress.finish(f"frames={m}")
-    except KeyboardInterrupt:
-        complete = False
-    finally:
-        if sink is not None:
-            sink.close()
-
+    sel = meas.selection
     report = _finalize(
         frames=frames,
         accs=accs,
         gram_mod=gram_mod,
-        mods=mods,
-        selection=selection,
-        midx=midx,
+        mods=meas.module_names,
+        selection=sel,
+        midx=meas.module_index,
         image_rows=image_rows,
         batch_rows=batch_rows,
         n_groups=len(finite_groups),
         per=per,
+        widths=meas.sketch_widths(),
         settings={
             "image_batches": K,
             "image_groups": G,
             "image_groups_used": len(finite_groups),
             "reference_device": reference_device,
-            "reference_dtype": str(ref_dtype).removeprefix("torch."),
-            "accumulate_dtype": str(probe.acc_dtype).removeprefix("torch."),
-            "n_params": selection.numel,
-            "n_tensors": len(selection),
+            "reference_dtype": str(meas.ref_dtype).removeprefix("torch."),
+            "accumulate_dtype": str(meas.acc_dtype).removeprefix("torch."),
+            "n_params": sel.numel,
+            "n_tensors": len(sel),
             "n_modules": n_mod,
             "include": include,
             "exclude": exclude,
@@ -361,17 +257,18 @@ def align(
             "seed": seed,
             "eval_mode": eval_mode,
             "video_norms": video_norms,
+            "sketch": meas.settings(),
         },
         n_boot=n_boot,
         seed=seed,
-        complete=complete,
-        warn_list=warn_list,
+        complete=meas.complete,
+        warn_list=meas.warnings,
         excluded=excluded,
         meta=dict(meta or {}),
     )
     if out_dir is not None:
         report.save(out_dir)
-    if not complete:
+    if not meas.complete:
         raise AlignInterrupted(report)
     return report
 
@@ -388,6 +285,7 @@ def _finalize(
     batch_rows: list[dict[str, Any]],
     n_groups: int,
     per: int,
+    widths: np.ndarray | None,
     settings: dict[str, Any],
     n_boot: int,
     seed: int,
@@ -424,13 +322,23 @@ def _finalize(
             continue
         D, idx = tables[m]
         J = D.shape[1]
-        ci = stats.two_way_mean(D)
+        MD = np.stack(acc.mod_cols, axis=2)  # (Mods, G, J)
+        MS = np.stack(acc.mod_sq, axis=1)  # (Mods, J)
+        pairs_ok = acc.pair_valid and settings["video_norms"]
+        # sketch error of A = ⟨S ḡ_img, S ḡ_vid⟩ per module, from the norms of the two means that were
+        # sketched (‖ḡ_vid‖² from exact squared norms and the pair sums; without pairs its upper bound)
+        sk_var = np.zeros(n_mod)
+        if widths is not None:
+            vid_mean_sq = (MS.sum(axis=1) + 2 * acc.mod_pair) / J**2 if pairs_ok else MS.mean(axis=1)
+            sk_var = inner_variance(np.square(mod_img_norm_est), vid_mean_sq, MD.mean(axis=(1, 2)), widths)
+        ci = stats.two_way_mean(D, extra_var=float(sk_var.sum()))
+        plain = stats.two_way_mean(D) if widths is not None else ci
         d = D.mean(axis=0)
         vnorm = np.sqrt(np.maximum(np.array(acc.sq), 0.0))
         cos = np.array(acc.cos)
-        pairs_ok = acc.pair_valid and settings["video_norms"]
         vid_sq_unb = stats.unbiased_sqnorm_from_pairs(acc.pair, J) if pairs_ok else None
-        boot_ci = stats.percentile_ci(draws[m], df=ci.df) if m in draws else None
+        boot_ci = stats.percentile_ci(draws[m], df=plain.df) if m in draws else None
+        boot_ci = stats.widen(boot_ci, ci.mean, float(sk_var.sum()), ci.df)
         norm_img = stats.sqrt_or_none(img_sq_unb)
         norm_vid = stats.sqrt_or_none(vid_sq_unb)
         info_means = {}
@@ -459,13 +367,13 @@ def _finalize(
                 "mean_batch_norm_vid": float(vnorm.mean()),
                 "mean_loss": float(np.mean(acc.losses)),
                 "batch_info": info_means,
+                **({"sketch_sd": math.sqrt(sk_var.sum()), "sketch_share": _share(plain.ci_t, ci.ci_t)}
+                   if widths is not None else {}),
             }
         )
         # per module
-        MD = np.stack(acc.mod_cols, axis=2)  # (Mods, G, J)
-        MS = np.stack(acc.mod_sq, axis=1)  # (Mods, J)
         for i, name in enumerate(mods):
-            ci_m = stats.two_way_mean(MD[i])
+            ci_m = stats.two_way_mean(MD[i], extra_var=float(sk_var[i]))
             dm = MD[i].mean(axis=0)
             vn_m = np.sqrt(np.maximum(MS[i], 0.0))
             den = mod_img_norm_est[i] * vn_m
@@ -487,6 +395,7 @@ def _finalize(
                     "share": ci_m.mean / ci.mean if ci.mean != 0 else None,
                     "norm_img": stats.sqrt_or_none(mod_img_sq_unb[i]),
                     "norm_vid": stats.sqrt_or_none(vsq_m),
+                    **({"sketch_sd": math.sqrt(sk_var[i])} if widths is not None else {}),
                 }
             )
             for jj, j in enumerate(idx):
@@ -541,3 +450,10 @@ def _finalize(
         module_batches=pd.DataFrame(module_batch_rows),
         images=pd.DataFrame(image_rows),
     )
+
+
+def _share(narrow: tuple[float, float] | None, wide: tuple[float, float] | None) -> float | None:
+    """The share of an interval's width that the sketch error adds: 1 − (width without it)/(width with it)."""
+    if not narrow or not wide or wide[1] <= wide[0]:
+        return None
+    return 1.0 - (narrow[1] - narrow[0]) / (wide[1] - wide[0])

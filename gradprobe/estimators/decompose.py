@@ -52,7 +52,6 @@ import datetime as _dt
 import itertools
 import math
 import os
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,11 +65,9 @@ from gradprobe._checks import check_frames
 from gradprobe._version import __version__
 from gradprobe.errors import DataError, InputError, RunInterrupted
 from gradprobe.estimators import stats
-from gradprobe.estimators.align import Progress, group_count, image_group_count, image_phase
-from gradprobe.probe.context import measurement_mode
-from gradprobe.probe.hooks import GradientProbe, LossFn
-from gradprobe.probe.select import ModuleOf, RoleOf, select_parameters
-from gradprobe.probe.store import ReferenceStore, resolve_dtype
+from gradprobe.probe.hooks import LossFn
+from gradprobe.probe.measure import Measurement, Progress, group_count, image_group_count
+from gradprobe.probe.select import ModuleOf, RoleOf
 from gradprobe.report import io
 
 __all__ = ["DecomposeInterrupted", "DecomposeReport", "decompose"]
@@ -159,6 +156,8 @@ def decompose(
     module_of: ModuleOf | None = None,
     image_groups: int | None = None,
     video_groups: int | None = None,
+    sketch: str | int | None = "auto",
+    sketch_seed: int = 0,
     reference_device: str = "model",
     reference_dtype: str | torch.dtype | None = None,
     tolerance: float = 0.1,
@@ -189,6 +188,9 @@ def decompose(
         video_groups: H (must divide J, ≥ 2; default the largest divisor of J between 2 and 12). With
             fewer than 8 the intervals of α(m), ρ_tmp and Var ε(m) under-cover.
             Memory: (G + H × variants) reference rows of the selected parameters' size.
+        sketch: ``auto``, ``exact`` or a number of buckets k: rows as exact copies or as sketches
+            (:mod:`gradprobe.probe.measure`); with sketches G defaults to K.
+        sketch_seed: seed of the sketch map.
         reference_device, reference_dtype: where and in what dtype the rows are kept.
         tolerance: relative tolerance τ of the checks (see the module docstring).
         redundant_from: check "Var ε(m) non-decreasing" over the budgets ≥ this (default: all).
@@ -242,69 +244,50 @@ def decompose(
         raise InputError(f"redundant_from: no budget is >= {redundant_from} (budgets: {frames})")
     if n_boot < 0:
         raise InputError(f"n_boot: expected >= 0, got {n_boot}")
-    progress = progress or Progress()
-    selection = select_parameters(
-        model, include=include, exclude=exclude, roles=roles, role_of=role_of, module_of=module_of
-    )
-    probe = GradientProbe(model, selection)
-    ref_dtype = resolve_dtype(reference_dtype, probe.acc_dtype)
+    meas = Measurement(model, loss_fn, include=include, exclude=exclude, roles=roles, role_of=role_of,
+                       module_of=module_of, sketch=sketch, sketch_seed=sketch_seed, exact_rows=G + H * V,
+                       reference_device=reference_device, reference_dtype=reference_dtype, eval_mode=eval_mode,
+                       batch_info=batch_info, progress=progress)
+    if meas.sketched and image_groups is None:
+        G = K  # a sketched row costs k numbers: every image batch is its own row
+    progress = meas.progress
     per_img, per_vid = K // G, J // H
-    warn_list: list[str] = []
-
-    def warn(msg: str) -> None:
-        warn_list.append(msg)
-        warnings.warn(msg, stacklevel=3)
-
     image_rows: list[dict[str, Any]] = []
     batch_rows: list[dict[str, Any]] = []
-    sink = None
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        sink = io.RowSink(Path(out_dir) / BATCHES)
-    img_store = ReferenceStore(selection.params, G, ref_dtype, reference_device)
-    vid_store = ReferenceStore(selection.params, H * V, ref_dtype, reference_device)
+    img_store = meas.store(G)
+    vid_store = meas.store(H * V)
     T = np.full((V, G, J), np.nan)  # dots of each batch with each image-group mean
     S = np.full((V, J), np.nan)  # squared norms
     losses = np.full((V, J), np.nan)
     finite = np.zeros((V, J), dtype=bool)
     done = np.zeros(H, dtype=bool)
     finite_groups: list[int] = []
-    complete = True
-    try:
-        with measurement_mode(model, selection, eval_mode=eval_mode), probe.attached():
-            finite_groups = image_phase(probe, loss_fn, images, img_store, per_img, progress=progress, warn=warn,
-                                        rows=image_rows)
-            progress.start("video", J * V)
-            for j in range(J):
-                h = j // per_vid
-                for v, var in enumerate(variants):
-                    batch = var.batches[j]
-                    info = dict(batch_info(batch)) if batch_info is not None else {}
-                    r = probe.run_batch(loss_fn, batch, refs=img_store, accumulate=vid_store,
-                                        accumulate_row=h * V + v)
-                    col = r.dots.sum(axis=0)
-                    T[v, : len(col), j] = col
-                    S[v, j] = float(r.sqnorm.sum())
-                    losses[v, j] = r.loss
-                    finite[v, j] = r.finite
-                    row = {"variant": var.label, "role": var.role, "frames": var.frames, "batch": j, "group": h,
-                           "loss": r.loss, "sqnorm": S[v, j], "dot_img": float(col.mean()) if col.size else None,
-                           "finite": r.finite, **info}
-                    batch_rows.append(row)
-                    if sink is not None:
-                        sink.write(row)
-                    if not r.finite:
-                        warn(f"{var.label} batch {j}: non-finite loss or gradient; video group {h} is excluded")
-                    progress.advance("video")
-                if j % per_vid == per_vid - 1:
-                    done[h] = True
-            progress.finish("video")
-    except KeyboardInterrupt:
-        complete = False
-    finally:
-        if sink is not None:
-            sink.close()
+    with meas.session(Path(out_dir) / BATCHES if out_dir is not None else None):
+        finite_groups = meas.image_phase(images, img_store, per_img, image_rows)
+        progress.start("video", J * V)
+        for j in range(J):
+            h = j // per_vid
+            for v, var in enumerate(variants):
+                r, info = meas.run(var.batches[j], refs=img_store, accumulate=vid_store, accumulate_row=h * V + v)
+                col = r.dots.sum(axis=0)
+                T[v, : len(col), j] = col
+                S[v, j] = float(r.sqnorm.sum())
+                losses[v, j] = r.loss
+                finite[v, j] = r.finite
+                row = {"variant": var.label, "role": var.role, "frames": var.frames, "batch": j, "group": h,
+                       "loss": r.loss, "sqnorm": S[v, j], "dot_img": float(col.mean()) if col.size else None,
+                       "finite": r.finite, **info}
+                batch_rows.append(row)
+                meas.record(row)
+                if not r.finite:
+                    meas.warn(f"{var.label} batch {j}: non-finite loss or gradient; video group {h} is excluded")
+                progress.advance("video")
+            if j % per_vid == per_vid - 1:
+                done[h] = True
+        progress.finish("video")
 
+    complete = meas.complete
+    warn = meas.warn
     G_used = len(finite_groups)
     groups = [h for h in range(H) if done[h] and finite[:, h * per_vid : (h + 1) * per_vid].all()]
     if not complete and len(groups) < H:
@@ -319,8 +302,8 @@ def decompose(
     if G_used and len(groups) >= 2:
         cols = np.concatenate([np.arange(h * per_vid, (h + 1) * per_vid) for h in groups])
         vid_store.scale_(torch.full((vid_store.rows,), 1.0 / per_vid, dtype=torch.float64))
-        gram = sum(g.to(torch.float64).numpy() for g in vid_store.gram(probe.acc_dtype)).reshape(H, V, H, V)
-        img_gram = sum(g.to(torch.float64).numpy() for g in img_store.gram(probe.acc_dtype))
+        gram = meas.gram(vid_store).sum(axis=0).reshape(H, V, H, V)
+        img_gram = meas.gram(img_store).sum(axis=0)
         raw = _Raw(T=T[:, :G_used][:, :, cols], S=S[:, cols], group=np.repeat(np.arange(len(groups)), per_vid),
                    gram=gram[np.ix_(groups, range(V), groups, range(V))], img_gram=img_gram)
     elif complete:
@@ -331,13 +314,14 @@ def decompose(
         settings={
             "image_batches": K, "image_groups": G, "image_groups_used": G_used, "video_batches": J,
             "video_groups": H, "video_groups_used": len(groups), "variants": [v.label for v in variants],
-            "reference_device": reference_device, "reference_dtype": str(ref_dtype).removeprefix("torch."),
-            "reference_rows": G + H * V, "n_params": selection.numel, "n_tensors": len(selection),
+            "reference_device": reference_device, "reference_dtype": str(meas.ref_dtype).removeprefix("torch."),
+            "reference_rows": G + H * V, "n_params": meas.selection.numel, "n_tensors": len(meas.selection),
             "include": include, "exclude": exclude, "roles": roles, "tolerance": tolerance,
             "redundant_from": redundant_from, "n_boot": n_boot, "seed": seed, "eval_mode": eval_mode,
+            "sketch": meas.settings(),
         },
         image_rows=image_rows, batch_rows=batch_rows, losses=losses, per_vid=per_vid, groups=groups,
-        warn_list=warn_list, meta=dict(meta or {}),
+        warn_list=meas.warnings, meta=dict(meta or {}),
     )
     if out_dir is not None:
         report.save(out_dir)

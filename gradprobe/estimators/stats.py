@@ -45,11 +45,13 @@ def _var(x: np.ndarray) -> float:
     return float(np.var(x, ddof=1)) if x.size > 1 else float("nan")
 
 
-def two_way_mean(D: np.ndarray, confidence: float = 0.95) -> MeanCI:
+def two_way_mean(D: np.ndarray, confidence: float = 0.95, extra_var: float = 0.0) -> MeanCI:
     """Grand mean of ``D`` (rows: image groups, columns: video batches) with a t interval.
 
     With one row the image term cannot be estimated and is left out (the
     interval then treats ḡ_img as exact); with one column no interval is given.
+    ``extra_var`` is a further variance with known size (the sketch error), added to the
+    sampling variance; it counts as having infinite degrees of freedom.
     """
     D = np.asarray(D, dtype=np.float64)
     G, J = D.shape
@@ -60,7 +62,7 @@ def two_way_mean(D: np.ndarray, confidence: float = 0.95) -> MeanCI:
     terms = [(_var(col) / J, J - 1)]
     if G >= 2:
         terms.append((_var(D.mean(axis=1)) / G, G - 1))
-    v = sum(t for t, _ in terms)
+    v = sum(t for t, _ in terms) + max(float(extra_var), 0.0)
     se = math.sqrt(v)
     denom = sum(t * t / d for t, d in terms)
     df = (v * v / denom) if denom > 0 else float(J - 1)
@@ -127,6 +129,18 @@ def percentile_ci(
         a = float(_st.norm.sf(z))
     lo, hi = np.quantile(d, [a, 1 - a])
     return float(lo), float(hi)
+
+
+def widen(ci: tuple[float, float] | None, point: float, extra_var: float, df: float | None,
+          confidence: float = 0.95) -> tuple[float, float] | None:
+    """An interval around ``point`` widened by an independent error of variance ``extra_var``: each half-width
+    h becomes ``√(h² + (q·σ)²)`` with q the t quantile at ``df`` (normal without df)."""
+    if ci is None or extra_var <= 0:
+        return ci
+    a = 0.5 + confidence / 2
+    q = float(_st.t.ppf(a, df)) if df is not None and math.isfinite(df) and df > 0 else float(_st.norm.ppf(a))
+    e = (q * math.sqrt(extra_var)) ** 2
+    return point - math.sqrt((point - ci[0]) ** 2 + e), point + math.sqrt((ci[1] - point) ** 2 + e)
 
 
 def unbiased_sqnorm_from_gram(gram: np.ndarray) -> float | None:

@@ -9,7 +9,10 @@ autograd has accumulated that parameter's gradient, the hook computes, in fp32
 * optionally the dot with a running-sum row and then adds the gradient into it,
 * optionally adds the gradient into one row of another store,
 
-then may free the gradient (``p.grad = None``). Results stay on the parameter's
+then may free the gradient (``p.grad = None``). With a :class:`~gradprobe.probe.sketch.SketchSpec` the
+probe works in sketch space instead: each hook adds the parameter's squared norm and its
+contribution to the batch's sketch (k numbers), and the dots, running sums and accumulations
+above are done with sketches (:class:`~gradprobe.probe.store.SketchStore`) once backward ends. Results stay on the parameter's
 device as small tensors until the batch ends; one transfer per device brings
 them to the host. No flattened copy of the whole gradient is ever made.
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,37 +33,38 @@ import torch
 
 from gradprobe.errors import InputError
 from gradprobe.probe.select import Selection
-from gradprobe.probe.store import ReferenceStore
+from gradprobe.probe.sketch import SketchSpec, param_key, sketch_add
+from gradprobe.probe.store import ReferenceStore, SketchStore
+
+Store = ReferenceStore | SketchStore
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 
 @dataclass
 class BatchGrad:
-    """What the hooks measured for one batch, per parameter (host, float64)."""
+    """What the hooks measured for one batch, per module (host, float64).
+
+    In sketch mode ``dots`` and ``pair`` are sketched; ``sqnorm`` and ``loss`` are always exact.
+    """
 
     loss: float
-    dots: np.ndarray  # (P, R): dot with each reference row
-    sqnorm: np.ndarray  # (P,)
-    pair: np.ndarray | None  # (P,): dot with the running sum before adding, or None
-    fired: np.ndarray  # (P,) bool: the parameter received a gradient
+    dots: np.ndarray  # (Mods, R): dot with each reference row
+    sqnorm: np.ndarray  # (Mods,)
+    pair: np.ndarray | None  # (Mods,): dot with the running sum before adding, or None
     finite: bool  # every gradient entry finite (and the loss)
-
-    def by_module(self, values: np.ndarray, index: np.ndarray, n_modules: int) -> np.ndarray:
-        """Sum per-parameter ``values`` (P, ...) into modules."""
-        out = np.zeros((n_modules,) + values.shape[1:], dtype=np.float64)
-        np.add.at(out, index, values)
-        return out
+    sketch: torch.Tensor | None = None  # the batch's sketch, when asked for
 
 
 @dataclass
 class _Job:
-    refs: ReferenceStore | None
-    accumulate: ReferenceStore | None
+    refs: Store | None
+    accumulate: Store | None
     accumulate_row: int
-    pair_sum: ReferenceStore | None
+    pair_sum: Store | None
     free_grads: bool
     results: dict[int, tuple[Any, torch.Tensor, Any]] = field(default_factory=dict)
+    sketches: dict[torch.device, torch.Tensor] = field(default_factory=dict)
 
 
 class GradientProbe:
@@ -69,6 +73,10 @@ class GradientProbe:
     Args:
         model: any ``torch.nn.Module``.
         selection: the parameters to watch (see :func:`gradprobe.probe.select.select_parameters`).
+        sketch: work in sketch space with this map (its modules must be the selection's modules,
+            in order); None: exact rows.
+        sketch_backend: ``auto``, ``torch``, ``numba`` or ``triton`` (see :func:`gradprobe.probe.sketch.sketch_add`).
+        offsets: global element offset of each parameter's local piece (0 for whole parameters).
 
     Example:
         >>> import torch
@@ -81,7 +89,8 @@ class GradientProbe:
         16.0
     """
 
-    def __init__(self, model: torch.nn.Module, selection: Selection) -> None:
+    def __init__(self, model: torch.nn.Module, selection: Selection, *, sketch: SketchSpec | None = None,
+                 sketch_backend: str = "auto", offsets: Sequence[int] | None = None) -> None:
         self.model = model
         self.selection = selection
         self.params = list(selection.params)
@@ -89,6 +98,16 @@ class GradientProbe:
         pos = {m: i for i, m in enumerate(self.module_names)}
         self.module_index = np.array([pos[m] for m in selection.modules], dtype=np.int64)
         self.acc_dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
+        self.sketch = sketch
+        self.sketch_backend = sketch_backend
+        if sketch is not None:
+            if list(sketch.modules) != self.module_names:
+                raise InputError("sketch: the map's modules are not this selection's modules")
+            starts, widths = sketch.starts, sketch.widths
+            offs = list(offsets) if offsets is not None else [0] * len(self.params)
+            # per parameter: key, global offset, bucket range
+            self._sk = [(param_key(sketch.seed, n), offs[i], starts[self.module_index[i]],
+                         widths[self.module_index[i]]) for i, n in enumerate(selection.names)]
         self._job: _Job | None = None
         self._handles: list[Any] = []
 
@@ -114,6 +133,9 @@ class GradientProbe:
             self._job = None
 
     def _make_hook(self, i: int) -> Callable[[torch.Tensor], None]:
+        if self.sketch is not None:
+            return self._make_sketch_hook(i)
+
         def hook(p: torch.Tensor) -> None:
             job = self._job
             if job is None or p.grad is None:
@@ -147,6 +169,26 @@ class GradientProbe:
 
         return hook
 
+    def _make_sketch_hook(self, i: int) -> Callable[[torch.Tensor], None]:
+        key, offset, start, width = self._sk[i]
+        k = self.sketch.k
+
+        def hook(p: torch.Tensor) -> None:
+            job = self._job
+            if job is None or p.grad is None:
+                return
+            g = p.grad.reshape(-1)
+            ga = g if g.dtype == self.acc_dtype else g.to(self.acc_dtype)
+            buf = job.sketches.get(ga.device)
+            if buf is None:
+                buf = job.sketches[ga.device] = torch.zeros(k, dtype=self.acc_dtype, device=ga.device)
+            sketch_add(buf, ga, key, offset, start, width, self.sketch_backend)
+            job.results[i] = (None, torch.dot(ga, ga), None)
+            if job.free_grads:
+                p.grad = None
+
+        return hook
+
     # ------------------------------------------------------------------ batches
     def zero_grad(self) -> None:
         for p in self.params:
@@ -157,11 +199,12 @@ class GradientProbe:
         loss_fn: LossFn,
         batch: Any,
         *,
-        refs: ReferenceStore | None = None,
-        accumulate: ReferenceStore | None = None,
+        refs: Store | None = None,
+        accumulate: Store | None = None,
         accumulate_row: int = 0,
-        pair_sum: ReferenceStore | None = None,
+        pair_sum: Store | None = None,
         free_grads: bool = True,
+        keep_sketch: bool = False,
     ) -> BatchGrad:
         """Forward and backward one batch with the hooks measuring.
 
@@ -172,12 +215,20 @@ class GradientProbe:
             accumulate: add the gradient into row ``accumulate_row`` of this store.
             pair_sum: a one-row store; the hook dots the gradient with it, then adds the gradient in.
             free_grads: set ``p.grad = None`` in the hook once measured.
+            keep_sketch: return the batch's sketch (sketch mode only).
+
+        Stores are :class:`ReferenceStore` in exact mode and :class:`SketchStore` in sketch mode.
 
         Returns:
             A :class:`BatchGrad` (host arrays, float64).
         """
         if not self._handles:
             raise InputError("GradientProbe.run_batch needs the probe attached (use `with probe.attached():`)")
+        want = SketchStore if self.sketch is not None else ReferenceStore
+        for store in (refs, accumulate, pair_sum):
+            if store is not None and not isinstance(store, want):
+                raise InputError(f"this probe works {'in sketch space' if self.sketch else 'with exact rows'}; "
+                                 f"give it {want.__name__} rows")
         self.zero_grad()
         self._job = _Job(refs, accumulate, accumulate_row, pair_sum, free_grads)
         try:
@@ -192,25 +243,64 @@ class GradientProbe:
             self._job = None
         if free_grads:
             self.zero_grad()  # parameters whose hook did not fire hold no grad either
-        return self._collect(job, float(loss.detach()), refs.rows if refs is not None else 0, pair_sum is not None)
+        loss_value = float(loss.detach())
+        if self.sketch is not None:
+            return self._collect_sketch(job, loss_value, keep_sketch)
+        return self._collect(job, loss_value, refs.rows if refs is not None else 0, pair_sum is not None)
+
+    def _by_module(self, values: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(self.module_names),) + values.shape[1:], dtype=np.float64)
+        np.add.at(out, self.module_index, values)
+        return out
+
+    def _sqnorms(self, job: _Job) -> np.ndarray:
+        """Per-parameter squared norms (zero where no gradient), one transfer per device."""
+        sq = np.zeros(len(self.params), dtype=np.float64)
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (_, s, _) in job.results.items():
+            by_device.setdefault(s.device, []).append(i)
+        for idx in by_device.values():
+            sq[idx] = torch.stack([job.results[i][1] for i in idx]).to("cpu", torch.float64).numpy()
+        return sq
 
     def _collect(self, job: _Job, loss: float, n_refs: int, has_pair: bool) -> BatchGrad:
         P = len(self.params)
         dots = np.zeros((P, n_refs), dtype=np.float64)
-        sq = np.zeros(P, dtype=np.float64)
         pair = np.zeros(P, dtype=np.float64) if has_pair else None
-        fired = np.zeros(P, dtype=bool)
+        sq = self._sqnorms(job)
         by_device: dict[torch.device, list[int]] = {}
         for i, (_, s, _) in job.results.items():
             by_device.setdefault(s.device, []).append(i)
         for idx in by_device.values():  # one transfer per device and quantity
             res = [job.results[i] for i in idx]
-            sq[idx] = torch.stack([r[1] for r in res]).to("cpu", torch.float64).numpy()
             if n_refs:
                 dots[idx] = torch.stack([r[0] for r in res]).to("cpu", torch.float64).numpy()
             if has_pair:
                 pair[idx] = torch.stack([r[2] for r in res]).to("cpu", torch.float64).numpy()
-            fired[idx] = True
         # the pair column is not part of this batch's own finiteness (a poisoned running sum is the caller's)
         finite = bool(np.isfinite(dots).all() and np.isfinite(sq).all()) and math.isfinite(loss)
-        return BatchGrad(loss=loss, dots=dots, sqnorm=sq, pair=pair, fired=fired, finite=finite)
+        return BatchGrad(loss=loss, dots=self._by_module(dots), sqnorm=self._by_module(sq),
+                         pair=None if pair is None else self._by_module(pair), finite=finite)
+
+    def _collect_sketch(self, job: _Job, loss: float, keep: bool) -> BatchGrad:
+        """Sketch space: the batch's sketch is the sum of the per-device pieces; then dots, pair and accumulation."""
+        sq = self._by_module(self._sqnorms(job))
+        home = next((s.device for s in (job.refs, job.pair_sum, job.accumulate) if s is not None), None)
+        parts = list(job.sketches.values())
+        if not parts:
+            parts = [torch.zeros(self.sketch.k, dtype=self.acc_dtype)]
+        home = home or parts[0].device
+        sk = parts[0].to(home)
+        for extra in parts[1:]:
+            sk = sk + extra.to(home)
+        n_mod = len(self.module_names)
+        dots = (job.refs.module_dots(sk).to("cpu", torch.float64).numpy() if job.refs is not None
+                else np.zeros((n_mod, 0)))
+        pair = None
+        if job.pair_sum is not None:
+            pair = job.pair_sum.module_dots(sk)[:, 0].to("cpu", torch.float64).numpy()
+            job.pair_sum.add_(0, sk)
+        if job.accumulate is not None:
+            job.accumulate.add_(job.accumulate_row, sk)
+        finite = bool(np.isfinite(dots).all() and np.isfinite(sq).all()) and math.isfinite(loss)
+        return BatchGrad(loss=loss, dots=dots, sqnorm=sq, pair=pair, finite=finite, sketch=sk if keep else None)

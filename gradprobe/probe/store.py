@@ -26,9 +26,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from gradprobe.errors import InputError
+from gradprobe.probe.sketch import SketchSpec
 
 _DTYPES = {
     "float32": torch.float32,
@@ -116,3 +118,67 @@ class ReferenceStore:
             a = t.to(acc_dtype)
             out.append((a @ a.T).cpu())
         return out
+
+    def module_gram(self, module_index: np.ndarray, n_modules: int, acc_dtype: torch.dtype) -> np.ndarray:
+        """Gram matrices of the stored vectors per module, ``(n_modules, rows, rows)`` float64."""
+        out = np.zeros((n_modules, self.rows, self.rows))
+        for i, gm in enumerate(self.gram(acc_dtype)):
+            out[module_index[i]] += gm.to(torch.float64).numpy()
+        return out
+
+
+class SketchStore:
+    """``rows`` sketched vectors: one ``(rows, k)`` tensor, the sketch-space twin of :class:`ReferenceStore`.
+
+    A row costs ``k × itemsize`` bytes (4 MiB at k = 2^20 in fp32) whatever the model's size. Dots
+    and Gram matrices come per module, from each module's bucket range.
+
+    Args:
+        spec: the sketch map.
+        rows: how many sketched vectors.
+        dtype: accumulation dtype (float32, or float64 for float64 models).
+        device: where the rows live.
+    """
+
+    def __init__(self, spec: SketchSpec, rows: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.spec = spec
+        self.rows = rows
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.data = torch.zeros(rows, spec.k, dtype=dtype, device=self.device)
+        self._slices = spec.slices()
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def zero_(self, row: int | None = None) -> None:
+        (self.data if row is None else self.data[row]).zero_()
+
+    def scale_(self, factors: torch.Tensor) -> None:
+        """Multiply row r by ``factors[r]``."""
+        self.data.mul_(factors.to(device=self.device, dtype=self.dtype).unsqueeze(1))
+
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Drop all rows but these (in this order)."""
+        self.data = self.data[list(rows)].contiguous()
+        self.rows = self.data.shape[0]
+
+    def add_(self, row: int, sketch: torch.Tensor) -> None:
+        """Add a sketch into one row."""
+        self.data[row].add_(sketch.to(device=self.device, dtype=self.dtype))
+
+    def module_dots(self, sketch: torch.Tensor) -> torch.Tensor:
+        """Dots of ``sketch`` with every row, per module: ``(n_modules, rows)`` in the rows' dtype."""
+        s = sketch.to(device=self.device, dtype=self.dtype)
+        return torch.stack([self.data[:, sl] @ s[sl] for sl in self._slices])
+
+    def module_gram(self, module_index: np.ndarray | None = None, n_modules: int | None = None,
+                    acc_dtype: torch.dtype | None = None) -> np.ndarray:
+        """Gram matrices of the rows per module, ``(n_modules, rows, rows)`` float64 (the arguments are
+        those of :meth:`ReferenceStore.module_gram`; a sketch knows its modules)."""
+        out = []
+        for sl in self._slices:
+            a = self.data[:, sl].to(torch.float64)
+            out.append((a @ a.T).cpu().numpy())
+        return np.stack(out) if out else np.zeros((0, self.rows, self.rows))

@@ -44,6 +44,7 @@ import torch
 from gradprobe.errors import DataError, InputError
 from gradprobe.estimators import stats
 from gradprobe.probe.hooks import LossFn
+from gradprobe.probe.measure import image_group_count
 from gradprobe.probe.select import ModuleOf, RoleOf, select_parameters
 from gradprobe.probe.store import ReferenceStore, resolve_dtype
 from gradprobe.train.distributed import Layout, unwrap
@@ -120,8 +121,6 @@ class AlignmentMonitor:
         trajectory: str | os.PathLike[str] | None = None,
         process_group: Any = None,
     ) -> None:
-        from gradprobe.estimators.align import image_group_count
-
         if guard not in GUARDS:
             raise InputError(f"guard: unknown action {guard!r}; use one of {', '.join(GUARDS)}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
