@@ -325,12 +325,16 @@ def _finalize(
         MD = np.stack(acc.mod_cols, axis=2)  # (Mods, G, J)
         MS = np.stack(acc.mod_sq, axis=1)  # (Mods, J)
         pairs_ok = acc.pair_valid and settings["video_norms"]
-        # sketch error of A = ⟨S ḡ_img, S ḡ_vid⟩ per module, from the norms of the two means that were
-        # sketched (‖ḡ_vid‖² from exact squared norms and the pair sums; without pairs its upper bound)
+        # The sketch error. Given the map S, the two-way variance already carries every sketch term that
+        # varies with the batches; by the law of total variance what it misses is Var_S ⟨S E g_img, S E g_vid⟩
+        # = (‖E g_img‖² ‖E g_vid‖² + A²)/w per module, from the unbiased squared norms (where one is
+        # unavailable, the norm of the estimate, which is larger on average).
         sk_var = np.zeros(n_mod)
         if widths is not None:
-            vid_mean_sq = (MS.sum(axis=1) + 2 * acc.mod_pair) / J**2 if pairs_ok else MS.mean(axis=1)
-            sk_var = inner_variance(np.square(mod_img_norm_est), vid_mean_sq, MD.mean(axis=(1, 2)), widths)
+            img_sq = np.array([s if s is not None else n * n for s, n in zip(mod_img_sq_unb, mod_img_norm_est,
+                                                                               strict=True)])
+            vid_sq = 2 * acc.mod_pair / (J * (J - 1)) if pairs_ok else MS.mean(axis=1)
+            sk_var = inner_variance(img_sq, vid_sq, MD.mean(axis=(1, 2)), widths)
         ci = stats.two_way_mean(D, extra_var=float(sk_var.sum()))
         plain = stats.two_way_mean(D) if widths is not None else ci
         d = D.mean(axis=0)
