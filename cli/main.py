@@ -45,6 +45,8 @@ CacheOpt = Annotated[str | None, typer.Option(help="Toy cache directory (default
 ImageGroupsOpt = Annotated[int | None, typer.Option(help="G, image-group means kept (default: largest divisor of K ≤ 8).")]
 RefDeviceOpt = Annotated[str, typer.Option(help="Where the reference (mean) gradients live: model (its device) or cpu (pinned).")]
 RefDtypeOpt = Annotated[str | None, typer.Option(help="dtype of the reference gradients (default float32).")]
+SketchOpt = Annotated[str, typer.Option(help="auto (exact rows when they fit a quarter of free memory, else a sketch), exact, or k buckets (e.g. 2^22).")]
+SketchSeedOpt = Annotated[int, typer.Option(help="Seed of the sketch map (the same seed gives the same map in every run).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the bootstrap and of the run.")]
 NBootOpt = Annotated[int, typer.Option(help="Bootstrap resamples.")]
 
@@ -66,6 +68,17 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
 
 def _ci(c: Any) -> str:
     return "—" if not c else f"[{c[0]:.3g}, {c[1]:.3g}]"
+
+
+def sketch_line(sk: dict[str, Any] | None, budgets: list[dict[str, Any]]) -> str:
+    """One line on how the inner products were computed."""
+    if not sk:
+        return "exact rows"
+    if sk["mode"] == "exact":
+        return f"exact rows ({sk['chosen']})"
+    shares = [b["sketch_share"] for b in budgets if b.get("sketch_share") is not None]
+    worst = f"; the sketch error adds at most {max(shares):.1%} of an interval's width" if shares else ""
+    return f"sketched inner products, k={sk['k']:,}, seed {sk['seed']} ({sk['chosen']}){worst}"
 
 
 def render_align(summary: dict[str, Any], console: Console) -> None:
@@ -100,6 +113,7 @@ def render_align(summary: dict[str, Any], console: Console) -> None:
         f"[dim]{im['n_batches']} image batches in {im['groups']} groups; {s['n_params']:,} parameters in "
         f"{s['n_modules']} modules; intervals carry image-group and video-batch uncertainty[/]"
     )
+    console.print(f"[dim]{sketch_line(s.get('sketch'), summary['budgets'])}[/]")
     for w in summary.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}")
 
@@ -155,6 +169,8 @@ def align(
     attn_implementation: AttnOpt = None,
     reference_device: RefDeviceOpt = "model",
     reference_dtype: RefDtypeOpt = None,
+    sketch: SketchOpt = "auto",
+    sketch_seed: SketchSeedOpt = 0,
     seed: SeedOpt = 0,
     n_boot: NBootOpt = 2000,
     out: Annotated[str, typer.Option(help="Output directory.")] = "gradprobe-align",
@@ -399,6 +415,8 @@ def decompose(
     attn_implementation: AttnOpt = None,
     reference_device: RefDeviceOpt = "model",
     reference_dtype: RefDtypeOpt = None,
+    sketch: SketchOpt = "auto",
+    sketch_seed: SketchSeedOpt = 0,
     seed: SeedOpt = 0,
     n_boot: NBootOpt = 2000,
     out: Annotated[str, typer.Option(help="Output directory.")] = "gradprobe-decompose",

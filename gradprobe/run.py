@@ -18,6 +18,7 @@ import torch
 from gradprobe._checks import check_positive_int, parse_frames
 from gradprobe.errors import DataError, InputError, ModelError
 from gradprobe.estimators.align import AlignReport, Progress, align
+from gradprobe.probe.measure import parse_sketch
 from gradprobe.probe.store import resolve_dtype
 from gradprobe.toybox import ToySpec, ensure_toy
 
@@ -52,6 +53,8 @@ class AlignOptions:
     attn_implementation: str | None = None
     reference_device: str = "model"
     reference_dtype: str | None = None
+    sketch: str = "auto"
+    sketch_seed: int = 0
     sampler: str = "uniform"
     pixel_policy: str = "fixed"
     frame_pixels: int | None = None
@@ -165,6 +168,7 @@ def _prepare(opts: AlignOptions, log: Callable[[str], None],
     frames = parse_frames(opts.frames) if isinstance(opts.frames, str) else parse_frames(list(opts.frames))
     for name in ("image_batches", "video_batches", "batch_size", "video_batch_size"):
         check_positive_int(name.replace("_", "-"), getattr(opts, name))
+    parse_sketch(opts.sketch)
     check_sampler(opts.sampler)
     policy = PixelPolicy(opts.pixel_policy, opts.frame_pixels, opts.total_pixels)
     device = _device(opts.device)
@@ -292,6 +296,8 @@ def _align_one(opts: AlignOptions, prep: _Prepared, model_dir: Path, out: str | 
         role_of=adapter.role_of,
         module_of=adapter.module_of,
         image_groups=opts.image_groups,
+        sketch=opts.sketch,
+        sketch_seed=opts.sketch_seed,
         reference_device=opts.reference_device,
         reference_dtype=opts.reference_dtype,
         n_boot=opts.n_boot,
@@ -511,7 +517,8 @@ def run_decompose(
         model, images, videos, loss_fn, shared=shared, shared_label=label,
         include=opts.include or None, exclude=opts.exclude or None, roles=opts.roles,
         role_of=adapter.role_of, module_of=adapter.module_of, image_groups=opts.image_groups,
-        video_groups=opts.video_groups, reference_device=opts.reference_device,
+        video_groups=opts.video_groups, sketch=opts.sketch, sketch_seed=opts.sketch_seed,
+        reference_device=opts.reference_device,
         reference_dtype=opts.reference_dtype, tolerance=opts.tolerance, redundant_from=opts.redundant_from,
         n_boot=opts.n_boot, seed=opts.seed, batch_info=batch_info, out_dir=opts.out, progress=progress, meta=meta,
     )

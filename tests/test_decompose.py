@@ -379,3 +379,94 @@ def test_per_budget_rho_sh_that_turns_negative_violates_assumption_3_at_that_bud
     assert c["verdict"] == "violated"
     assert c["statistic"] == "ρ_sh at m=32" and c["value"] == pytest.approx(1 - 0.4 * 5)
     assert [b["rho_sh"] for b in s["budgets"]] == pytest.approx([1 - 0.4 * math.log2(m) for m in FRAMES])
+
+
+def _countsketch_matrix(seed, k, sizes=(30, 20)):
+    """The sketch map of the planted Linear model (modules ``shared`` and ``temporal``) as a dense (k, d) matrix."""
+    from gradprobe.probe.sketch import SketchSpec, param_key, sketch_buckets
+
+    spec = SketchSpec.build([("shared", sizes[0]), ("temporal", sizes[1])], k=k, seed=seed)
+    S = np.zeros((k, sum(sizes)))
+    col = 0
+    for name, n, start, width in zip(("shared", "temporal"), sizes, spec.starts, spec.widths, strict=True):
+        b, neg = sketch_buckets(param_key(seed, name), 0, n, width)
+        S[start + b.numpy(), col + np.arange(n)] = np.where(neg.numpy(), -1.0, 1.0)
+        col += n
+    return S, spec
+
+
+def test_sketched_intervals_cover_in_repeated_planted_runs():
+    """The coverage test above with every vector sketched (k = 24 buckets for 50 coordinates, a new map per
+    run): the joint bootstrap plus the sketch-error draws cover; without the sketch error they do not."""
+    p = Planted()
+    nt = np.linalg.norm(p.t)
+    rng = np.random.default_rng(8)
+    d, G, H, per, reps = len(p.u), 8, 8, 3, 200
+    frames = [2, 8, 32]
+    keys = ("rho_sh", "rho_tmp", "contrib", "alpha")
+    hits = dict.fromkeys(keys, 0)
+    hits_plain = dict.fromkeys(keys, 0)
+    for r in range(reps):
+        S, spec = _countsketch_matrix(r, 24)
+        img = p.u + 0.3 * rng.standard_normal((G, d))
+        z = 0.4 * rng.standard_normal((H * per, d))
+        X = [p.s + p.alpha(m) * p.t + z + 0.2 * rng.standard_normal((H * per, d)) for m in frames]
+        X.append(p.s + z)
+        sk = [slice(s, s + w) for s, w in zip(spec.starts, spec.widths, strict=True)]
+        img_s, X_s = img @ S.T, [x @ S.T for x in X]
+
+        def raw_of(cols, img_s=img_s, X_s=X_s, X=X):
+            Y = np.stack([x[:, cols].reshape(H, per, -1).mean(axis=1) for x in X_s], axis=1)
+            return dec._Raw(T=np.stack([img_s[:, cols] @ x[:, cols].T for x in X_s]),
+                            S=np.stack([(x * x).sum(1) for x in X]), group=np.repeat(np.arange(H), per),
+                            gram=np.einsum("hvd,kwd->hvkw", Y, Y), img_gram=img_s[:, cols] @ img_s[:, cols].T)
+
+        raw = raw_of(slice(None))
+        raw.modules = [raw_of(c) for c in sk]
+        raw.widths = np.asarray(spec.widths, dtype=float)
+        sh = [3, 3, 3]
+        a, C, E2, _ = dec._moments(raw, np.ones((1, G)), np.ones((1, H)))
+        pt = {k: v[0] for k, v in dec._decompose(a, C, E2, sh, 3).items()}
+        boot = dec._run_boot(raw, sh, 3, 1000, r, (pt["D"], pt["u"]))
+        checks = {"rho_sh": ("rho_sh", pt["rho_sh"][0], 0, p.rho_sh),
+                  "rho_tmp": ("rho_tmp", pt["rho_tmp"], (), p.rho_tmp / nt),
+                  "contrib": ("contrib_tmp", pt["contrib_tmp"][2], 2, -p.alpha(32) * p.rho_tmp),
+                  "alpha": ("alpha", pt["alpha"][2], 2, p.alpha(32) * nt)}
+        for name, (key, point, index, truth) in checks.items():
+            pick = (lambda dd, key=key, index=index: dd[key][:, index]) if index != () else (
+                lambda dd, key=key: dd[key])
+            ci, ci_plain = boot.ci_of(point, pick), boot.ci_of(point, pick, plain=True)
+            hits[name] += ci[0] <= truth <= ci[1]
+            hits_plain[name] += ci_plain[0] <= truth <= ci_plain[1]
+    cover = {k: v / reps for k, v in hits.items()}
+    cover_plain = {k: v / reps for k, v in hits_plain.items()}
+    # binomial sd at 0.95 with 200 reps is 0.015
+    assert all(c >= 0.91 for c in cover.values()), cover
+    assert min(cover_plain.values()) < 0.85, cover_plain
+
+
+@pytest.mark.parametrize("k", [64, 1024])
+def test_sketched_engine_recovers_the_planted_decomposition(k):
+    """Through the hooks with a sketch of 50 coordinates: α(m), ρ and the A(m) within their intervals, which
+    carry the sketch error; m* exactly at k=1024, and among the bootstrap's likely values at k=64."""
+    p = Planted()
+    rng = np.random.default_rng(1)
+    images, videos, shared = p.draw_decomposition(16, 48, FRAMES, 0.04, 0.1, lambda m: 0.02 * math.log2(m), rng)
+    rep = gradprobe.decompose(Linear(), images, videos, linear_loss, shared=shared, n_boot=2000, seed=1, sketch=k,
+                              sketch_seed=3)
+    s = rep.summary
+    nt = np.linalg.norm(p.t)
+    assert s["settings"]["sketch"]["mode"] == "sketch" and s["settings"]["sketch"]["k"] == k
+    assert s["image"]["groups"] == 16  # every image batch its own row
+    assert _near(s["rho_sh"]["value"], s["rho_sh"]["ci95"], p.rho_sh)
+    assert _near(s["rho_tmp"]["value"], s["rho_tmp"]["ci95"], p.rho_tmp / nt)
+    for b in s["budgets"]:
+        m = b["frames"]
+        assert _near(b["alpha"], b["alpha_ci95"], p.alpha(m) * nt)
+        assert _near(b["contrib_tmp"], b["contrib_tmp_ci95"], -p.alpha(m) * p.rho_tmp)
+        assert _near(b["A"], b["A_ci95_t"], p.truth(m))
+        assert 0 < b["alpha_sketch_share"] < 1
+    if k == 1024:
+        assert s["m_star"]["model"]["value"] == 16
+    assert s["m_star"]["model"]["bootstrap"]["16"] > 0.2
+    _no_nan(s)

@@ -256,7 +256,8 @@ def decompose(
     batch_rows: list[dict[str, Any]] = []
     img_store = meas.store(G)
     vid_store = meas.store(H * V)
-    T = np.full((V, G, J), np.nan)  # dots of each batch with each image-group mean
+    n_mod = len(meas.module_names)
+    TM = np.full((n_mod, V, G, J), np.nan)  # per module: dots of each batch with each image-group mean
     S = np.full((V, J), np.nan)  # squared norms
     losses = np.full((V, J), np.nan)
     finite = np.zeros((V, J), dtype=bool)
@@ -270,7 +271,7 @@ def decompose(
             for v, var in enumerate(variants):
                 r, info = meas.run(var.batches[j], refs=img_store, accumulate=vid_store, accumulate_row=h * V + v)
                 col = r.dots.sum(axis=0)
-                T[v, : len(col), j] = col
+                TM[:, v, : len(col), j] = r.dots
                 S[v, j] = float(r.sqnorm.sum())
                 losses[v, j] = r.loss
                 finite[v, j] = r.finite
@@ -302,10 +303,17 @@ def decompose(
     if G_used and len(groups) >= 2:
         cols = np.concatenate([np.arange(h * per_vid, (h + 1) * per_vid) for h in groups])
         vid_store.scale_(torch.full((vid_store.rows,), 1.0 / per_vid, dtype=torch.float64))
-        gram = meas.gram(vid_store).sum(axis=0).reshape(H, V, H, V)
-        img_gram = meas.gram(img_store).sum(axis=0)
-        raw = _Raw(T=T[:, :G_used][:, :, cols], S=S[:, cols], group=np.repeat(np.arange(len(groups)), per_vid),
-                   gram=gram[np.ix_(groups, range(V), groups, range(V))], img_gram=img_gram)
+        gram_m = meas.gram(vid_store).reshape(n_mod, H, V, H, V)[np.ix_(range(n_mod), groups, range(V), groups,
+                                                                               range(V))]
+        img_gram_m = meas.gram(img_store)
+        TM = TM[:, :, :G_used][:, :, :, cols]
+        group = np.repeat(np.arange(len(groups)), per_vid)
+        raw = _Raw(T=TM.sum(axis=0), S=S[:, cols], group=group, gram=gram_m.sum(axis=0),
+                   img_gram=img_gram_m.sum(axis=0))
+        if meas.sketched:  # the moments per module, for the sketch error of the expected vectors' Gram
+            raw.modules = [_Raw(T=TM[i], S=np.zeros_like(raw.S), group=group, gram=gram_m[i], img_gram=img_gram_m[i])
+                           for i in range(n_mod)]
+            raw.widths = meas.sketch_widths()
     elif complete:
         raise DataError("fewer than 2 video groups have only finite batches: nothing to decompose")
     report = _finalize(
@@ -342,6 +350,8 @@ class _Raw:
     group: np.ndarray  # (J,): video group of each batch (0 … H−1)
     gram: np.ndarray  # (H, V, H, V): ⟨ḡ_v,h, ḡ_w,h'⟩ of the video-group means
     img_gram: np.ndarray  # (G, G) of the image-group means
+    modules: list[_Raw] | None = None  # sketch mode: the same per module
+    widths: np.ndarray | None = None  # sketch mode: buckets per module
 
     @property
     def H(self) -> int:
@@ -456,14 +466,16 @@ class _Boot:
     vid: dict[str, np.ndarray]
     G: int
     H: int
+    plain: dict[str, np.ndarray] | None = None  # sketch mode: the joint draws without the sketch error
 
     def ci(self, key: str, point: float, index: Any = ()) -> tuple[float, float] | None:
         """Expanded percentile interval of ``key`` (element ``index`` of it, if given)."""
         return self.ci_of(point, lambda d: d[key][:, index] if index != () else d[key])
 
-    def ci_of(self, point: float, pick: Callable[[dict[str, np.ndarray]], np.ndarray]) -> tuple[float, float] | None:
+    def ci_of(self, point: float, pick: Callable[[dict[str, np.ndarray]], np.ndarray],
+              plain: bool = False) -> tuple[float, float] | None:
         """Expanded percentile interval of the statistic ``pick(draws)``; df from the two marginal bootstrap
-        variances (Satterthwaite)."""
+        variances (Satterthwaite). ``plain``: from the joint draws without the sketch error."""
         if not math.isfinite(point):
             return None
         terms = []
@@ -474,10 +486,20 @@ class _Boot:
             if n >= 2 and v > 0:
                 terms.append((v, n - 1))
         if not terms:
-            return (point, point)
+            return (point, point) if plain or self.plain is None else stats.percentile_ci(pick(self.joint))
         v = sum(t for t, _ in terms)
         df = v * v / sum(t * t / d for t, d in terms)
-        return stats.percentile_ci(pick(self.joint), df=df)
+        return stats.percentile_ci(pick(self.joint if not plain else self.plain), df=df)
+
+    def share(self, key: str, point: float, index: Any = ()) -> float | None:
+        """The share of ``key``'s interval width that the sketch error adds (None without a sketch)."""
+        if self.plain is None:
+            return None
+        pick = (lambda d: d[key][:, index]) if index != () else (lambda d: d[key])
+        wide, narrow = self.ci_of(point, pick), self.ci_of(point, pick, plain=True)
+        if not wide or not narrow or wide[1] <= wide[0]:
+            return None
+        return 1.0 - (narrow[1] - narrow[0]) / (wide[1] - wide[0])
 
 
 def _run_boot(raw: _Raw, sh_of: Sequence[int], M: int, n_boot: int, seed: int,
@@ -487,13 +509,57 @@ def _run_boot(raw: _Raw, sh_of: Sequence[int], M: int, n_boot: int, seed: int,
     wg = rng.multinomial(G, np.full(G, 1.0 / G), size=n_boot).astype(np.float64)
     wh = rng.multinomial(H, np.full(H, 1.0 / H), size=n_boot).astype(np.float64)
     ones_g, ones_h = np.ones((n_boot, G)), np.ones((n_boot, H))
+    err = _sketch_error(raw, n_boot, rng) if raw.modules is not None else None
     out = []
+    plain = None
     for wgi, whi in ((wg, wh), (wg, ones_h), (ones_g, wh)):
         a, C, E2, img_sq = _moments(raw, wgi, whi)
+        if err is not None and not out:  # the joint draws carry the sketch error too
+            d = _decompose(a, C, E2, sh_of, M, ref)
+            d["img_sq"] = img_sq
+            plain = d
+            a, C, img_sq = a + err[:, 0, 1:], C + err[:, 1:, 1:], img_sq + err[:, 0, 0]
         d = _decompose(a, C, E2, sh_of, M, ref)
         d["img_sq"] = img_sq
         out.append(d)
-    return _Boot(out[0], out[1], out[2], G, H)
+    return _Boot(out[0], out[1], out[2], G, H, plain)
+
+
+def _sketch_error(raw: _Raw, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Draws of the sketch error of the Gram matrix Γ of the expected vectors (E g_img, then E g_v of every
+    variant), ``(n_boot, V+1, V+1)``.
+
+    Given the map, the bootstrap already carries every sketch term that varies with the resampled groups;
+    by the law of total variance what it misses is the map's error on Γ itself. For a CountSketch with w
+    buckets that error has covariance ``(Γ_ik Γ_jl + Γ_il Γ_jk)/w`` (up to fourth-moment terms), per module,
+    independent between modules; it is drawn as ``L M Lᵀ/√w`` with ``Γ = L Lᵀ`` (Γ's estimate with negative
+    eigenvalues set to 0) and M a symmetric Gaussian matrix (variance 2 on the diagonal, 1 off it).
+    """
+    V = raw.T.shape[0]
+    total = np.zeros((n_boot, V + 1, V + 1))
+    for gamma, w in _module_gammas(raw):
+        lam, U = np.linalg.eigh(gamma)
+        L = U * np.sqrt(np.maximum(lam, 0.0))
+        X = rng.standard_normal((n_boot, V + 1, V + 1))
+        total += L @ ((X + X.transpose(0, 2, 1)) / math.sqrt(2)) @ L.T / math.sqrt(w)
+    return total
+
+
+def _module_gammas(raw: _Raw) -> list[tuple[np.ndarray, float]]:
+    """Per module: the estimated Gram matrix Γ of the expected vectors (E g_img, then every variant's E g_v)
+    and the module's number of buckets. ``‖E g_img‖²`` falls back to the norm of the estimate with one group."""
+    assert raw.modules is not None and raw.widths is not None
+    G, H = raw.T.shape[1], raw.H
+    V = raw.T.shape[0]
+    out = []
+    for r, w in zip(raw.modules, raw.widths, strict=True):
+        a, C, _, img_sq = _moments(r, np.ones((1, G)), np.ones((1, H)))
+        gamma = np.zeros((V + 1, V + 1))
+        gamma[0, 0] = img_sq[0] if math.isfinite(img_sq[0]) else float(r.img_gram.mean())
+        gamma[0, 1:] = gamma[1:, 0] = a[0]
+        gamma[1:, 1:] = C[0]
+        out.append((gamma, float(w)))
+    return out
 
 
 # ---------------------------------------------------------------------------- checks
@@ -613,10 +679,16 @@ def _finalize(*, raw: _Raw | None, frames: list[int], variants: list[_Variant], 
     tau_alpha = tolerance * scale_alpha + _ROUNDING * math.sqrt(top_sq)
 
     # ---- per budget
+    # the sketch error of A(m) for its two-way t interval, as in align: (‖E g_img‖²‖E g_m‖² + A²)/w per module
+    sk_var_A = np.zeros(M)
+    if raw.modules is not None:
+        for gamma, w in _module_gammas(raw):
+            d = np.diag(gamma)
+            sk_var_A += (max(d[0], 0.0) * np.maximum(d[1 : M + 1], 0.0) + gamma[0, 1 : M + 1] ** 2) / w
     rows = []
     for i, m in enumerate(frames):
         v = raw.T[i]  # (G, J) table of budget m, as align measures it
-        tw = stats.two_way_mean(v)
+        tw = stats.two_way_mean(v, extra_var=float(sk_var_A[i]))
         ml = losses[i][np.isfinite(losses[i])]
         row = {
             "frames": m, "shared": variants[sh_of[i]].label, "n": v.shape[1],
@@ -633,6 +705,10 @@ def _finalize(*, raw: _Raw | None, frames: list[int], variants: list[_Variant], 
             "explained": float(pt["alpha"][i] ** 2 / pt["sqnorm_d"][i]) if pt["sqnorm_d"][i] > 0 else None,
             "mean_loss": float(ml.mean()) if ml.size else None,
         }
+        if boot is not None and boot.plain is not None:
+            row.update({f"{name}_sketch_share": boot.share(key, float(pt[key][i]), i)
+                        for name, key in (("A", "A"), ("rho_sh", "rho_sh"), ("alpha", "alpha"),
+                                          ("contrib_tmp", "contrib_tmp"), ("var_eps", "var"))})
         rows.append(row)
 
     # ---- checks
@@ -739,7 +815,8 @@ def _finalize(*, raw: _Raw | None, frames: list[int], variants: list[_Variant], 
                 "varies_with_m": per_m,
                 "note": "mean over the budgets of ρ_sh(m) (one shared variant per budget)" if per_m else
                 "one shared variant for every budget"},
-        rho_tmp={"value": rho_tmp, "ci95": ci("rho_tmp") if resolved else None, "cos_img_tmp": cos_tmp},
+        rho_tmp={"value": rho_tmp, "ci95": ci("rho_tmp") if resolved else None, "cos_img_tmp": cos_tmp,
+                 "sketch_share": boot.share("rho_tmp", rho_tmp) if boot is not None and resolved else None},
         image_norm=norm_img,
         tmp_direction=tmp_dir,
         budgets=rows,
