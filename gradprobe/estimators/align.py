@@ -335,6 +335,10 @@ def _finalize(
                                                                                strict=True)])
             vid_sq = 2 * acc.mod_pair / (J * (J - 1)) if pairs_ok else MS.mean(axis=1)
             sk_var = inner_variance(img_sq, vid_sq, MD.mean(axis=(1, 2)), widths)
+            # how far these sketched numbers may lie from exact rows on the same batches: the map's error on
+            # the realised means ḡ_img and ḡ_vid (their norms include the batch noise)
+            real_vid_sq = (MS.sum(axis=1) + 2 * acc.mod_pair) / J**2 if pairs_ok else MS.mean(axis=1)
+            sk_var_batches = inner_variance(np.square(mod_img_norm_est), real_vid_sq, MD.mean(axis=(1, 2)), widths)
         ci = stats.two_way_mean(D, extra_var=float(sk_var.sum()))
         plain = stats.two_way_mean(D) if widths is not None else ci
         d = D.mean(axis=0)
@@ -371,8 +375,8 @@ def _finalize(
                 "mean_batch_norm_vid": float(vnorm.mean()),
                 "mean_loss": float(np.mean(acc.losses)),
                 "batch_info": info_means,
-                **({"sketch_sd": math.sqrt(sk_var.sum()), "sketch_share": _share(plain.ci_t, ci.ci_t)}
-                   if widths is not None else {}),
+                **({"sketch_sd": math.sqrt(sk_var.sum()), "sketch_share": _share(plain.ci_t, ci.ci_t),
+                    "sketch_sd_batches": math.sqrt(sk_var_batches.sum())} if widths is not None else {}),
             }
         )
         # per module
@@ -399,7 +403,8 @@ def _finalize(
                     "share": ci_m.mean / ci.mean if ci.mean != 0 else None,
                     "norm_img": stats.sqrt_or_none(mod_img_sq_unb[i]),
                     "norm_vid": stats.sqrt_or_none(vsq_m),
-                    **({"sketch_sd": math.sqrt(sk_var[i])} if widths is not None else {}),
+                    **({"sketch_sd": math.sqrt(sk_var[i]), "sketch_sd_batches": math.sqrt(sk_var_batches[i])}
+                       if widths is not None else {}),
                 }
             )
             for jj, j in enumerate(idx):
