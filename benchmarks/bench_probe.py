@@ -1,7 +1,7 @@
 """Cost of one probed gradient against a plain forward+backward of the same batch.
 
 Usage:
-    python benchmarks/bench_probe.py [--frames 8,16,32] [--repeats 30] [--out benchmarks/results/probe_cpu.json]
+    python benchmarks/bench_probe.py [--frames 8,16,32] [--repeats 30] [--sketch K] [--out benchmarks/results/probe_cpu.json]
 
 On the cached toy default (built if needed), for an image batch and a video
 batch at each budget, it times, interleaved in one process:
@@ -9,7 +9,8 @@ batch at each budget, it times, interleaved in one process:
 * ``plain``: ``model.zero_grad(); loss_fn(model, batch).backward()``;
 * ``probed``: the same batch through :meth:`GradientProbe.run_batch` with the
   reference rows of ``gradprobe align`` (8 image groups) and the running-sum row,
-  gradients freed in the hooks.
+  gradients freed in the hooks; exact rows, or with ``--sketch K`` sketched rows
+  (each hook adds its parameter's gradient into the batch's k-bucket sketch).
 
 It reports medians and their ratio. Extra peak memory is measured in two child
 processes (plain and probed, same batch) as the difference of their peak RSS,
@@ -33,12 +34,22 @@ import torch
 
 from gradprobe.models import toy as adapter
 from gradprobe.probe import GradientProbe, ReferenceStore, select_parameters
+from gradprobe.probe.measure import sketch_spec
+from gradprobe.probe.store import SketchStore
 from gradprobe.toybox import ToySpec, ensure_toy
 
 GROUPS = 8  # reference rows, as `gradprobe align` keeps by default
 
 
-def _setup(frames: int | None, groups: int, dtype: torch.dtype, store: bool = True):
+def _stores(sel, groups: int, dtype: torch.dtype, k: int | None):
+    """Reference rows and the running-sum row, exact or sketched, and the probe that uses them."""
+    if k is None:
+        return ReferenceStore(sel.params, groups, dtype), ReferenceStore(sel.params, 1, dtype), None
+    spec = sketch_spec(sel, k)
+    return SketchStore(spec, groups, torch.float32, "cpu"), SketchStore(spec, 1, torch.float32, "cpu"), spec
+
+
+def _setup(frames: int | None, groups: int, dtype: torch.dtype, store: bool = True, k: int | None = None):
     t = ensure_toy(ToySpec())
     model, processor = adapter.load(t.model_dir)
     if frames is None:
@@ -50,11 +61,10 @@ def _setup(frames: int | None, groups: int, dtype: torch.dtype, store: bool = Tr
     sel = select_parameters(model)
     if not store:
         return model, batch, None, None, None
-    refs = ReferenceStore(sel.params, groups, dtype)
-    for tns in refs.tensors:
+    refs, pair, spec = _stores(sel, groups, dtype, k)
+    for tns in getattr(refs, "tensors", [getattr(refs, "data", None)]):
         tns.normal_()
-    pair = ReferenceStore(sel.params, 1, dtype)
-    return model, batch, GradientProbe(model, sel), refs, pair
+    return model, batch, GradientProbe(model, sel, sketch=spec), refs, pair
 
 
 def _plain(model, batch):
@@ -62,8 +72,8 @@ def _plain(model, batch):
     adapter.loss_fn(model, batch).backward()
 
 
-def time_one(frames: int | None, repeats: int, groups: int, dtype: torch.dtype) -> dict:
-    model, batch, probe, refs, pair = _setup(frames, groups, dtype)
+def time_one(frames: int | None, repeats: int, groups: int, dtype: torch.dtype, k: int | None = None) -> dict:
+    model, batch, probe, refs, pair = _setup(frames, groups, dtype, k=k)
     plain, probed = [], []
     with probe.attached():
         for _ in range(3):  # warm-up
@@ -82,6 +92,7 @@ def time_one(frames: int | None, repeats: int, groups: int, dtype: torch.dtype) 
         "input": "image x16" if frames is None else f"video x4 @ {frames} frames",
         "groups": groups,
         "reference_dtype": str(dtype).removeprefix("torch."),
+        "sketch_k": k,
         "plain_s": p,
         "probed_s": q,
         "ratio": q / p,
@@ -95,7 +106,7 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * resource.getpagesize()
 
 
-def _child(mode: str, frames: int | None, groups: int, dtype: torch.dtype) -> None:
+def _child(mode: str, frames: int | None, groups: int, dtype: torch.dtype, k: int | None = None) -> None:
     """Peak resident memory during 3 passes, above the resident memory before the store and passes.
 
     The process-wide ``ru_maxrss`` is dominated by import-time peaks, so a thread samples the
@@ -123,9 +134,8 @@ def _child(mode: str, frames: int | None, groups: int, dtype: torch.dtype) -> No
                 _plain(model, batch)
         else:
             sel = select_parameters(model)
-            refs = ReferenceStore(sel.params, groups, dtype)
-            pair = ReferenceStore(sel.params, 1, dtype)
-            probe = GradientProbe(model, sel)
+            refs, pair, spec = _stores(sel, groups, dtype, k)
+            probe = GradientProbe(model, sel, sketch=spec)
             with probe.attached():
                 for _ in range(3):
                     probe.run_batch(adapter.loss_fn, batch, refs=refs, pair_sum=pair)
@@ -135,11 +145,12 @@ def _child(mode: str, frames: int | None, groups: int, dtype: torch.dtype) -> No
     print(json.dumps({"peak_above_base_mib": (peak[0] - base) / 2**20}))
 
 
-def memory_one(frames: int | None, groups: int, dtype: torch.dtype) -> dict:
+def memory_one(frames: int | None, groups: int, dtype: torch.dtype, k: int | None = None) -> dict:
     out = {}
     for mode in ("plain", "probed"):
         args = [sys.executable, __file__, "--child", mode, "--groups", str(groups),
                 "--reference-dtype", str(dtype).removeprefix("torch.")]
+        args += [] if k is None else ["--sketch", str(k)]
         args += [] if frames is None else ["--frames", str(frames)]
         res = subprocess.run(args, capture_output=True, text=True, check=True)
         out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -158,17 +169,18 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/probe_cpu.json")
     ap.add_argument("--groups", type=int, default=GROUPS)
     ap.add_argument("--reference-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--sketch", type=int, default=None, help="sketched rows with this many buckets (default: exact)")
     ap.add_argument("--child", choices=["plain", "probed"])
     a = ap.parse_args()
     dtype = getattr(torch, a.reference_dtype)
     torch.set_num_threads(a.threads)
     if a.child:
-        _child(a.child, int(a.frames) if a.frames.isdigit() else None, a.groups, dtype)
+        _child(a.child, int(a.frames) if a.frames.isdigit() else None, a.groups, dtype, a.sketch)
         return
     rows = []
     for f in [None] + [int(x) for x in a.frames.split(",")]:
-        row = time_one(f, a.repeats, a.groups, dtype)
-        row.update(memory_one(f, a.groups, dtype))
+        row = time_one(f, a.repeats, a.groups, dtype, a.sketch)
+        row.update(memory_one(f, a.groups, dtype, a.sketch))
         rows.append(row)
         print(json.dumps(row))
     env = {

@@ -475,7 +475,7 @@ def sft(
 ) -> None:
     """Video-SFT with transformers' Trainer, watching update–image-probe alignment along the run."""
     from gradprobe import GradprobeError
-    from gradprobe.train.sft import SFTOptions, run_sft
+    from gradprobe.sft import SFTOptions, run_sft
 
     opts = SFTOptions(out=out, frames=frames, manifest=manifest,
                       model=model, video_data=video_data, image_probe=image_probe, data_root=data_root,

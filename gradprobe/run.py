@@ -362,7 +362,7 @@ def run_align_checkpoints(
     """
     import pandas as pd
 
-    from gradprobe.report import io
+    from gradprobe import outputs as io
 
     log = log or (lambda s: None)
     prep = _prepare(opts, log)

@@ -59,14 +59,15 @@ def test_two_ranks_equal_single_process(mode, single, tmp_path):
 def test_deepspeed_zero3_equals_single_process(tmp_path):
     """ZeRO-3 (2 gloo ranks, CPU): gradient partitions through DeepSpeed's public accessors.
 
-    DeepSpeed clips inside its step, after the monitor, so the reference clips in that order too. Its
-    master weights and gradient partitions are float32, hence the looser tolerance on weights.
+    DeepSpeed clips inside its step, after the monitor, so the reference clips in that order too. ZeRO-3
+    takes float32 modules only (DeepSpeed 0.19.7 and later refuse float64), so both runs are float32 and the
+    tolerances are those of float32 sums reduced in another order (observed: 1.5e-6 relative).
     """
     pytest.importorskip("deepspeed")
     ref = _run("single_late_clip", tmp_path)
     got = _run("zero3", tmp_path)
     assert ref["fired"]["project"] >= 1 and got["fired"] == ref["fired"]
-    _close(ref["rows"], got["rows"], rel=1e-6)
+    _close(ref["rows"], got["rows"], rel=2e-5)
     for name, values in ref["params"].items():
         assert got["params"][name] == pytest.approx(values, abs=1e-6), name
     # ZeRO-1/2 expose only the assembled gradient publicly: refused with a reason

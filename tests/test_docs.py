@@ -66,7 +66,7 @@ def test_decomposition_notebook_executes(tiny_toy, tmp_path, monkeypatch):
     import gradprobe.run
     from gradprobe.run import DecomposeOptions, run_decompose
     from gradprobe.toybox import ToySpec
-    from gradprobe.train.sft import SFTOptions, run_sft
+    from gradprobe.sft import SFTOptions, run_sft
 
     monkeypatch.setattr(gradprobe.run, "DEFAULT_TOY", ToySpec(**tiny_toy.spec.__dict__))
     root = tmp_path / "decompose"

@@ -31,7 +31,7 @@ from gradprobe.probe.hooks import LossFn
 from gradprobe.probe.measure import Measurement, Progress, group_count, image_group_count
 from gradprobe.probe.select import ModuleOf, RoleOf
 from gradprobe.probe.sketch import inner_variance
-from gradprobe.report import io
+from gradprobe import outputs as io
 
 __all__ = ["AlignInterrupted", "AlignReport", "Progress", "align", "group_count", "image_group_count"]
 @dataclass

@@ -44,14 +44,11 @@ from gradprobe.estimators.align import Progress
 from gradprobe.estimators.hvp import BACKENDS, HessianOperator, LossFn, Vec, vdot, vrandom
 from gradprobe.estimators.spectrum import METHODS, Spectrum, extreme_eigenvalues, hutchinson_trace, lanczos
 from gradprobe.probe.select import ModuleOf, RoleOf, select_parameters
-from gradprobe.report import io
+from gradprobe import outputs as io
 
 __all__ = ["CurvatureInterrupted", "CurvatureReport", "curvature", "parse_lrs"]
 
-SCHEMA = "gradprobe.curvature/1"
-LOOKAHEAD = "lookahead.csv"
-MODULES = "curvature_modules.csv"
-SPECTRA = "spectra.csv"
+SCHEMA, LOOKAHEAD, MODULES, SPECTRA = io.CURVATURE_SCHEMA, io.LOOKAHEAD, io.CURVATURE_MODULES, io.SPECTRA
 
 
 @dataclass

@@ -68,14 +68,11 @@ from gradprobe.estimators import stats
 from gradprobe.probe.hooks import LossFn
 from gradprobe.probe.measure import Measurement, Progress, group_count, image_group_count
 from gradprobe.probe.select import ModuleOf, RoleOf
-from gradprobe.report import io
+from gradprobe import outputs as io
 
 __all__ = ["DecomposeInterrupted", "DecomposeReport", "decompose"]
 
-SCHEMA = "gradprobe.decompose/1"
-BUDGETS = "decompose.csv"
-BATCHES = "decompose_batches.csv"
-CHECKS = "decompose_checks.csv"
+SCHEMA, BUDGETS, BATCHES, CHECKS = io.DECOMPOSE_SCHEMA, io.DECOMPOSE_BUDGETS, io.DECOMPOSE_BATCHES, io.DECOMPOSE_CHECKS
 SHARED_MODES = ("smallest", "static", "shuffled")
 HELD, VIOLATED, INCONCLUSIVE = "held", "violated", "inconclusive"
 #: Default largest number of video groups (each keeps one mean gradient per variant).

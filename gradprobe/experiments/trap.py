@@ -1,6 +1,6 @@
 """The temporal-trap experiment: Video-SFT of one model at several frame budgets, nothing else changed.
 
-For each budget m of the grid, :func:`run_trap` runs :func:`gradprobe.train.sft.run_sft` from
+For each budget m of the grid, :func:`run_trap` runs :func:`gradprobe.sft.run_sft` from
 the same checkpoint with the same clips, seed, steps and learning rate, into
 ``<out>/frames-<m>/``, recording held-out image and video accuracy (free and answer-restricted)
 and the alignment of the run's update with the image probe along the run. Video accuracy is
@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from gradprobe._checks import check_positive_int, parse_frames
 from gradprobe.errors import DataError
+from gradprobe.outputs import TRAP_SUMMARY, budget_dir, load_trap, write_json
 
-SUMMARY = "trap_summary.json"
+SUMMARY = TRAP_SUMMARY
 METRICS = ("image_free", "image_restricted", "video_free", "video_restricted")
 
 
@@ -48,16 +48,12 @@ class TrapOptions:
     cache_dir: str | None = None
 
 
-def budget_dir(out: str | os.PathLike[str], m: int) -> Path:
-    return Path(out) / f"frames-{m}"
-
-
 def run_trap(opts: TrapOptions, log: Any = None) -> dict[str, Any]:
     """Run (or finish) the experiment and write ``<out>/trap_summary.json``; return the summary."""
     from transformers.trainer_utils import get_last_checkpoint
 
     from gradprobe.models.toy import check_budget
-    from gradprobe.train.sft import SFTOptions, run_sft
+    from gradprobe.sft import SFTOptions, run_sft
 
     log = log or (lambda s: None)
     grid = parse_frames(opts.frames)
@@ -84,29 +80,9 @@ def run_trap(opts: TrapOptions, log: Any = None) -> dict[str, Any]:
         ), log=log)
     summary = summarize(out, grid)
     summary["options"] = asdict(opts)
-    from gradprobe.report.io import write_json
 
     write_json(out / SUMMARY, summary)
     return summary
-
-
-def load_trap(out: str | os.PathLike[str], grid: list[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Evaluation rows and alignment rows of every budget's run, each with a ``frames`` column."""
-    from gradprobe.report.io import read_jsonl
-    from gradprobe.train.eval_callback import EVAL_FILE
-    from gradprobe.train.monitor import TRAJECTORY
-
-    out = Path(out)
-    if grid is None:
-        grid = sorted(int(p.name.split("-", 1)[1]) for p in out.glob("frames-*") if p.name.split("-", 1)[1].isdigit())
-    if not grid:
-        raise DataError(f"{out}: no frames-<m> run directories")
-    evals, traj = [], []
-    for m in grid:
-        d = budget_dir(out, m)
-        evals += [{"frames": m, **r} for r in read_jsonl(d / EVAL_FILE)]
-        traj += [{"frames": m, **r} for r in read_jsonl(d / TRAJECTORY)]
-    return pd.DataFrame(evals), pd.DataFrame(traj)
 
 
 def paired_difference(after: str, before: str) -> dict[str, Any]:

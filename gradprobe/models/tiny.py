@@ -85,6 +85,15 @@ QWEN2_5_VL_7B = dict(
                 fullatt_block_indexes=[7, 15, 23, 31], out_hidden_size=3584),
     patch=14, min_pixels=3136, max_pixels=12845056,
 )
+#: A Qwen2.5-VL of about 1 B parameters (Qwen2.5-VL-3B's vision width at 8 blocks; a 16-layer language
+#: model of width 2048 and 18 layers), for CPU measurements at a scale where exact reference rows no longer fit
+QWEN2_5_VL_1B = dict(
+    text=dict(hidden_size=2048, num_hidden_layers=18, num_attention_heads=16, num_key_value_heads=2,
+              intermediate_size=5632, mrope_section=[16, 24, 24]),
+    vision=dict(depth=8, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, window_size=112,
+                fullatt_block_indexes=[3, 7], out_hidden_size=2048),
+    patch=14, min_pixels=3136, max_pixels=None,
+)
 _QWEN2_5_VL_TINY = dict(
     text=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=128, mrope_section=[2, 3, 3]),
@@ -103,7 +112,7 @@ def _qwen2_5_vl(words: Sequence[str], side: int, shape: str = "tiny") -> tuple[A
     )
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    dims = QWEN2_5_VL_7B if shape == "7b" else _QWEN2_5_VL_TINY
+    dims = {"7b": QWEN2_5_VL_7B, "1b": QWEN2_5_VL_1B}.get(shape, _QWEN2_5_VL_TINY)
     tok = _qwen_tokenizer(words)
     px = dims["max_pixels"] or side * side
     patch = dims["patch"]
@@ -233,7 +242,7 @@ def _llava_next_video(words: Sequence[str], side: int, shape: str = "tiny") -> t
 _BUILDERS = {"qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl, "llava": _llava, "llava_next_video": _llava_next_video}
 
 
-SHAPES = {"tiny": FAMILY_NAMES, "7b": ("qwen2_5_vl", "llava_next_video")}
+SHAPES = {"tiny": FAMILY_NAMES, "1b": ("qwen2_5_vl",), "7b": ("qwen2_5_vl", "llava_next_video")}
 
 
 def create_tiny(family: str, directory: str | os.PathLike[str], words: Sequence[str], *, side: int = 32,
@@ -245,8 +254,9 @@ def create_tiny(family: str, directory: str | os.PathLike[str], words: Sequence[
         words: the vocabulary the word-level tokenizer is trained on.
         side: image/frame side in pixels the tiny processors are set up for.
         seed: seed of the random weights.
-        shape: ``tiny`` (default), or ``7b`` for the released 7B shapes and processor settings of
-            Qwen2.5-VL and LLaVA-NeXT-Video (benchmarks; the tokenizer stays word-level).
+        shape: ``tiny`` (default), ``1b`` (a Qwen2.5-VL of about 1 B parameters), or ``7b`` for the
+            released 7B shapes and processor settings of Qwen2.5-VL and LLaVA-NeXT-Video (benchmarks; the
+            tokenizer stays word-level).
         device, dtype: where and in which dtype the weights are initialised (a 7B shape wants a GPU).
 
     Raises:

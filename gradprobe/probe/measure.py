@@ -32,12 +32,12 @@ from gradprobe._checks import check_positive_int
 from gradprobe.errors import DataError, InputError
 from gradprobe.probe.context import measurement_mode
 from gradprobe.probe.hooks import BatchGrad, GradientProbe, LossFn
-from gradprobe.probe.select import ModuleOf, RoleOf, select_parameters
+from gradprobe.probe.select import ModuleOf, RoleOf, Selection, select_parameters
 from gradprobe.probe.sketch import DEFAULT_K, MAX_K, SketchSpec
 from gradprobe.probe.store import ReferenceStore, SketchStore, resolve_dtype
-from gradprobe.report import io
+from gradprobe import outputs as io
 
-__all__ = ["EXACT_SHARE", "Measurement", "Progress", "group_count", "image_group_count", "parse_sketch"]
+__all__ = ["EXACT_SHARE", "Measurement", "Progress", "group_count", "image_group_count", "parse_sketch", "sketch_spec"]
 
 #: ``auto`` keeps exact rows when they need at most this share of the free memory where they live.
 EXACT_SHARE = 0.25
@@ -105,6 +105,14 @@ def group_count(n: int, groups: int | None, option: str = "image_groups", what: 
 def image_group_count(k: int, image_groups: int | None) -> int:
     """G for K image batches: the given count (which must divide K) or the largest divisor of K ≤ 8."""
     return group_count(k, image_groups)
+
+
+def sketch_spec(selection: Selection, k: int = DEFAULT_K, seed: int = 0) -> SketchSpec:
+    """The sketch map of a parameter selection: k buckets split between its modules by size."""
+    numel: dict[str, int] = {}
+    for name, p in zip(selection.modules, selection.params, strict=True):
+        numel[name] = numel.get(name, 0) + p.numel()
+    return SketchSpec.build(list(numel.items()), k, seed)
 
 
 def free_bytes(device: torch.device) -> int | None:
@@ -191,14 +199,15 @@ class Measurement:
                               f"{'within' if fits else 'more than'} {EXACT_SHARE:.0%} of the {_gib(free)} free on {home}"))
             mode = "exact" if fits else DEFAULT_K
         else:
+            if mode == "exact" and free is not None and self.exact_bytes > free:
+                raise InputError(f"sketch exact: {exact_rows} exact rows of {sel.numel:,} parameters need "
+                                 f"{_gib(self.exact_bytes)} but {home} has {_gib(free)} free; use --sketch auto "
+                                 "or a number of buckets, or select fewer parameters (--include, --roles)")
             self.reason = f"asked for {'exact rows' if mode == 'exact' else f'a sketch with k={mode}'}"
         self.mode = "exact" if mode == "exact" else "sketch"
         self.spec: SketchSpec | None = None
         if self.mode == "sketch":
-            numel: dict[str, int] = {}
-            for name, p in zip(sel.modules, sel.params, strict=True):
-                numel[name] = numel.get(name, 0) + p.numel()
-            self.spec = SketchSpec.build(list(numel.items()), int(mode), int(sketch_seed))
+            self.spec = sketch_spec(sel, int(mode), int(sketch_seed))
         self.probe = GradientProbe(model, sel, sketch=self.spec)
         self.module_names = self.probe.module_names
         self.module_index = self.probe.module_index

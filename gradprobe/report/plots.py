@@ -12,7 +12,8 @@ from typing import Any
 import pandas as pd
 
 from gradprobe.errors import DataError
-from gradprobe.report.io import read_align_dir
+from gradprobe import outputs as io
+from gradprobe.outputs import read_align_dir
 
 
 def _mpl() -> Any:
@@ -85,9 +86,7 @@ def module_heatmap(modules: pd.DataFrame, ax: Any = None, value: str = "mean_cos
 
 
 def _jsonl(path: Path) -> pd.DataFrame:
-    from gradprobe.report.io import read_jsonl
-
-    return pd.DataFrame(read_jsonl(path))
+    return pd.DataFrame(io.read_jsonl(path))
 
 
 def training_trajectory(traj: pd.DataFrame, evals: pd.DataFrame, axes: Any = None) -> Any:
@@ -249,11 +248,9 @@ def spectrum_convergence(spectra: pd.DataFrame, ax: Any = None) -> Any:
 
 
 def _curvature_plots(d: Path) -> list[Path]:
-    from gradprobe.estimators.curvature import LOOKAHEAD, SPECTRA
-
     plt = _mpl()
     paths = []
-    steps = pd.read_csv(d / LOOKAHEAD) if (d / LOOKAHEAD).stat().st_size else pd.DataFrame()
+    steps = pd.read_csv(d / io.LOOKAHEAD) if (d / io.LOOKAHEAD).stat().st_size else pd.DataFrame()
     if len(steps):
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         lookahead_plot(steps, axes)
@@ -261,8 +258,8 @@ def _curvature_plots(d: Path) -> list[Path]:
         paths.append(d / "lookahead.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
-    if (d / SPECTRA).is_file() and (d / SPECTRA).stat().st_size > 1:
-        spectra = pd.read_csv(d / SPECTRA)
+    if (d / io.SPECTRA).is_file() and (d / io.SPECTRA).stat().st_size > 1:
+        spectra = pd.read_csv(d / io.SPECTRA)
         if len(spectra):
             fig, ax = plt.subplots(figsize=(7, 4.5))
             spectrum_convergence(spectra, ax)
@@ -332,14 +329,12 @@ def decompose_plot(summary: dict[str, Any], axes: Any = None) -> Any:
 
 
 def _decompose_png(d: Path) -> Path:
-    from gradprobe.estimators.decompose import SCHEMA
-
     try:
-        summary = json.loads((d / "summary.json").read_text())
+        summary = json.loads((d / io.SUMMARY).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{d / 'summary.json'}: cannot read ({e})") from None
-    if summary.get("schema") != SCHEMA:
-        raise DataError(f"{d / 'summary.json'}: schema is {summary.get('schema')!r}, expected {SCHEMA!r}")
+        raise DataError(f"{d / io.SUMMARY}: cannot read ({e})") from None
+    if summary.get("schema") != io.DECOMPOSE_SCHEMA:
+        raise DataError(f"{d / io.SUMMARY}: schema is {summary.get('schema')!r}, expected {io.DECOMPOSE_SCHEMA!r}")
     if not summary.get("budgets"):
         raise DataError(f"{d}: {summary.get('note', 'no budgets to plot')}")
     plt = _mpl()
@@ -361,11 +356,6 @@ def plot_dir(out_dir: str | os.PathLike[str]) -> list[Path]:
     Raises:
         DataError: if the directory is neither.
     """
-    from gradprobe.experiments.trap import SUMMARY, load_trap
-    from gradprobe.train.callback import BUDGETS
-    from gradprobe.train.eval_callback import EVAL_FILE
-    from gradprobe.train.monitor import TRAJECTORY
-
     plt = _mpl()
     d = Path(out_dir)
     if d.is_dir() and (d / "checkpoints.csv").is_file():
@@ -376,17 +366,17 @@ def plot_dir(out_dir: str | os.PathLike[str]) -> list[Path]:
         fig.savefig(d / "checkpoints.png", dpi=120)
         plt.close(fig)
         return [d / "checkpoints.png"]
-    if d.is_dir() and (d / SUMMARY).is_file():
+    if d.is_dir() and (d / io.TRAP_SUMMARY).is_file():
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharex=True)
-        trap_curves(*load_trap(d), axes)
+        trap_curves(*io.load_trap(d), axes)
         fig.tight_layout()
         fig.savefig(d / "trap.png", dpi=120)
         plt.close(fig)
         return [d / "trap.png"]
-    if d.is_dir() and not (d / "summary.json").exists() and (d / TRAJECTORY).is_file():
-        budgets = _jsonl(d / BUDGETS)
+    if d.is_dir() and not (d / io.SUMMARY).exists() and (d / io.TRAJECTORY).is_file():
+        budgets = _jsonl(d / io.TRAINING_BUDGETS)
         fig, axes = plt.subplots(3 if len(budgets) else 2, 1, figsize=(7, 8.5 if len(budgets) else 6), sharex=True)
-        training_trajectory(_jsonl(d / TRAJECTORY), _jsonl(d / EVAL_FILE), axes[:2])
+        training_trajectory(_jsonl(d / io.TRAJECTORY), _jsonl(d / io.EVAL_FILE), axes[:2])
         if len(budgets):
             budget_trajectory(budgets, axes[2])
             axes[1].set_xlabel("")
@@ -394,9 +384,9 @@ def plot_dir(out_dir: str | os.PathLike[str]) -> list[Path]:
         fig.savefig(d / "trajectory.png", dpi=120)
         plt.close(fig)
         return [d / "trajectory.png"]
-    if d.is_dir() and (d / "lookahead.csv").is_file():
+    if d.is_dir() and (d / io.LOOKAHEAD).is_file():
         return _curvature_plots(d)
-    if d.is_dir() and (d / "decompose.csv").is_file():
+    if d.is_dir() and (d / io.DECOMPOSE_BUDGETS).is_file():
         return [_decompose_png(d)]
     summary, batches, modules = read_align_dir(out_dir)
     paths = []

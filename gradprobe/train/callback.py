@@ -32,11 +32,12 @@ from typing import Any
 from transformers import TrainerCallback
 
 from gradprobe.errors import InputError
+from gradprobe.outputs import TRAINING_BUDGETS, TRAJECTORY
 from gradprobe.train._common import truncate_jsonl
-from gradprobe.train.monitor import TRAJECTORY, AlignmentMonitor, _isolated
+from gradprobe.train.monitor import AlignmentMonitor, _isolated
 
 #: Rows of the multi-budget probe: A(m) and m* per probe step.
-BUDGETS = "gradprobe_budgets.jsonl"
+BUDGETS = TRAINING_BUDGETS
 
 
 def hf_loss(model: Any, batch: Mapping[str, Any]) -> Any:

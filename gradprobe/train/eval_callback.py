@@ -16,11 +16,11 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from gradprobe.outputs import EVAL_FILE
 from gradprobe.train._common import truncate_jsonl
 from gradprobe.train.evaluate import accuracy
 from gradprobe.train.monitor import _isolated
 
-EVAL_FILE = "gradprobe_eval.jsonl"
 
 
 class AccuracyCallback(TrainerCallback):

@@ -50,7 +50,6 @@ from gradprobe.probe.store import ReferenceStore, resolve_dtype
 from gradprobe.train.distributed import Layout, unwrap
 
 GUARDS = ("observe", "warn", "stop", "project")
-TRAJECTORY = "gradprobe_trajectory.jsonl"
 
 
 @contextlib.contextmanager

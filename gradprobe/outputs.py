@@ -1,4 +1,8 @@
-"""Output files: summary.json and the CSV tables, written and read back."""
+"""Output files, the bottom layer: every schema and file name, and the writers and readers.
+
+Estimators, training code and experiments write these files; plots read them. Both import this
+module and nothing of each other. It imports nothing of gradprobe but its errors.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +18,32 @@ import pandas as pd
 
 from gradprobe.errors import DataError
 
-ALIGN_SCHEMA = "gradprobe.align/1"
 SUMMARY = "summary.json"
+
+# gradprobe align
+ALIGN_SCHEMA = "gradprobe.align/1"
 ALIGNMENT = "alignment.csv"
 MODULES = "modules.csv"
 MODULE_BATCHES = "module_batches.csv"
 IMAGES = "images.csv"
+
+# gradprobe decompose
+DECOMPOSE_SCHEMA = "gradprobe.decompose/1"
+DECOMPOSE_BUDGETS = "decompose.csv"
+DECOMPOSE_BATCHES = "decompose_batches.csv"
+DECOMPOSE_CHECKS = "decompose_checks.csv"
+
+# gradprobe curvature
+CURVATURE_SCHEMA = "gradprobe.curvature/1"
+LOOKAHEAD = "lookahead.csv"
+CURVATURE_MODULES = "curvature_modules.csv"
+SPECTRA = "spectra.csv"
+
+# training runs (callback, monitor, evaluation) and the trap experiment
+TRAJECTORY = "gradprobe_trajectory.jsonl"
+TRAINING_BUDGETS = "gradprobe_budgets.jsonl"
+EVAL_FILE = "gradprobe_eval.jsonl"
+TRAP_SUMMARY = "trap_summary.json"
 
 
 def _clean(x: Any) -> Any:
@@ -99,3 +123,23 @@ def read_align_dir(out_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], pd.
     if summary.get("schema") != ALIGN_SCHEMA:
         raise DataError(f"{d / SUMMARY}: schema is {summary.get('schema')!r}, expected {ALIGN_SCHEMA!r}")
     return summary, pd.read_csv(d / ALIGNMENT), pd.read_csv(d / MODULES)
+
+
+def budget_dir(out: str | os.PathLike[str], m: int) -> Path:
+    """The run directory of budget m in a trap experiment's output directory."""
+    return Path(out) / f"frames-{m}"
+
+
+def load_trap(out: str | os.PathLike[str], grid: list[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Evaluation rows and alignment rows of every budget's run, each with a ``frames`` column."""
+    out = Path(out)
+    if grid is None:
+        grid = sorted(int(p.name.split("-", 1)[1]) for p in out.glob("frames-*") if p.name.split("-", 1)[1].isdigit())
+    if not grid:
+        raise DataError(f"{out}: no frames-<m> run directories")
+    evals, traj = [], []
+    for m in grid:
+        d = budget_dir(out, m)
+        evals += [{"frames": m, **r} for r in read_jsonl(d / EVAL_FILE)]
+        traj += [{"frames": m, **r} for r in read_jsonl(d / TRAJECTORY)]
+    return pd.DataFrame(evals), pd.DataFrame(traj)

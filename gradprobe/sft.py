@@ -21,7 +21,8 @@ import torch
 
 from gradprobe._checks import check_positive_int
 from gradprobe.errors import DataError, InputError
-from gradprobe.train.monitor import GUARDS, TRAJECTORY
+from gradprobe.outputs import TRAJECTORY
+from gradprobe.train.monitor import GUARDS
 
 
 @dataclass
