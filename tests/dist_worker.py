@@ -60,7 +60,8 @@ def main(mode: str, out: str) -> None:
         if mode == "ddp_unbound":
             mine = probe
     opt = torch.optim.SGD(wrapped.parameters(), lr=0.2)
-    mon = AlignmentMonitor(watched, mine, tiny_loss, every=2, guard="project", image_groups=GROUPS)
+    mon = AlignmentMonitor(watched, mine, tiny_loss, every=2, guard="project", image_groups=GROUPS,
+                           sketch=64 if mode.endswith("_sketch") else "exact")
     try:
         for step, batch in enumerate(train):
             opt.zero_grad()

@@ -56,6 +56,27 @@ def test_two_ranks_equal_single_process(mode, single, tmp_path):
     _close(single["params"], got["params"])
 
 
+@pytest.fixture(scope="module")
+def single_sketch(tmp_path_factory):
+    return _run("single_sketch", tmp_path_factory.mktemp("single_sketch"))
+
+
+@pytest.mark.parametrize("mode", ["ddp_sketch", "fsdp_sketch"])
+def test_sketched_groups_over_two_ranks_equal_single_process(mode, single_sketch, single, tmp_path):
+    """With sketched image-group rows (64 buckets): each rank sketches its own pieces at their global offsets
+    and the sketches are summed, so the sketched interval equals the single process's; the alignment, the
+    projection and the weights are those of exact rows."""
+    got = _run(mode, tmp_path)
+    _close(single_sketch["rows"], got["rows"])
+    assert got["fired"] == single_sketch["fired"] == single["fired"]
+    _close(single_sketch["params"], got["params"])
+    for exact, sk in zip(single["rows"], single_sketch["rows"], strict=True):
+        for key in ("alignment", "cos", "update_norm", "reference_norm", "modules"):
+            _close(exact[key], sk[key], rel=1e-9, path=key)
+        assert sk["alignment_stderr"] != exact["alignment_stderr"]  # the spread over groups comes from sketches
+    _close(single["params"], single_sketch["params"], rel=1e-9)
+
+
 def test_deepspeed_zero3_equals_single_process(tmp_path):
     """ZeRO-3 (2 gloo ranks, CPU): gradient partitions through DeepSpeed's public accessors.
 

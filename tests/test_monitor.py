@@ -113,3 +113,48 @@ def test_non_finite_probe_batch_drops_its_group():
     ref = AlignmentMonitor(model, clean, tiny_loss, every=1, image_groups=3).before_step(0)
     assert row["alignment"] == pytest.approx(ref["alignment"], rel=1e-12)
     assert row["cos"] == pytest.approx(ref["cos"], rel=1e-12)
+
+
+def test_sketched_groups_keep_the_alignment_exact():
+    """With sketched group rows the alignment, cosine, modules and projection come from one exact mean row;
+    only the interval's spread over image groups is sketched, and it equals the spread of the sketched group
+    means' dots with the sketched update (checked here against the sketch map applied to flat gradients)."""
+    from gradprobe.probe.measure import sketch_spec
+    from gradprobe.probe.select import select_parameters
+    from gradprobe.probe.sketch import _add_torch, param_key
+
+    images = make_batches(4, seed=1)
+    update = make_batches(1, seed=9, shift=0.5)[0]
+    rows = {}
+    for mode in ("exact", 256):
+        model = TinyNet()
+        mon = AlignmentMonitor(model, images, tiny_loss, every=1, image_groups=2, sketch=mode, sketch_seed=3)
+        _update(model, update)
+        rows[mode] = mon.before_step(0)
+    for key in ("alignment", "cos", "update_norm", "reference_norm"):
+        assert rows[256][key] == pytest.approx(rows["exact"][key], rel=1e-10), key
+    assert rows[256]["modules"] == pytest.approx(rows["exact"]["modules"], rel=1e-10)
+    # the sketched spread, by brute force: S applied to the flat group means and the flat update
+    model = TinyNet()
+    sel = select_parameters(model)
+    spec = sketch_spec(sel, 256, 3)
+    pos = {m: i for i, m in enumerate(spec.modules)}
+
+    def sk(vec):
+        out, at = torch.zeros(256, dtype=torch.float64), 0
+        for name, p, m in zip(sel.names, sel.params, sel.modules, strict=True):
+            _add_torch(out, torch.tensor(vec[at:at + p.numel()]), param_key(3, name), 0, spec.starts[pos[m]],
+                       spec.widths[pos[m]])
+            at += p.numel()
+        return out.numpy()
+
+    grads = [flat_grad(model, sel.names, tiny_loss, b) for b in images]
+    groups = [sk((grads[0] + grads[1]) / 2), sk((grads[2] + grads[3]) / 2)]
+    upd = sk(flat_grad(model, sel.names, tiny_loss, update))
+    col = np.array([g @ upd for g in groups])
+    assert rows[256]["alignment_stderr"] == pytest.approx(np.std(col, ddof=1) / np.sqrt(2), rel=1e-9)
+
+
+def test_sketch_auto_keeps_exact_rows_when_they_fit():
+    mon = AlignmentMonitor(TinyNet(), make_batches(4, seed=1), tiny_loss, every=1, sketch="auto")
+    assert mon.sketches is None and "auto" in mon.sketch_reason

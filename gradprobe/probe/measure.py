@@ -37,7 +37,10 @@ from gradprobe.probe.sketch import DEFAULT_K, MAX_K, SketchSpec
 from gradprobe.probe.store import ReferenceStore, SketchStore, resolve_dtype
 from gradprobe import outputs as io
 
-__all__ = ["EXACT_SHARE", "Measurement", "Progress", "group_count", "image_group_count", "parse_sketch", "sketch_spec"]
+__all__ = [
+    "EXACT_SHARE", "Measurement", "Progress", "group_count", "image_group_count", "parse_sketch", "resolve_mode",
+    "sketch_spec",
+]
 
 #: ``auto`` keeps exact rows when they need at most this share of the free memory where they live.
 EXACT_SHARE = 0.25
@@ -105,6 +108,29 @@ def group_count(n: int, groups: int | None, option: str = "image_groups", what: 
 def image_group_count(k: int, image_groups: int | None) -> int:
     """G for K image batches: the given count (which must divide K) or the largest divisor of K ≤ 8."""
     return group_count(k, image_groups)
+
+
+def resolve_mode(sketch: str | int | None, exact_bytes: int, device: torch.device, what: str = "exact rows",
+                 ) -> tuple[str | int, str]:
+    """``exact`` or k for a run whose exact rows need ``exact_bytes`` on ``device``, and the reason.
+
+    ``auto`` keeps exact rows when they need at most :data:`EXACT_SHARE` of the device's free memory,
+    else sketches with :data:`~gradprobe.probe.sketch.DEFAULT_K` buckets.
+
+    Raises:
+        InputError: ``sketch`` is malformed, or ``exact`` rows cannot fit in the free memory at all.
+    """
+    mode = parse_sketch(sketch)
+    free = free_bytes(device)
+    if mode == "auto":
+        fits = free is None or exact_bytes <= EXACT_SHARE * free
+        where = ("free memory unknown" if free is None else
+                 f"{'within' if fits else 'more than'} {EXACT_SHARE:.0%} of the {_gib(free)} free on {device}")
+        return ("exact" if fits else DEFAULT_K), f"auto: {what} need {_gib(exact_bytes)}, {where}"
+    if mode == "exact" and free is not None and exact_bytes > free:
+        raise InputError(f"sketch exact: {what} need {_gib(exact_bytes)} but {device} has {_gib(free)} free; "
+                         "use --sketch auto or a number of buckets, or select fewer parameters (--include, --roles)")
+    return mode, f"asked for {'exact rows' if mode == 'exact' else f'a sketch with k={mode}'}"
 
 
 def sketch_spec(selection: Selection, k: int = DEFAULT_K, seed: int = 0) -> SketchSpec:
@@ -191,19 +217,8 @@ class Measurement:
         self.home = home
         row_bytes = sel.numel * torch.empty((), dtype=self.ref_dtype).element_size()
         self.exact_bytes = exact_rows * row_bytes
-        free = free_bytes(home)
-        if mode == "auto":
-            fits = free is None or self.exact_bytes <= EXACT_SHARE * free
-            self.reason = (f"auto: {exact_rows} exact rows need {_gib(self.exact_bytes)}, "
-                           + ("free memory unknown" if free is None else
-                              f"{'within' if fits else 'more than'} {EXACT_SHARE:.0%} of the {_gib(free)} free on {home}"))
-            mode = "exact" if fits else DEFAULT_K
-        else:
-            if mode == "exact" and free is not None and self.exact_bytes > free:
-                raise InputError(f"sketch exact: {exact_rows} exact rows of {sel.numel:,} parameters need "
-                                 f"{_gib(self.exact_bytes)} but {home} has {_gib(free)} free; use --sketch auto "
-                                 "or a number of buckets, or select fewer parameters (--include, --roles)")
-            self.reason = f"asked for {'exact rows' if mode == 'exact' else f'a sketch with k={mode}'}"
+        mode, self.reason = resolve_mode(mode, self.exact_bytes, home, f"{exact_rows} exact rows of {sel.numel:,} "
+                                         "parameters")
         self.mode = "exact" if mode == "exact" else "sketch"
         self.spec: SketchSpec | None = None
         if self.mode == "sketch":

@@ -105,6 +105,31 @@ class Layout:
         """A tensor shaped and placed like this rank's piece of ``p`` (what its gradient piece will be)."""
         return p.ds_tensor if self.deepspeed else local(p)
 
+    def offset(self, p: torch.nn.Parameter) -> int:
+        """Global flat offset of this rank's piece of ``p``: where it starts in the whole parameter, row-major.
+
+        ZeRO-3: partitions are equal slices of the flattened (padded) parameter, rank r's starting at
+        r × partition size. FSDP2: a dim-0 shard is the rows from its global row offset on.
+
+        Raises:
+            InputError: a sharding whose piece is not one contiguous slice of the flattened parameter.
+        """
+        if self.deepspeed:
+            part = getattr(p.ds_tensor, "ds_numel", None) or p.ds_tensor.numel()
+            return self.rank * int(part)
+        if not is_sharded(p):
+            return 0
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        placements = [type(pl).__name__ for pl in p.placements]
+        dims = [pl.dim for pl in p.placements if hasattr(pl, "dim")]
+        if placements.count("Shard") + placements.count("_StridedShard") != 1 or dims != [0]:
+            raise InputError(f"sketch: a parameter sharded as {p.placements} is not one contiguous piece per rank; "
+                             "the sketch supports dim-0 sharding (FSDP2's default)")
+        _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        row = int(np.prod(p.shape[1:])) if len(p.shape) > 1 else 1
+        return int(global_offset[0]) * row
+
     def grad(self, p: torch.nn.Parameter) -> torch.Tensor | None:
         """This rank's piece of ``p``'s gradient (ZeRO-3: its fp32 gradient partition), or None."""
         if self.deepspeed:
@@ -190,6 +215,16 @@ class Layout:
 
     def mean_over_ranks(self, x: np.ndarray) -> np.ndarray:
         return self.all_reduce(x) / self.world if self.active else np.asarray(x, dtype=np.float64)
+
+    def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of a tensor (a new tensor on ``t``'s device; ``t`` itself in a single process)."""
+        if not self.active:
+            return t
+        import torch.distributed as dist
+
+        out = t.detach().to(self._device, copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
+        return out.to(t.device)
 
     def all_reduce(self, x: np.ndarray) -> np.ndarray:
         """Sum a float64 array across ranks (one collective; identity in a single process)."""

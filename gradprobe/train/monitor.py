@@ -44,9 +44,10 @@ import torch
 from gradprobe.errors import DataError, InputError
 from gradprobe.estimators import stats
 from gradprobe.probe.hooks import LossFn
-from gradprobe.probe.measure import image_group_count
+from gradprobe.probe.measure import image_group_count, resolve_mode, sketch_spec
 from gradprobe.probe.select import ModuleOf, RoleOf, select_parameters
-from gradprobe.probe.store import ReferenceStore, resolve_dtype
+from gradprobe.probe.sketch import param_key, sketch_add
+from gradprobe.probe.store import ReferenceStore, SketchStore, resolve_dtype
 from gradprobe.train.distributed import Layout, unwrap
 
 GUARDS = ("observe", "warn", "stop", "project")
@@ -82,6 +83,11 @@ class AlignmentMonitor:
         image_groups: G image-group means (default: the largest divisor of K ≤ 8).
         include, exclude, roles, role_of, module_of: parameter selection.
         reference_dtype: dtype of the image-group rows (default float32; float64 for float64 models).
+        sketch: ``exact`` (default): G exact image-group rows. ``auto`` or a number of buckets k: when the
+            G exact rows need more than a quarter of the free memory (``auto``) or always (k), one exact row
+            (the mean ḡ_img: the alignment, the cosine, the modules and the projection stay exact) and G
+            sketched group rows for the interval over image groups.
+        sketch_seed: seed of the sketch map.
         trajectory: JSONL file that probe rows are appended to (None: keep in memory only);
             written by rank 0.
         process_group: the group to sum sharded dots over (default: the default group, if any).
@@ -117,6 +123,8 @@ class AlignmentMonitor:
         role_of: RoleOf | None = None,
         module_of: ModuleOf | None = None,
         reference_dtype: str | torch.dtype | None = None,
+        sketch: str | int | None = "exact",
+        sketch_seed: int = 0,
         trajectory: str | os.PathLike[str] | None = None,
         process_group: Any = None,
     ) -> None:
@@ -141,9 +149,24 @@ class AlignmentMonitor:
         self.layout = Layout(model, self.params, process_group)
         self.layout.check_same_count(K)
         # rows hold each parameter's local piece (the whole parameter unless it is sharded)
-        self.store = ReferenceStore(
-            [self.layout.piece(p) for p in self.params], self.groups, resolve_dtype(reference_dtype, self.acc_dtype)
-        )
+        pieces = [self.layout.piece(p) for p in self.params]
+        ref_dtype = resolve_dtype(reference_dtype, self.acc_dtype)
+        row_bytes = sum(t.numel() for t in pieces) * torch.empty((), dtype=ref_dtype).element_size()
+        mode, self.sketch_reason = resolve_mode(sketch, self.groups * row_bytes, pieces[0].device)
+        self.spec = None if mode == "exact" else sketch_spec(self.selection, int(mode), sketch_seed)
+        # exact: one row per image group; sketched: one exact row (the mean, for the alignment itself and the
+        # projection) and one sketched row per image group (for the interval over groups)
+        self.store = ReferenceStore(pieces, self.groups if self.spec is None else 1, ref_dtype)
+        self.sketches: SketchStore | None = None
+        if self.spec is not None:
+            self.sketches = SketchStore(self.spec, self.groups, self.acc_dtype, pieces[0].device)
+            starts, widths = self.spec.starts, self.spec.widths
+            pos = {m: i for i, m in enumerate(self.spec.modules)}
+            self._sk = [(param_key(self.spec.seed, n), self.layout.offset(p), starts[pos[m]], widths[pos[m]])
+                        for n, p, m in zip(self.selection.names, self.params, self.selection.modules, strict=True)]
+        # sharded pieces are sketched where they live and the sketches summed over ranks (replicated parameters
+        # then by rank 0 alone), so the sketch is the whole gradient's whatever the number of ranks
+        self._reduce_sketch = self.layout.active and bool(self.layout.sharded.any())
         self.modules = self.selection.module_names
         pos = {m: i for i, m in enumerate(self.modules)}
         self.module_index = np.array([pos[m] for m in self.selection.modules])
@@ -159,17 +182,20 @@ class AlignmentMonitor:
     # ------------------------------------------------------------------ reference
     def refresh_reference(self) -> dict[str, Any]:
         """Recompute the image-group mean gradients at the current parameters."""
-        self.store.zero_()
-        losses = self._reference_by_backward() if self.layout.by_backward else self._reference_by_grad()
+        losses = self._measure_reference(range(len(self.images)))
         if self.layout.replicated and not self.layout.same_on_all_ranks(np.asarray(losses)):
             raise InputError(
                 "image probe set differs between ranks; with an unwrapped model every rank needs the whole "
                 "probe set (or pass the DDP/FSDP-wrapped model and give each rank its share)"
             )
         per = len(self.images) // self.groups
-        self.store.scale_(torch.full((self.groups,), 1.0 / per, dtype=torch.float64))
-        grams = np.stack([gm.to(torch.float64).numpy() for gm in self.store.gram(self.acc_dtype)])
-        gram = self.layout.sum_sharded(grams)
+        if self.sketches is None:
+            self.store.scale_(torch.full((self.groups,), 1.0 / per, dtype=torch.float64))
+            grams = np.stack([gm.to(torch.float64).numpy() for gm in self.store.gram(self.acc_dtype)])
+            gram = self.layout.sum_sharded(grams)
+        else:
+            self.sketches.scale_(torch.full((self.groups,), 1.0 / per, dtype=torch.float64))
+            gram = self.sketches.module_gram().sum(axis=0)
         if self.layout.by_backward:
             losses = self.layout.mean_over_ranks(np.asarray(losses, dtype=np.float64))
         # a non-finite gradient or loss anywhere in a group leaves a non-finite diagonal entry
@@ -180,85 +206,137 @@ class AlignmentMonitor:
         if not keep:
             return {"image_loss": float(np.mean(losses)), "image_groups_used": 0}
         if len(keep) < self.groups:  # move the finite rows to the front; per-step reads are then views
-            for t in self.store.tensors:
-                t[: len(keep)] = t[keep].clone()
+            if self.sketches is None:
+                for t in self.store.tensors:
+                    t[: len(keep)] = t[keep].clone()
+            else:
+                self.sketches.data[: len(keep)] = self.sketches.data[keep].clone()
+                # the exact mean row holds the dropped groups' non-finite values: measure it again without them
+                self._measure_reference([k for k in range(len(self.images)) if k // per in keep], sketch=False)
         gram = gram[np.ix_(keep, keep)]
-        self._ref_sqnorm = float(gram.mean())  # ‖ḡ_img‖² of the estimate used for projection and cos
+        if self.sketches is None:
+            self._ref_sqnorm = float(gram.mean())  # ‖ḡ_img‖² of the estimate used for projection and cos
+        else:
+            self.store.scale_(torch.full((1,), 1.0 / (per * len(keep)), dtype=torch.float64))
+            sq = np.array([float(torch.dot(t[0].to(self.acc_dtype), t[0].to(self.acc_dtype))) for t in self.store.tensors])
+            self._ref_sqnorm = float(self.layout.sum_sharded(sq))
         return {
             "image_loss": float(np.nanmean(losses)),
             "image_groups_used": len(keep),
             "image_norm": stats.sqrt_or_none(stats.unbiased_sqnorm_from_gram(gram)),
         }
 
-    def _reference_by_grad(self) -> list[float]:
-        """Single process: ``torch.autograd.grad`` per batch, so ``.grad`` is never touched."""
+    def _measure_reference(self, batches: Sequence[int], sketch: bool = True) -> list[float]:
+        """Accumulate the gradients of the image batches ``batches`` into the rows (zeroed first); their losses."""
+        self.store.zero_()
+        if self.sketches is not None and sketch:
+            self.sketches.zero_()
+        by_backward = self._reference_by_backward if self.layout.by_backward else self._reference_by_grad
+        losses = by_backward(batches, sketch)
+        if self.sketches is not None and sketch and self._reduce_sketch:
+            self.sketches.data.copy_(self.layout.sum_tensor(self.sketches.data))
+        return losses
+
+    def _add(self, k: int, i: int, g: torch.Tensor, sketch: bool) -> None:
+        """Add parameter i's gradient piece of image batch k into the rows."""
+        t = self.store.tensors[i]
         per = len(self.images) // self.groups
+        g = g.reshape(-1)
+        if self.sketches is None:
+            t[k // per].add_(g.to(device=t.device, dtype=t.dtype))
+            return
+        t[0].add_(g.to(device=t.device, dtype=t.dtype))
+        if sketch:
+            self._sketch_into(self.sketches.data[k // per], i, g)
+
+    def _sketch_into(self, buf: torch.Tensor, i: int, g: torch.Tensor) -> None:
+        """Add the sketch of parameter i's local piece ``g`` into ``buf`` (replicated pieces on rank 0 only, so
+        that summing over ranks counts them once)."""
+        if self._reduce_sketch and not self.layout.sharded[i] and self.layout.rank != 0:
+            return
+        key, offset, start, width = self._sk[i]
+        sketch_add(buf, g.reshape(-1).to(device=buf.device, dtype=buf.dtype).contiguous(), key, offset, start, width)
+
+    def _reference_by_grad(self, batches: Sequence[int], sketch: bool = True) -> list[float]:
+        """Single process: ``torch.autograd.grad`` per batch, so ``.grad`` is never touched."""
         losses = []
         with _isolated(self.model):
-            for k, batch in enumerate(self.images):
-                loss = self.loss_fn(self.model, batch)
+            for k in batches:
+                loss = self.loss_fn(self.model, self.images[k])
                 grads = torch.autograd.grad(loss, self.params, allow_unused=True)
                 losses.append(float(loss.detach()))
-                for t, gr in zip(self.store.tensors, grads, strict=True):
+                for i, gr in enumerate(grads):
                     if gr is not None:
-                        t[k // per].add_(gr.reshape(-1).to(device=t.device, dtype=t.dtype))
+                        self._add(k, i, gr, sketch)
                 del grads, loss
         return losses
 
-    def _reference_by_backward(self) -> list[float]:
+    def _reference_by_backward(self, batches: Sequence[int], sketch: bool = True) -> list[float]:
         """Distributed: the run's own backward (DDP averages, FSDP2 and ZeRO-3 reduce-scatter), gradients saved
         and restored.
 
         Each batch's gradient pieces are added into its group's row and then cleared. Every rank runs
         the same number of backward passes.
         """
-        per = len(self.images) // self.groups
         trainable = [p for p in unwrap(self.model).parameters() if p.requires_grad]
         losses = []
         saved = self.layout.take_grads(trainable)
         try:
             with _isolated(self.model):
-                for k, batch in enumerate(self.images):
-                    loss = self.loss_fn(self.model, batch)
+                for k in batches:
+                    loss = self.loss_fn(self.model, self.images[k])
                     losses.append(float(loss.detach()))
                     loss.backward()
                     del loss
                     # read each batch's gradient piece and clear it (ZeRO-3 may overwrite rather than add)
                     with torch.no_grad():
-                        for t, p in zip(self.store.tensors, self.params, strict=True):
+                        for i, p in enumerate(self.params):
                             g = self.layout.grad(p)
                             if g is not None:
-                                t[k // per].add_(g.reshape(-1).to(device=t.device, dtype=t.dtype))
+                                self._add(k, i, g, sketch)
                     self.layout.clear_grads(trainable)
         finally:
             self.layout.put_grads(trainable, saved)
         return losses
 
     # ------------------------------------------------------------------ update
-    def _update_dots(self) -> tuple[np.ndarray, np.ndarray, bool]:
-        """Per parameter: dots of p.grad with the kept group rows (P, G'), and squared norms (P,)."""
+    def _update_dots(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        """Dots of p.grad with ḡ_img per parameter (P,), with each kept group row (G',) over all parameters (exact,
+        or sketched), and squared norms (P,)."""
         P = len(self.params)
-        dots = np.zeros((P, self._rows))
+        exact_rows = self.sketches is None
+        dots = np.zeros((P, self._rows if exact_rows else 1))
         sq = np.zeros(P)
+        buf = torch.zeros(self.spec.k, dtype=self.acc_dtype, device=self.sketches.device) if not exact_rows else None
         for i, p in enumerate(self.params):
             g = self.layout.grad(p)
             if g is None:
                 continue
             g = g.reshape(-1).to(self.acc_dtype)
-            ref = self.store.tensors[i][: self._rows].to(device=g.device, dtype=self.acc_dtype)
+            ref = self.store.tensors[i][: self._rows if exact_rows else 1].to(device=g.device, dtype=self.acc_dtype)
             dots[i] = torch.mv(ref, g).to("cpu", torch.float64).numpy()
             sq[i] = float(torch.dot(g, g))
+            if buf is not None:
+                self._sketch_into(buf, i, g)
         # sharded parameters: sum the local pieces across ranks (one all-reduce of P × (G'+1) scalars)
         both = self.layout.reduce_rows(np.concatenate([dots, sq[:, None]], axis=1))
         dots, sq = both[:, :-1], both[:, -1]
-        finite = bool(np.isfinite(dots).all() and np.isfinite(sq).all())
-        return dots, sq, finite
+        if exact_rows:
+            groups = dots.sum(axis=0)
+            mean = dots.mean(axis=1)
+        else:
+            if self._reduce_sketch:
+                buf = self.layout.sum_tensor(buf)
+            groups = (self.sketches.data[: self._rows] @ buf).to("cpu", torch.float64).numpy()
+            mean = dots[:, 0]
+        finite = bool(np.isfinite(dots).all() and np.isfinite(sq).all() and np.isfinite(groups).all())
+        return mean, groups, sq, finite
 
     def _project(self, coef: float) -> None:
         """``p.grad -= coef * ḡ_img`` over the selected parameters (ḡ_img = mean of the kept rows)."""
         for i, p in enumerate(self.params):
-            mean = self.store.tensors[i][: self._rows].to(self.acc_dtype).mean(dim=0)
-            self.layout.subtract(p, mean * coef)
+            rows = self.store.tensors[i][: self._rows if self.sketches is None else 1]
+            self.layout.subtract(p, rows.to(self.acc_dtype).mean(dim=0) * coef)
 
     def before_step(self, step: int) -> dict[str, Any] | None:
         """Call after backward and clipping, right before ``optimizer.step()``.
@@ -277,9 +355,8 @@ class AlignmentMonitor:
                 row.update(finite=False, note="no finite image-probe group")
                 self._record(row)
             return row if due else None
-        dots, sq, finite = self._update_dots()
-        col = dots.sum(axis=0)  # (G',) dot of the update with each group mean
-        a = float(col.mean())
+        mean, col, sq, finite = self._update_dots()  # col: (G',) dot of the update with each group mean
+        a = float(col.mean()) if self.sketches is None else float(mean.sum())
         un = math.sqrt(max(float(sq.sum()), 0.0))
         cos = a / (un * math.sqrt(self._ref_sqnorm)) if un > 0 and self._ref_sqnorm > 0 else float("nan")
         if not finite:
@@ -300,8 +377,8 @@ class AlignmentMonitor:
             return None
         # spread over the image groups (the update itself is one vector, so that is the only source)
         se = float(np.std(col, ddof=1) / math.sqrt(len(col))) if len(col) >= 2 else None
-        mod_dots = np.zeros((len(self.modules), dots.shape[1]))
-        np.add.at(mod_dots, self.module_index, dots)
+        mod_dots = np.zeros(len(self.modules))
+        np.add.at(mod_dots, self.module_index, mean)
         row.update(
             finite=True,
             alignment=a,
@@ -310,7 +387,7 @@ class AlignmentMonitor:
             update_norm=un,
             reference_norm=math.sqrt(max(self._ref_sqnorm, 0.0)),
             projected=projected,
-            modules={m: float(mod_dots[i].mean()) for i, m in enumerate(self.modules)},
+            modules={m: float(mod_dots[i]) for i, m in enumerate(self.modules)},
         )
         if a < 0 and self.guard in ("warn", "stop"):
             self.fired[self.guard] += 1
