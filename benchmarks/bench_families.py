@@ -3,6 +3,8 @@
 Usage (GPU; a 7B shape needs about 16 GB of disk for the checkpoint):
     python benchmarks/bench_families.py --family qwen2_5_vl --shape 7b --frames 8,16,32,64 \
         --out benchmarks/results/families_qwen2_5_vl_7b.json
+    python benchmarks/bench_families.py --family qwen2_5_vl --shape 7b --frames 8,16,32,64 --sketch 4194304 \
+        --out benchmarks/results/families_qwen2_5_vl_7b_sketch.json
     python benchmarks/bench_families.py --family llava_next_video --shape 7b --frames 8,16,32,64 \
         --out benchmarks/results/families_llava_next_video_7b.json
 CPU check of the script itself:
@@ -118,6 +120,7 @@ def main() -> None:
     ap.add_argument("--image-batches", type=int, default=4)
     ap.add_argument("--video-batches", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sketch", default="auto", help="auto, exact or k buckets (gradprobe align --sketch)")
     ap.add_argument("--work", default="/tmp/gradprobe-bench")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -140,7 +143,7 @@ def main() -> None:
     opts = AlignOptions(frames=a.frames, model=str(ckpt), image_data=str(imgs), video_data=str(vids),
                         image_batches=a.image_batches, video_batches=a.video_batches, batch_size=1,
                         video_batch_size=1, device=a.device, dtype=str(dtype).removeprefix("torch."),
-                        attn_implementation=a.attn_implementation, n_boot=200)
+                        attn_implementation=a.attn_implementation, n_boot=200, sketch=a.sketch)
     prep = _prepare(opts, log=print)
 
     # plain forward+backward of the first video batch at each budget
@@ -199,6 +202,7 @@ def main() -> None:
         "dtype": str(dtype).removeprefix("torch."), "attn_implementation": a.attn_implementation,
         "image_batches": a.image_batches, "video_batches": a.video_batches, "batch_size": 1,
         "build_seconds": build_s, "align_error": error,
+        "sketch": summary["settings"]["sketch"] if summary is not None else None,
         "image_phase_s": sum(timer.steps.get("image", [])), "image_peak_gib": timer.peak.get("image"),
         "budgets": rows,
         "env": {"torch": torch.__version__, "python": platform.python_version(),

@@ -77,7 +77,7 @@ def sketch_line(sk: dict[str, Any] | None, budgets: list[dict[str, Any]]) -> str
     if sk["mode"] == "exact":
         return f"exact rows ({sk['chosen']})"
     shares = [b["sketch_share"] for b in budgets if b.get("sketch_share") is not None]
-    worst = f"; the sketch error adds at most {max(shares):.1%} of an interval's width" if shares else ""
+    worst = f"; the sketch error makes up at most {max(shares):.1%} of a standard error" if shares else ""
     return f"sketched inner products, k={sk['k']:,}, seed {sk['seed']} ({sk['chosen']}){worst}"
 
 

@@ -275,3 +275,53 @@ def test_decompose_shared_variants(tiny_toy, tmp_path, shared, frames, label, va
 def test_decompose_bad_input(tiny_toy, args, needle):
     base = _paths(tiny_toy) if "--model" not in args else []
     assert_one_line_error(runner.invoke(app, ["decompose", *base, *DEC, *args], env={"COLUMNS": "300"}), needle)
+
+
+def test_align_with_a_sketch(tiny_toy, tmp_path):
+    r = runner.invoke(app, ["align", "--frames", "2,4", *_paths(tiny_toy), *SMALL, "--sketch", "2^12",
+                            "--sketch-seed", "5", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "sketched inner products, k=4,096, seed 5" in r.output
+    s = json.loads((tmp_path / "summary.json").read_text())
+    sk = s["settings"]["sketch"]
+    assert sk["mode"] == "sketch" and sk["k"] == 4096 and sk["seed"] == 5 and len(sk["fingerprint"]) == 16
+    assert s["image"]["groups"] == 4  # every image batch its own row
+    for b in s["budgets"]:
+        assert b["sketch_sd"] > 0 and 0 <= b["sketch_share"] < 1 and b["ci95_t"][0] < b["mean"] < b["ci95_t"][1]
+    mods = pd.read_csv(tmp_path / "modules.csv")
+    assert "sketch_sd" in mods.columns
+
+
+def test_decompose_with_a_sketch(tiny_toy, tmp_path):
+    r = runner.invoke(app, ["decompose", "--frames", "2,4", *_paths(tiny_toy), "--image-batches", "4",
+                            "--batch-size", "4", "--video-batches", "4", "--video-batch-size", "1", "--n-boot", "200",
+                            "--shared", "static", "--sketch", "4096", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["settings"]["sketch"]["mode"] == "sketch" and s["settings"]["reference_rows"] == 4 + 4 * 4  # K image rows, 4 video groups × 4 variants
+    assert all(b["A_sketch_share"] is not None for b in s["budgets"])
+
+
+@pytest.mark.parametrize("value,needle", [("fast", "sketch: expected auto, exact or a number of buckets"),
+                                          ("0", "sketch: k=0 buckets is out of range"),
+                                          ("2^40", "out of range")])
+def test_bad_sketch_is_one_line(tiny_toy, tmp_path, value, needle):
+    r = runner.invoke(app, ["align", "--frames", "2", *_paths(tiny_toy), *SMALL, "--sketch", value,
+                            "--out", str(tmp_path)])
+    assert r.exit_code == 2, r.output
+    assert needle in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_exact_rows_that_cannot_fit_are_refused(tiny_toy, tmp_path, monkeypatch):
+    import gradprobe.probe.measure as measure
+
+    monkeypatch.setattr(measure, "free_bytes", lambda device: 1000)
+    r = runner.invoke(app, ["align", "--frames", "2", *_paths(tiny_toy), *SMALL, "--sketch", "exact",
+                            "--out", str(tmp_path)])
+    assert r.exit_code == 2, r.output
+    assert "sketch exact: 5 exact rows" in r.output and "use --sketch auto" in r.output
+    # auto sketches instead
+    r = runner.invoke(app, ["align", "--frames", "2", *_paths(tiny_toy), *SMALL, "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "summary.json").read_text())["settings"]["sketch"]["mode"] == "sketch"

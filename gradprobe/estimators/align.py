@@ -375,7 +375,7 @@ def _finalize(
                 "mean_batch_norm_vid": float(vnorm.mean()),
                 "mean_loss": float(np.mean(acc.losses)),
                 "batch_info": info_means,
-                **({"sketch_sd": math.sqrt(sk_var.sum()), "sketch_share": _share(plain.ci_t, ci.ci_t),
+                **({"sketch_sd": math.sqrt(sk_var.sum()), "sketch_share": _share(plain.stderr, ci.stderr),
                     "sketch_sd_batches": math.sqrt(sk_var_batches.sum())} if widths is not None else {}),
             }
         )
@@ -461,8 +461,9 @@ def _finalize(
     )
 
 
-def _share(narrow: tuple[float, float] | None, wide: tuple[float, float] | None) -> float | None:
-    """The share of an interval's width that the sketch error adds: 1 − (width without it)/(width with it)."""
-    if not narrow or not wide or wide[1] <= wide[0]:
+def _share(plain: float | None, total: float | None) -> float | None:
+    """The share of a standard error that the sketch error adds: 1 − (without it)/(with it); the half-width
+    of an interval at a fixed quantile grows by the same share."""
+    if plain is None or not total:
         return None
-    return 1.0 - (narrow[1] - narrow[0]) / (wide[1] - wide[0])
+    return 1.0 - plain / total

@@ -50,8 +50,9 @@ def two_way_mean(D: np.ndarray, confidence: float = 0.95, extra_var: float = 0.0
 
     With one row the image term cannot be estimated and is left out (the
     interval then treats ḡ_img as exact); with one column no interval is given.
-    ``extra_var`` is a further variance with known size (the sketch error), added to the
-    sampling variance; it counts as having infinite degrees of freedom.
+    ``extra_var`` is a further variance of known size (the sketch error), added to the sampling
+    variance; it counts as having infinite degrees of freedom (Welch–Satterthwaite), so with few
+    sampling degrees of freedom the t quantile falls as it grows.
     """
     D = np.asarray(D, dtype=np.float64)
     G, J = D.shape

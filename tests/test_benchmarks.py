@@ -1,0 +1,31 @@
+"""The benchmark scripts run (at their tiny CPU shapes), so that the commands RESULTS.md quotes cannot rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, tmp_path):
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_bench_sketch_tiny(tmp_path):
+    _run(["benchmarks/bench_sketch.py", "--shape", "tiny", "--device", "cpu", "--repeats", "2", "--out",
+          str(tmp_path / "s.json")], tmp_path)
+    r = json.loads((tmp_path / "s.json").read_text())
+    assert r["sketch"]["median_s"] > 0 and r["parameters"] > 0 and r["k"] == 1 << 20
+
+
+def test_bench_scale_tiny(tmp_path):
+    _run(["benchmarks/bench_scale.py", "--shape", "tiny", "--sketch", "4096", "--image-batches", "4",
+          "--video-batches", "4", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "scale.json")], tmp_path)
+    r = json.loads((tmp_path / "scale.json").read_text())
+    for mode in ("plain", "align", "decompose"):
+        assert "error" not in r[mode], r[mode]
+    assert r["align"]["sketch"]["mode"] == "sketch" and r["align"]["sketch"]["k"] == 4096
+    assert r["decompose"]["sketch"]["k"] == 4096
