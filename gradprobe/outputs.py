@@ -26,6 +26,7 @@ ALIGNMENT = "alignment.csv"
 MODULES = "modules.csv"
 MODULE_BATCHES = "module_batches.csv"
 IMAGES = "images.csv"
+SKETCHES = "sketches.npz"
 
 # gradprobe decompose
 DECOMPOSE_SCHEMA = "gradprobe.decompose/1"
@@ -68,6 +69,38 @@ def write_json(path: str | os.PathLike[str], obj: Mapping[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+def write_sketches(path: str | os.PathLike[str], spec: Mapping[str, Any], arrays: Mapping[str, Any]) -> None:
+    """Save sketched rows with their map (``spec``: :meth:`SketchSpec.to_dict`) in one ``.npz``, atomically."""
+    import numpy as np
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, spec=np.array(json.dumps(dict(spec))), **{k: np.asarray(v) for k, v in arrays.items()})
+    os.replace(tmp, path)
+
+
+def read_sketches(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The map (a dict for :meth:`SketchSpec.from_dict`) and the arrays of a ``sketches.npz``.
+
+    Two files' rows combine (their dots estimate inner products of the two runs' gradients) when their
+    maps are equal: the same seed, k and module partition, that is the same model and parameter selection.
+
+    Raises:
+        DataError: a missing or unreadable file.
+    """
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read sketches ({e})") from None
+    if "spec" not in arrays:
+        raise DataError(f"{path}: no sketch map in the file")
+    return json.loads(str(arrays.pop("spec"))), arrays
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

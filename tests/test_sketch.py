@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import make_batches, tiny_loss
+from conftest import TinyNet, make_batches, tiny_loss
 
 import gradprobe
 from gradprobe.errors import InputError
@@ -248,3 +248,36 @@ def test_sketched_intervals_cover(k):
     # binomial sd at 0.95 with 800 reps is 0.0077
     assert 0.93 <= cover <= 0.97, cover
     assert share > 0.3 and cover_plain < 0.85, (share, cover_plain)
+
+
+def test_sketches_of_two_runs_combine(tmp_path):
+    """Two runs on two checkpoints with the same map: run 1's sketched ḡ_img dotted with run 2's sketched mean
+    video gradient estimates the cross inner product of the two runs' exact gradients, within its stated sd."""
+    from gradprobe.outputs import SKETCHES, read_sketches
+
+    images = make_batches(6, seed=1)
+    videos = {4: make_batches(5, seed=2, shift=0.3)}
+    first, second = TinyNet(), TinyNet()
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(0.1 * torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(p.numel())))
+    for model, name in ((first, "a"), (second, "b")):
+        gradprobe.align(model, images, videos, tiny_loss, sketch=256, sketch_seed=9, n_boot=0, out_dir=tmp_path / name)
+    spec_a, a = read_sketches(tmp_path / "a" / SKETCHES)
+    spec_b, b = read_sketches(tmp_path / "b" / SKETCHES)
+    assert SketchSpec.from_dict(spec_a).fingerprint == SketchSpec.from_dict(spec_b).fingerprint
+    assert a["image_groups"].shape == (6, 256) and b["video_mean_m4"].shape == (256,)
+    sel = select_parameters(first)
+    g_img = np.mean([flat_grad(first, sel.names, tiny_loss, x) for x in images], axis=0)
+    g_vid = np.mean([flat_grad(second, sel.names, tiny_loss, x) for x in videos[4]], axis=0)
+    estimate = float(a["image_groups"].mean(axis=0) @ b["video_mean_m4"])
+    spec = SketchSpec.from_dict(spec_a)
+    var = 0.0
+    starts = np.cumsum([0] + [q.numel() for q in sel.params])[:-1]
+    mods = sel.module_names
+    for i, m in enumerate(mods):
+        idx = np.concatenate([np.arange(s0, s0 + p.numel())
+                              for s0, p, mm in zip(starts, sel.params, sel.modules, strict=True) if mm == m])
+        var += inner_variance(np.array(g_img[idx] @ g_img[idx]), np.array(g_vid[idx] @ g_vid[idx]),
+                              np.array(g_img[idx] @ g_vid[idx]), [spec.widths[i]])
+    assert abs(estimate - g_img @ g_vid) < 4.5 * np.sqrt(var), (estimate, g_img @ g_vid, np.sqrt(var))

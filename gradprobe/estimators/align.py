@@ -40,6 +40,9 @@ class AlignReport:
 
     Attributes:
         summary: exactly the dict written to ``summary.json`` (schema ``gradprobe.align/1``).
+        sketches: with a sketch, the sketched rows (``image_groups``: (G, k); ``video_mean_m<m>``: (k,)),
+            which combine with those of any run with the same map (:func:`gradprobe.outputs.read_sketches`).
+        sketch_spec: the map (:class:`gradprobe.probe.sketch.SketchSpec`), with a sketch.
         batches: one row per budget × video batch (``alignment.csv``).
         modules: one row per budget × module (``modules.csv``).
         module_batches: one row per budget × module × video batch (``module_batches.csv``).
@@ -51,15 +54,20 @@ class AlignReport:
     modules: pd.DataFrame
     module_batches: pd.DataFrame
     images: pd.DataFrame
+    sketches: dict[str, np.ndarray] | None = None
+    sketch_spec: Any = None
 
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
-        """Write summary.json and the CSV tables into ``out_dir`` (created if needed)."""
+        """Write summary.json and the CSV tables into ``out_dir`` (created if needed); with a sketch also
+        ``sketches.npz`` (the image-group rows and each budget's mean video gradient, sketched)."""
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
         self.batches.to_csv(d / io.ALIGNMENT, index=False)
         self.modules.to_csv(d / io.MODULES, index=False)
         self.module_batches.to_csv(d / io.MODULE_BATCHES, index=False)
         self.images.to_csv(d / io.IMAGES, index=False)
+        if self.sketches is not None:
+            io.write_sketches(d / io.SKETCHES, self.sketch_spec.to_dict(), self.sketches)
         io.write_json(d / io.SUMMARY, self.summary)
         return d
 
@@ -181,6 +189,7 @@ def align(
     pair_store = meas.store(1) if video_norms else None
     gram_mod = np.zeros((n_mod, G, G))
     finite_groups: list[int] = []
+    video_means: dict[int, np.ndarray] = {}  # sketch mode: the sketch of each budget's mean video gradient
     with meas.session(Path(out_dir) / io.ALIGNMENT if out_dir is not None else None):
         # ---- image phase: group means of the image gradients
         finite_groups = meas.image_phase(images, store, per, image_rows)
@@ -226,6 +235,8 @@ def align(
                 meas.record(row)
                 progress.advance(f"frames={m}")
             progress.finish(f"frames={m}")
+            if meas.sketched and pair_store is not None and acc.pair_valid and acc.cols:
+                video_means[m] = pair_store.data[0].cpu().numpy() / len(acc.cols)  # the sum of the finite batches
 
     sel = meas.selection
     report = _finalize(
@@ -266,6 +277,10 @@ def align(
         excluded=excluded,
         meta=dict(meta or {}),
     )
+    if meas.spec is not None:
+        report.sketches = {"image_groups": store.data.cpu().numpy(),
+                           **{f"video_mean_m{m}": v for m, v in video_means.items()}}
+        report.sketch_spec = meas.spec
     if out_dir is not None:
         report.save(out_dir)
     if not meas.complete:

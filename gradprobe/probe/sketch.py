@@ -27,8 +27,9 @@ term: conservative). For cosines that is ``σ ≈ √((1 + cos²)/k)``: about 1e
 at k = 2^22. The accumulation is fp32 (fp64 for fp64 gradients).
 
 **Work.** Three implementations compute the same map: a pure-torch one on any device (the
-reference; chunked so its temporaries stay small), a compiled CPU kernel (numba; about 4 ns per
-element on one core), and a fused GPU kernel (Triton) where one is available. Buckets and signs
+reference; chunked so its temporaries stay small), a compiled CPU kernel (numba; a piece much larger
+than its module's bucket range is split between torch's threads, each adding into private buckets),
+and a fused GPU kernel (Triton) where one is available. Buckets and signs
 agree exactly between them; sums agree to rounding (the order of additions into a bucket differs).
 """
 
@@ -178,18 +179,22 @@ def _add_torch(buf: torch.Tensor, values: torch.Tensor, key: int, offset: int, s
 # ---------------------------------------------------------------------------- compiled kernels
 
 
+#: A piece at least this many times its bucket range is split between threads (each with private buckets).
+_PARALLEL_RATIO = 8
+
+
 @functools.cache
-def _numba_kernel():  # pragma: no cover - exercised where numba is installed
+def _numba_kernels():  # pragma: no cover - exercised where numba is installed
     try:
         import numba
     except ImportError:
         return None
 
-    @numba.njit(cache=True, nogil=True)
-    def add(buf, values, key, offset, start, width):
+    @numba.njit(cache=True, nogil=True, inline="always")
+    def add_range(buf, values, key, offset, start, width, lo, hi):
         k = np.uint64(key)
         w = np.uint64(width)
-        for t in range(values.shape[0]):
+        for t in range(lo, hi):
             z = k + np.uint64(offset + t + 1) * np.uint64(0x9E3779B97F4A7C15)
             z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
             z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -200,14 +205,33 @@ def _numba_kernel():  # pragma: no cover - exercised where numba is installed
                 v = -v
             buf[start + b] += v
 
-    return add
+    @numba.njit(cache=True, nogil=True)
+    def add(buf, values, key, offset, start, width):
+        add_range(buf, values, key, offset, start, width, 0, values.shape[0])
+
+    @numba.njit(cache=True, nogil=True, parallel=True)
+    def add_parallel(buf, values, key, offset, start, width, parts):
+        n = values.shape[0]
+        step = (n + parts - 1) // parts
+        private = np.zeros((parts, width), dtype=buf.dtype)
+        for p in numba.prange(parts):
+            add_range(private[p], values, key, offset, 0, width, p * step, min(n, (p + 1) * step))
+        for p in range(parts):  # in a fixed order: the same sums for the same number of parts
+            buf[start : start + width] += private[p]
+
+    return add, add_parallel
 
 
 def _add_numba(buf: torch.Tensor, values: torch.Tensor, key: int, offset: int, start: int, width: int) -> bool:
-    kernel = _numba_kernel()
-    if kernel is None:
+    kernels = _numba_kernels()
+    if kernels is None:
         return False
-    kernel(buf.numpy(), values.numpy(), np.uint64(key), offset, start, width)
+    add, add_parallel = kernels
+    threads = torch.get_num_threads()
+    if threads > 1 and values.numel() >= _PARALLEL_RATIO * width:
+        add_parallel(buf.numpy(), values.numpy(), np.uint64(key), offset, start, width, threads)
+    else:
+        add(buf.numpy(), values.numpy(), np.uint64(key), offset, start, width)
     return True
 
 
