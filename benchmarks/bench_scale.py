@@ -17,7 +17,8 @@ the moment before the model is loaded:
   gradients stay in ``.grad`` as in training): peak = model + gradients + activations;
 * ``align``: the code path of ``gradprobe align`` (``--sketch auto``) with a progress hook that times
   every batch; then, in the same process, plain forward+backward passes of the same video batch for the
-  ratio (collation is timed on both sides), and the time the sketch itself takes over every parameter;
+  ratio (collation is timed on both sides); ``benchmarks/bench_sketch.py --shape 1b`` times the sketch
+  alone;
 * ``decompose``: the code path of ``gradprobe decompose`` (``--sketch auto``).
 
 The extra memory of a probed run is its peak minus the plain child's peak. The JSON has both peaks, the
@@ -144,7 +145,6 @@ def child_plain(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_align(a: argparse.Namespace) -> dict[str, Any]:
-    from gradprobe.probe.sketch import DEFAULT_K, param_key, sketch_add
     from gradprobe.run import AlignOptions, run_align
 
     peak = _Peak()
@@ -156,16 +156,9 @@ def child_align(a: argparse.Namespace) -> dict[str, Any]:
     probed = timer.steps.get(f"frames={m}", [])
     model, batch, _ = _video_batch(a, m)
     plain = _plain_times(model, batch, 3)
-    # the sketch alone: every parameter's values hashed into k buckets, as the hooks do with gradients
-    buf = torch.zeros(rep.summary["settings"]["sketch"].get("k", DEFAULT_K))
-    t = time.perf_counter()
-    for name, p in model.named_parameters():
-        sketch_add(buf, p.detach().reshape(-1), param_key(0, name), 0, 0, buf.numel())
-    sketch_s = time.perf_counter() - t
     return {"peak_gib": peak_gib, "sketch": rep.summary["settings"]["sketch"], "frames": m,
             "probed_s": probed, "plain_s": plain,
             "ratio": statistics.median(probed[1:] or probed) / statistics.median(plain) if probed else None,
-            "sketch_all_parameters_s": sketch_s,
             "budgets": [{k: b.get(k) for k in ("frames", "n", "mean", "ci95_t", "sketch_sd", "sketch_share")}
                         for b in rep.summary["budgets"]]}
 
