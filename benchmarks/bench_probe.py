@@ -120,7 +120,8 @@ def _child(mode: str, frames: int | None, groups: int, dtype: torch.dtype, k: in
     if k is not None:  # the compiled sketch kernel's one-time cost (JIT or loading its cache) is not per row
         from gradprobe.probe.sketch import sketch_add
 
-        sketch_add(torch.zeros(8), torch.ones(4), 0, 0, 0, 8)
+        sketch_add(torch.zeros(8), torch.ones(4), 0, 0, 0, 8)  # the serial kernel
+        sketch_add(torch.zeros(8), torch.ones(4096), 0, 0, 0, 8)  # the threaded one (and its thread pool)
     base = _rss_bytes()
     peak = [base]
     stop = threading.Event()

@@ -65,8 +65,8 @@ def test_decomposition_notebook_executes(tiny_toy, tmp_path, monkeypatch):
     """The notebook on the tiny toy: decomposed before and after a 2-step Video-SFT run made here first."""
     import gradprobe.run
     from gradprobe.run import DecomposeOptions, run_decompose
-    from gradprobe.toybox import ToySpec
     from gradprobe.sft import SFTOptions, run_sft
+    from gradprobe.toybox import ToySpec
 
     monkeypatch.setattr(gradprobe.run, "DEFAULT_TOY", ToySpec(**tiny_toy.spec.__dict__))
     root = tmp_path / "decompose"

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from gradprobe import outputs as io
 from gradprobe._checks import check_frames
 from gradprobe._version import __version__
 from gradprobe.errors import DataError, InputError, RunInterrupted
@@ -31,7 +32,6 @@ from gradprobe.probe.hooks import LossFn
 from gradprobe.probe.measure import Measurement, Progress, group_count, image_group_count
 from gradprobe.probe.select import ModuleOf, RoleOf
 from gradprobe.probe.sketch import inner_variance
-from gradprobe import outputs as io
 
 __all__ = ["AlignInterrupted", "AlignReport", "Progress", "align", "group_count", "image_group_count"]
 @dataclass

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from gradprobe import outputs as io
 from gradprobe._checks import check_frames, check_positive_int
 from gradprobe._version import __version__
 from gradprobe.errors import DataError, InputError, RunInterrupted
@@ -44,7 +45,6 @@ from gradprobe.estimators.align import Progress
 from gradprobe.estimators.hvp import BACKENDS, HessianOperator, LossFn, Vec, vdot, vrandom
 from gradprobe.estimators.spectrum import METHODS, Spectrum, extreme_eigenvalues, hutchinson_trace, lanczos
 from gradprobe.probe.select import ModuleOf, RoleOf, select_parameters
-from gradprobe import outputs as io
 
 __all__ = ["CurvatureInterrupted", "CurvatureReport", "curvature", "parse_lrs"]
 

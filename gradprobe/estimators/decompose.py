@@ -61,6 +61,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from gradprobe import outputs as io
 from gradprobe._checks import check_frames
 from gradprobe._version import __version__
 from gradprobe.errors import DataError, InputError, RunInterrupted
@@ -68,7 +69,6 @@ from gradprobe.estimators import stats
 from gradprobe.probe.hooks import LossFn
 from gradprobe.probe.measure import Measurement, Progress, group_count, image_group_count
 from gradprobe.probe.select import ModuleOf, RoleOf
-from gradprobe import outputs as io
 
 __all__ = ["DecomposeInterrupted", "DecomposeReport", "decompose"]
 

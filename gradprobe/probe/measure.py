@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradprobe import outputs as io
 from gradprobe._checks import check_positive_int
 from gradprobe.errors import DataError, InputError
 from gradprobe.probe.context import measurement_mode
@@ -35,7 +36,6 @@ from gradprobe.probe.hooks import BatchGrad, GradientProbe, LossFn
 from gradprobe.probe.select import ModuleOf, RoleOf, Selection, select_parameters
 from gradprobe.probe.sketch import DEFAULT_K, MAX_K, SketchSpec
 from gradprobe.probe.store import ReferenceStore, SketchStore, resolve_dtype
-from gradprobe import outputs as io
 
 __all__ = [
     "EXACT_SHARE", "Measurement", "Progress", "group_count", "image_group_count", "parse_sketch", "resolve_mode",

@@ -11,8 +11,8 @@ from typing import Any
 
 import pandas as pd
 
-from gradprobe.errors import DataError
 from gradprobe import outputs as io
+from gradprobe.errors import DataError
 from gradprobe.outputs import read_align_dir
 
 

@@ -22,7 +22,6 @@ from gradprobe.train.evaluate import accuracy
 from gradprobe.train.monitor import _isolated
 
 
-
 class AccuracyCallback(TrainerCallback):
     """Evaluate image and video accuracy every ``every`` optimizer steps (and before the first).
 
