@@ -300,14 +300,16 @@ class AlignmentMonitor:
         return losses
 
     # ------------------------------------------------------------------ update
-    def _update_dots(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    def _update_dots(self, spread: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
         """Dots of p.grad with ḡ_img per parameter (P,), with each kept group row (G',) over all parameters (exact,
-        or sketched), and squared norms (P,)."""
+        or sketched; with sketched rows only when ``spread``, since that costs a sketch of the update), and squared
+        norms (P,)."""
         P = len(self.params)
         exact_rows = self.sketches is None
         dots = np.zeros((P, self._rows if exact_rows else 1))
         sq = np.zeros(P)
-        buf = torch.zeros(self.spec.k, dtype=self.acc_dtype, device=self.sketches.device) if not exact_rows else None
+        buf = (torch.zeros(self.spec.k, dtype=self.acc_dtype, device=self.sketches.device)
+               if not exact_rows and spread else None)
         for i, p in enumerate(self.params):
             g = self.layout.grad(p)
             if g is None:
@@ -325,10 +327,12 @@ class AlignmentMonitor:
             groups = dots.sum(axis=0)
             mean = dots.mean(axis=1)
         else:
-            if self._reduce_sketch:
-                buf = self.layout.sum_tensor(buf)
-            groups = (self.sketches.data[: self._rows] @ buf).to("cpu", torch.float64).numpy()
             mean = dots[:, 0]
+            groups = np.zeros(0)
+            if buf is not None:
+                if self._reduce_sketch:
+                    buf = self.layout.sum_tensor(buf)
+                groups = (self.sketches.data[: self._rows] @ buf).to("cpu", torch.float64).numpy()
         finite = bool(np.isfinite(dots).all() and np.isfinite(sq).all() and np.isfinite(groups).all())
         return mean, groups, sq, finite
 
@@ -355,7 +359,7 @@ class AlignmentMonitor:
                 row.update(finite=False, note="no finite image-probe group")
                 self._record(row)
             return row if due else None
-        mean, col, sq, finite = self._update_dots()  # col: (G',) dot of the update with each group mean
+        mean, col, sq, finite = self._update_dots(spread=due)  # col: (G',) the update's dot with each group mean
         a = float(col.mean()) if self.sketches is None else float(mean.sum())
         un = math.sqrt(max(float(sq.sum()), 0.0))
         cos = a / (un * math.sqrt(self._ref_sqnorm)) if un > 0 and self._ref_sqnorm > 0 else float("nan")
