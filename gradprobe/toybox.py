@@ -9,9 +9,11 @@ real image skill to lose. The cache lives in the user cache directory
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,7 +116,8 @@ def ensure_toy(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    info = _build(spec, tmp, log)
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout carries results only
+        info = _build(spec, tmp, log)
     (tmp / "toy.json").write_text(json.dumps(info, indent=2) + "\n")
     if target.exists():
         shutil.rmtree(target)

@@ -45,3 +45,15 @@ def test_toy_roles_cover_every_parameter(tiny_toy):
 def test_odd_budget_is_refused():
     with pytest.raises(gradprobe.BudgetError, match="even count"):
         toy.check_budget(7)
+
+
+def test_building_the_toy_writes_nothing_to_stdout(tmp_path, capsys):
+    """The toy is built on the first run of the default command; its training logs go to stderr."""
+    from conftest import TINY_TOY
+
+    from gradprobe.toybox import ToySpec, ensure_toy
+
+    ensure_toy(ToySpec(**{**TINY_TOY, "steps": 2}), tmp_path)
+    out = capsys.readouterr()
+    assert out.out == "", out.out[:500]
+    assert "loss" in out.err
