@@ -132,3 +132,19 @@ def test_multi_budget_probe_along_the_run(tiny_toy, tmp_path):
     plain.train()
     for (k, va), (_, vb) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
         assert torch.equal(va, vb), k
+
+
+@pytest.mark.parametrize("bound", [True, False])
+def test_trainer_keeps_its_own_loss_log_at_every_logging_step(tiny_toy, tmp_path, bound):
+    """With logging_steps=1 the Trainer logs its loss at every step, probe steps included, bound or not (a
+    bound callback once reset the Trainer's should_log by logging inside on_step_end)."""
+    trainer, _, processor = _trainer(tiny_toy, tmp_path, steps=4)
+    if bound:
+        watch(trainer, _probe_set(tiny_toy, processor), every=2)
+    else:
+        trainer.add_callback(AlignmentCallback(_probe_set(tiny_toy, processor), every=2))
+    trainer.train()
+    own = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    assert [h["step"] for h in own] == [1, 2, 3, 4]
+    if bound:  # the probe rows are their own entries, at the steps probed (0 and 2 before the update)
+        assert len([h for h in trainer.state.log_history if "gradprobe/alignment" in h]) == 2

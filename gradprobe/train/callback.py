@@ -138,7 +138,10 @@ class AlignmentCallback(TrainerCallback):
             self._budgets(args, state.global_step, model)
         if self._pending and self._trainer is not None:
             pending, self._pending = self._pending, None
+            # Trainer.log resets control.should_log; put it back, or the Trainer skips its own loss log here
+            should_log = control.should_log
             self._trainer.log(pending)
+            control.should_log = should_log
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if self._pending and logs is not None:
