@@ -15,6 +15,7 @@ from gradprobe.probe import GradientProbe, ReferenceStore, select_parameters
 
 __all__ = [
     "AlignInterrupted",
+    "AlignmentCallback",
     "AlignReport",
     "BudgetError",
     "CurvatureInterrupted",
@@ -38,4 +39,17 @@ __all__ = [
     "power_iteration",
     "select_parameters",
     "spectral_density",
+    "watch",
 ]
+
+#: The training callback pulls in transformers' Trainer machinery (twice the import time of the rest), so it
+#: is imported on first use rather than at ``import gradprobe``.
+_LAZY = {"AlignmentCallback": "gradprobe.train.callback", "watch": "gradprobe.train.callback"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gradprobe' has no attribute {name!r}")

@@ -148,3 +148,14 @@ def test_trainer_keeps_its_own_loss_log_at_every_logging_step(tiny_toy, tmp_path
     assert [h["step"] for h in own] == [1, 2, 3, 4]
     if bound:  # the probe rows are their own entries, at the steps probed (0 and 2 before the update)
         assert len([h for h in trainer.state.log_history if "gradprobe/alignment" in h]) == 2
+
+
+def test_top_level_exports():
+    import gradprobe
+    from gradprobe import AlignmentCallback as Exported
+    from gradprobe.train import callback
+
+    assert gradprobe.watch is callback.watch and Exported is callback.AlignmentCallback
+    assert {"watch", "AlignmentCallback"} <= set(gradprobe.__all__)
+    with pytest.raises(AttributeError):
+        gradprobe.no_such_name  # noqa: B018
