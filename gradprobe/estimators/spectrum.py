@@ -171,12 +171,14 @@ def _power(matvec: MatVec, v: Vec, max_iter: int, tol: float, shift: float, hist
         if norm == 0:
             lam, converged = new, True
             break
-        v_next = vscale(hv, 1.0 / norm)
         # PyHessian's rule: stop when the Rayleigh quotient changes by less than tol (relative)
         if lam is not None and abs(new - lam) / (abs(lam) + 1e-6) < tol:
             lam, converged = new, True
             break
-        lam, v = new, v_next
+        lam = new
+        if n == max_iter:  # keep v: it is the vector whose product hv is, so the residual below is its own
+            break
+        v = vscale(hv, 1.0 / norm)
     res = vnorm(vaxpy(hv, -lam, v)) if lam is not None else float("nan")
     return float(lam), v, n, converged, res
 
@@ -196,6 +198,12 @@ def power_iteration(
     iterations, or after ``max_iter`` products. The dominant eigenvalue is the one of
     largest magnitude, so ``|top| = β``. With ``both_ends`` a second run on ``H − λ I`` finds
     the other end of the spectrum (up to ``max_iter`` more products).
+
+    ``converged`` means that stopping rule fired (at both ends with ``both_ends``); it is not a bound
+    on the distance to the extreme eigenvalue: with two nearly equal eigenvalues at an end the
+    quotient can stall far from it. ``residual`` is ``‖Hv − λv‖`` of the returned estimate (the larger
+    of the two ends' with ``both_ends``); some eigenvalue lies within it of λ (Krylov–Weinstein), which
+    is the guarantee the run gives.
     """
     _check(max_iter, tol)
     v = _unit(vrandom(like, torch.Generator().manual_seed(seed)))
@@ -204,10 +212,10 @@ def power_iteration(
     top, bottom, products, converged = lam, None, n1, conv1
     if both_ends:
         v2 = _unit(vrandom(like, torch.Generator().manual_seed(seed + 1)))
-        mu, _, n2, conv2, _ = _power(matvec, v2, max_iter, tol, lam, history, n1)
+        mu, _, n2, conv2, res2 = _power(matvec, v2, max_iter, tol, lam, history, n1)
         other = mu + lam
         top, bottom = max(lam, other), min(lam, other)
-        products, converged = n1 + n2, conv1 and conv2
+        products, converged, res = n1 + n2, conv1 and conv2, max(res, res2)
     for h in history:
         h.setdefault("estimate", float("nan"))
     return Spectrum(
