@@ -353,3 +353,28 @@ def test_records_formats(tmp_path):
         read_samples(p)
     with pytest.raises(DataError, match=r"no usable image records \(2 skipped"):
         read_samples(p, kind="image", skip_bad=True)
+
+
+def test_truncated_weights_are_one_line(ckpt, tmp_path):
+    """A truncated model.safetensors: a ModelError naming the checkpoint (one line, exit 2), not safetensors'
+    traceback."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from gradprobe.errors import ModelError
+    from gradprobe.models.registry import family_for
+
+    d = tmp_path / "broken"
+    shutil.copytree(ckpt("qwen2_5_vl"), d)
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(ModelError, match="cannot load checkpoint"):
+        family_for(d).adapter_class().load(d)
+    data = sw.generate(tmp_path / "data", n_images=4, n_videos=2, seed=0, split="probe")
+    r = CliRunner().invoke(app, ["align", "--frames", "2", "--model", str(d), "--image-data", str(data[0]),
+                                 "--video-data", str(data[1]), "--image-batches", "1", "--video-batches", "1",
+                                 "--batch-size", "2", "--video-batch-size", "1", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    assert "cannot load checkpoint" in r.output and "Traceback" not in r.output

@@ -88,6 +88,19 @@ def strip_info(batch: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k != INFO_KEY}
 
 
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What ``from_pretrained`` raises for a checkpoint it cannot read: missing or unreadable files, bad
+    configs, and corrupt or truncated weights (safetensors' own error)."""
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, ImportError)
+    try:
+        from safetensors import SafetensorError
+
+        errors += (SafetensorError,)
+    except ImportError:
+        pass
+    return errors
+
+
 def loss_fn(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     """Answer-token cross-entropy (the model's own shifted loss over ``labels``)."""
     return model(**strip_info(batch)).loss
@@ -137,7 +150,7 @@ class Adapter:
         try:
             processor = AutoProcessor.from_pretrained(model_dir)
             model = getattr(transformers, cls.model_class).from_pretrained(model_dir, **kwargs)
-        except (OSError, ValueError, ImportError) as e:
+        except load_errors() as e:
             raise ModelError(f"{model_dir}: cannot load checkpoint ({str(e).splitlines()[0]})") from None
         if not device_map:
             model.to(device)

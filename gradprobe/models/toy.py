@@ -20,6 +20,7 @@ import torch
 
 from gradprobe.data.sampling import uniform_indices
 from gradprobe.errors import BudgetError, DataError, ModelError
+from gradprobe.models.base import load_errors
 from gradprobe.models.qwen2_5_vl import Qwen2_5_VLAdapter
 
 SPECIALS = [
@@ -165,7 +166,7 @@ def load(directory: str | os.PathLike[str], *, dtype: torch.dtype = torch.float3
     try:
         processor = AutoProcessor.from_pretrained(d)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=dtype)
-    except (OSError, ValueError) as e:
+    except load_errors() as e:
         raise ModelError(f"{d}: cannot load checkpoint ({str(e).splitlines()[0]})") from None
     model.to(device)
     return model, processor
