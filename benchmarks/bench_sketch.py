@@ -62,7 +62,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     from gradprobe.probe.select import default_module_of
-    from gradprobe.probe.sketch import SketchSpec, param_key, sketch_add
+    from gradprobe.probe.sketch import SketchSpec, sketch_add
 
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -72,17 +72,15 @@ def main() -> None:
     for m, (_, s) in zip(modules, shapes, strict=True):
         numel[m] = numel.get(m, 0) + int(torch.Size(s).numel())
     spec = SketchSpec.build(list(numel.items()), a.k)
-    pos = {m: i for i, m in enumerate(spec.modules)}
     g = torch.Generator(device=device).manual_seed(0)
     grads = [torch.randn(s, generator=g, device=device, dtype=torch.float32).to(dtype) for _, s in shapes]
-    plan = [(param_key(0, n), spec.starts[pos[m]], spec.widths[pos[m]]) for (n, _), m in zip(shapes, modules,
-                                                                                          strict=True)]
+    plan = spec.plan([n for n, _ in shapes], modules)
     P = sum(x.numel() for x in grads)
     buf = torch.zeros(spec.k, device=device, dtype=torch.float32)
 
     def sketch_pass() -> None:
-        for x, (key, start, width) in zip(grads, plan, strict=True):
-            sketch_add(buf, x.reshape(-1).float(), key, 0, start, width, a.backend)
+        for x, (key, offset, start, width) in zip(grads, plan, strict=True):
+            sketch_add(buf, x.reshape(-1).float(), key, offset, start, width, a.backend)
 
     def read_pass() -> None:
         for x in grads:

@@ -49,6 +49,7 @@ change when the loss is multiplied by a constant.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import itertools
 import math
 import os
@@ -350,6 +351,11 @@ class _Raw:
     modules: list[_Raw] | None = None  # sketch mode: the same per module
     widths: np.ndarray | None = None  # sketch mode: buckets per module
 
+    @functools.cached_property
+    def gammas(self) -> list[tuple[np.ndarray, float]]:
+        """Sketch mode: per module, Γ of the expected vectors and the module's buckets (:func:`_module_gammas`)."""
+        return _module_gammas(self)
+
     @property
     def H(self) -> int:
         return self.gram.shape[0]
@@ -534,7 +540,7 @@ def _sketch_error(raw: _Raw, n_boot: int, rng: np.random.Generator) -> np.ndarra
     """
     V = raw.T.shape[0]
     total = np.zeros((n_boot, V + 1, V + 1))
-    for gamma, w in _module_gammas(raw):
+    for gamma, w in raw.gammas:
         lam, U = np.linalg.eigh(gamma)
         L = U * np.sqrt(np.maximum(lam, 0.0))
         X = rng.standard_normal((n_boot, V + 1, V + 1))
@@ -679,7 +685,7 @@ def _finalize(*, raw: _Raw | None, frames: list[int], variants: list[_Variant], 
     # the sketch error of A(m) for its two-way t interval, as in align: (‖E g_img‖²‖E g_m‖² + A²)/w per module
     sk_var_A = np.zeros(M)
     if raw.modules is not None:
-        for gamma, w in _module_gammas(raw):
+        for gamma, w in raw.gammas:
             d = np.diag(gamma)
             sk_var_A += (max(d[0], 0.0) * np.maximum(d[1 : M + 1], 0.0) + gamma[0, 1 : M + 1] ** 2) / w
     rows = []

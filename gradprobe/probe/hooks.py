@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ import torch
 
 from gradprobe.errors import InputError
 from gradprobe.probe.select import Selection
-from gradprobe.probe.sketch import SketchSpec, param_key, sketch_add
+from gradprobe.probe.sketch import SketchSpec, sketch_add
 from gradprobe.probe.store import ReferenceStore, SketchStore
 
 Store = ReferenceStore | SketchStore
@@ -76,7 +76,6 @@ class GradientProbe:
         sketch: work in sketch space with this map (its modules must be the selection's modules,
             in order); None: exact rows.
         sketch_backend: ``auto``, ``torch``, ``numba`` or ``triton`` (see :func:`gradprobe.probe.sketch.sketch_add`).
-        offsets: global element offset of each parameter's local piece (0 for whole parameters).
 
     Example:
         >>> import torch
@@ -90,7 +89,7 @@ class GradientProbe:
     """
 
     def __init__(self, model: torch.nn.Module, selection: Selection, *, sketch: SketchSpec | None = None,
-                 sketch_backend: str = "auto", offsets: Sequence[int] | None = None) -> None:
+                 sketch_backend: str = "auto") -> None:
         self.model = model
         self.selection = selection
         self.params = list(selection.params)
@@ -103,11 +102,7 @@ class GradientProbe:
         if sketch is not None:
             if list(sketch.modules) != self.module_names:
                 raise InputError("sketch: the map's modules are not this selection's modules")
-            starts, widths = sketch.starts, sketch.widths
-            offs = list(offsets) if offsets is not None else [0] * len(self.params)
-            # per parameter: key, global offset, bucket range
-            self._sk = [(param_key(sketch.seed, n), offs[i], starts[self.module_index[i]],
-                         widths[self.module_index[i]]) for i, n in enumerate(selection.names)]
+            self._sk = sketch.plan(selection.names, selection.modules)  # per parameter: key, offset, bucket range
         self._job: _Job | None = None
         self._handles: list[Any] = []
 
@@ -253,30 +248,21 @@ class GradientProbe:
         np.add.at(out, self.module_index, values)
         return out
 
-    def _sqnorms(self, job: _Job) -> np.ndarray:
-        """Per-parameter squared norms (zero where no gradient), one transfer per device."""
-        sq = np.zeros(len(self.params), dtype=np.float64)
+    def _gather(self, job: _Job, slot: int, shape: tuple[int, ...] = ()) -> np.ndarray:
+        """One of the hooks' results per parameter (slot 0: dots, 1: squared norm, 2: pair), zero where no
+        gradient came; one transfer per device."""
+        out = np.zeros((len(self.params), *shape), dtype=np.float64)
         by_device: dict[torch.device, list[int]] = {}
-        for i, (_, s, _) in job.results.items():
-            by_device.setdefault(s.device, []).append(i)
+        for i, res in job.results.items():
+            by_device.setdefault(res[1].device, []).append(i)
         for idx in by_device.values():
-            sq[idx] = torch.stack([job.results[i][1] for i in idx]).to("cpu", torch.float64).numpy()
-        return sq
+            out[idx] = torch.stack([job.results[i][slot] for i in idx]).to("cpu", torch.float64).numpy()
+        return out
 
     def _collect(self, job: _Job, loss: float, n_refs: int, has_pair: bool) -> BatchGrad:
-        P = len(self.params)
-        dots = np.zeros((P, n_refs), dtype=np.float64)
-        pair = np.zeros(P, dtype=np.float64) if has_pair else None
-        sq = self._sqnorms(job)
-        by_device: dict[torch.device, list[int]] = {}
-        for i, (_, s, _) in job.results.items():
-            by_device.setdefault(s.device, []).append(i)
-        for idx in by_device.values():  # one transfer per device and quantity
-            res = [job.results[i] for i in idx]
-            if n_refs:
-                dots[idx] = torch.stack([r[0] for r in res]).to("cpu", torch.float64).numpy()
-            if has_pair:
-                pair[idx] = torch.stack([r[2] for r in res]).to("cpu", torch.float64).numpy()
+        sq = self._gather(job, 1)
+        dots = self._gather(job, 0, (n_refs,)) if n_refs else np.zeros((len(self.params), 0))
+        pair = self._gather(job, 2) if has_pair else None
         # the pair column is not part of this batch's own finiteness (a poisoned running sum is the caller's)
         finite = bool(np.isfinite(dots).all() and np.isfinite(sq).all()) and math.isfinite(loss)
         return BatchGrad(loss=loss, dots=self._by_module(dots), sqnorm=self._by_module(sq),
@@ -284,7 +270,7 @@ class GradientProbe:
 
     def _collect_sketch(self, job: _Job, loss: float, keep: bool) -> BatchGrad:
         """Sketch space: the batch's sketch is the sum of the per-device pieces; then dots, pair and accumulation."""
-        sq = self._by_module(self._sqnorms(job))
+        sq = self._by_module(self._gather(job, 1))
         home = next((s.device for s in (job.refs, job.pair_sum, job.accumulate) if s is not None), None)
         parts = list(job.sketches.values())
         if not parts:

@@ -197,7 +197,6 @@ class Measurement:
     ) -> None:
         if reference_device not in ("model", "cpu"):
             raise InputError(f"reference_device: expected 'model' or 'cpu', got {reference_device!r}")
-        mode = parse_sketch(sketch)
         if isinstance(sketch_seed, bool) or not isinstance(sketch_seed, int | np.integer):
             raise InputError(f"sketch_seed: expected an integer, got {sketch_seed!r}")
         self.model = model
@@ -217,7 +216,7 @@ class Measurement:
         self.home = home
         row_bytes = sel.numel * torch.empty((), dtype=self.ref_dtype).element_size()
         self.exact_bytes = exact_rows * row_bytes
-        mode, self.reason = resolve_mode(mode, self.exact_bytes, home, f"{exact_rows} exact rows of {sel.numel:,} "
+        mode, self.reason = resolve_mode(sketch, self.exact_bytes, home, f"{exact_rows} exact rows of {sel.numel:,} "
                                          "parameters")
         self.mode = "exact" if mode == "exact" else "sketch"
         self.spec: SketchSpec | None = None

@@ -128,6 +128,15 @@ class SketchSpec:
         """First bucket of each module."""
         return tuple(int(s) for s in np.concatenate([[0], np.cumsum(self.widths)[:-1]]))
 
+    def plan(self, names: Sequence[str], modules: Sequence[str], offsets: Sequence[int] | None = None,
+             ) -> list[tuple[int, int, int, int]]:
+        """Per parameter (by name, module key and global offset of its piece, 0 for whole parameters): the
+        arguments :func:`sketch_add` takes after the values, ``(key, offset, start, width)``."""
+        pos = {m: i for i, m in enumerate(self.modules)}
+        offs = offsets if offsets is not None else [0] * len(names)
+        return [(param_key(self.seed, n), int(o), self.starts[pos[m]], self.widths[pos[m]])
+                for n, m, o in zip(names, modules, offs, strict=True)]
+
     def slices(self) -> list[slice]:
         """Bucket range of each module."""
         return [slice(s, s + w) for s, w in zip(self.starts, self.widths, strict=True)]

@@ -46,7 +46,7 @@ from gradprobe.estimators import stats
 from gradprobe.probe.hooks import LossFn
 from gradprobe.probe.measure import image_group_count, resolve_mode, sketch_spec
 from gradprobe.probe.select import ModuleOf, RoleOf, select_parameters
-from gradprobe.probe.sketch import param_key, sketch_add
+from gradprobe.probe.sketch import sketch_add
 from gradprobe.probe.store import ReferenceStore, SketchStore, resolve_dtype
 from gradprobe.train.distributed import Layout, unwrap
 
@@ -160,10 +160,8 @@ class AlignmentMonitor:
         self.sketches: SketchStore | None = None
         if self.spec is not None:
             self.sketches = SketchStore(self.spec, self.groups, self.acc_dtype, pieces[0].device)
-            starts, widths = self.spec.starts, self.spec.widths
-            pos = {m: i for i, m in enumerate(self.spec.modules)}
-            self._sk = [(param_key(self.spec.seed, n), self.layout.offset(p), starts[pos[m]], widths[pos[m]])
-                        for n, p, m in zip(self.selection.names, self.params, self.selection.modules, strict=True)]
+            self._sk = self.spec.plan(self.selection.names, self.selection.modules,
+                                      [self.layout.offset(p) for p in self.params])
         # sharded pieces are sketched where they live and the sketches summed over ranks (replicated parameters
         # then by rank 0 alone), so the sketch is the whole gradient's whatever the number of ranks
         self._reduce_sketch = self.layout.active and bool(self.layout.sharded.any())
