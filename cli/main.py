@@ -552,14 +552,25 @@ def toy(
     train_images: Annotated[int, typer.Option(help="Training images.")] = 4000,
     seed: Annotated[int, typer.Option(help="Seed of data, initialisation and training.")] = 0,
     rebuild: Annotated[bool, typer.Option(help="Build again even if cached.")] = False,
+    export: Annotated[tuple[str, str] | None, typer.Option(
+        metavar="FORMAT DIR",
+        help="Also write the toy's data for a training stack: llamafactory (with dataset_info.json) or swift.",
+    )] = None,
 ) -> None:
     """Build (or find) the cached toy model and print its held-out image accuracy."""
     from gradprobe import GradprobeError
+    from gradprobe.data.export import FORMATS
     from gradprobe.toybox import ToySpec, ensure_toy
 
+    if export is not None:
+        if export[0] not in FORMATS:
+            _fail(f"--export: unknown format {export[0]!r}; use one of {', '.join(FORMATS)}")
+        if Path(export[1]).exists() and not Path(export[1]).is_dir():
+            _fail(f"--export: {export[1]} exists and is not a directory")
     try:
         spec = ToySpec(seed=seed, steps=steps, n_train_images=train_images)
         t = ensure_toy(spec, cache_dir, rebuild=rebuild, log=lambda s: err.print(f"[dim]{s}[/]"))
+        written = t.export(*export) if export is not None else {}
     except GradprobeError as e:
         _fail(str(e))
     acc = t.info["image_accuracy"]
@@ -572,6 +583,8 @@ def toy(
         f"{acc['restricted']:.3f} (before training: {init['free']:.3f} / {init['restricted']:.3f}; "
         f"majority answer {acc['majority']:.3f})"
     )
+    if written:
+        c.print(f"{export[0]} data:  {Path(export[1])} ({', '.join(written)})")
 
 
 def main() -> None:

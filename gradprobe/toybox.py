@@ -25,7 +25,7 @@ import torch
 from gradprobe.errors import InputError
 
 #: Bump when the toy's data, model or training recipe changes, so stale caches are not reused.
-TOY_VERSION = 2
+TOY_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,16 @@ class Toy:
     def data(self, split: str, kind: str) -> Path:
         """Path of a JSONL file: split in train/eval/probe, kind in images/videos."""
         return self.data_dir / f"{split}_{kind}.jsonl"
+
+    def export(self, fmt: str, out: str | os.PathLike[str]) -> dict[str, Path]:
+        """Write the toy's six record files (train/eval/probe × images/videos) in a training stack's
+        layout (``llamafactory`` or ``swift``, see :mod:`gradprobe.data.export`), named
+        ``shapesworld_<split>_<kind>``."""
+        from gradprobe.data.export import export_records
+
+        files = {f"shapesworld_{split}_{kind}": self.data(split, kind)
+                 for split in ("train", "eval", "probe") for kind in ("images", "videos")}
+        return export_records(files, out, fmt)
 
 
 def default_cache_dir() -> Path:

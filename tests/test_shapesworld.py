@@ -43,6 +43,7 @@ def test_records_are_llava_style_with_real_files(tmp_path):
     vids = [json.loads(x) for x in vid_jsonl.read_text().splitlines()]
     assert {r["qtype"] for r in vids} == set(sw.VIDEO_QTYPES)
     for r in vids:
+        assert r["conversations"][0]["value"].startswith("<video>\n")  # the tag LLaMA-Factory counts
         assert isinstance(r["m_min"], int) and r["m_min"] >= 1
         frames = read_frames(tmp_path / r["video"])
         assert frames.shape == (sw.VIDEO_FRAMES, sw.SIZE, sw.SIZE, 3)

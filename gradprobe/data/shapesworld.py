@@ -14,7 +14,8 @@ Each video record carries ``m_min``, the smallest budget m for which the uniform
 sampler Φ_m (:func:`gradprobe.data.sampling.uniform_indices`) shows enough to
 answer, computed by brute force from the generated timeline. Records are
 LLaVA-style JSONL lines; each also carries ``qtype`` and ``choices`` (the valid
-answers of its question type, for answer-restricted scoring). Everything is
+answers of its question type, for answer-restricted scoring). The user turn opens
+with the medium's tag (``<image>`` or ``<video>``), as LLaMA-Factory and ms-swift expect. Everything is
 deterministic by seed.
 """
 
@@ -99,7 +100,7 @@ def _record(rid: str, key: str, path: str, question: str, answer: str, qtype: st
         "id": rid,
         key: path,
         "conversations": [
-            {"from": "human", "value": f"<image>\n{question}"},
+            {"from": "human", "value": f"<{key}>\n{question}"},
             {"from": "gpt", "value": answer},
         ],
         "qtype": qtype,
