@@ -32,20 +32,21 @@ from transformers import Trainer
 
 from gradprobe.models import toy as adapter
 from gradprobe.toybox import ToySpec, ensure_toy
-from gradprobe.train._common import Records, training_args
+from gradprobe.train._common import training_args
 from gradprobe.train.callback import watch
+from gradprobe.train.collate import SampleCollator, SampleDataset
 
 
 def run(mode: str, steps: int, every: int, frames: int, out: Path) -> dict:
     t = ensure_toy(ToySpec())
-    model, processor = adapter.load(t.model_dir)
-    videos = adapter.read_records(t.data("train", "videos"))
-    images = adapter.read_records(t.data("probe", "images"))[:32]
-    coll = adapter.ToyCollator(processor, t.data_dir)
+    model, toy_adapter = t.load()
+    videos = t.samples("train", "videos")
+    images = t.samples("probe", "images")[:32]
+    coll = SampleCollator(toy_adapter, t.data_dir)
     probe = [coll(images[i : i + 8]) for i in range(0, 32, 8)]
     args = training_args(out, steps=steps, batch_size=4, lr=1e-4, seed=0, logging_steps=steps)
-    trainer = Trainer(model=model, args=args, train_dataset=Records(videos),
-                      data_collator=adapter.ToyCollator(processor, t.data_dir, frames=frames))
+    trainer = Trainer(model=model, args=args, train_dataset=SampleDataset(videos),
+                      data_collator=SampleCollator(toy_adapter, t.data_dir, frames=frames))
     guard_times: list[float] = []
     if mode != "plain":
         cb = watch(trainer, probe, every=every, guard="observe" if mode == "observe" else "project",

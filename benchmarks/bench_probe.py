@@ -32,11 +32,12 @@ from pathlib import Path
 
 import torch
 
-from gradprobe.models import toy as adapter
+from gradprobe.models.base import loss_fn
 from gradprobe.probe import GradientProbe, ReferenceStore, select_parameters
 from gradprobe.probe.measure import sketch_spec
 from gradprobe.probe.store import SketchStore
 from gradprobe.toybox import ToySpec, ensure_toy
+from gradprobe.train.collate import SampleCollator
 
 GROUPS = 8  # reference rows, as `gradprobe align` keeps by default
 
@@ -51,13 +52,11 @@ def _stores(sel, groups: int, dtype: torch.dtype, k: int | None):
 
 def _setup(frames: int | None, groups: int, dtype: torch.dtype, store: bool = True, k: int | None = None):
     t = ensure_toy(ToySpec())
-    model, processor = adapter.load(t.model_dir)
+    model, toy_adapter = t.load()
     if frames is None:
-        recs = adapter.read_records(t.data("probe", "images"))[:16]
-        batch = adapter.ToyCollator(processor, t.data_dir)(recs)
+        batch = SampleCollator(toy_adapter, t.data_dir)(t.samples("probe", "images")[:16])
     else:
-        recs = adapter.read_records(t.data("probe", "videos"))[:4]
-        batch = adapter.ToyCollator(processor, t.data_dir, frames=frames)(recs)
+        batch = SampleCollator(toy_adapter, t.data_dir, frames=frames)(t.samples("probe", "videos")[:4])
     sel = select_parameters(model)
     if not store:
         return model, batch, None, None, None
@@ -69,7 +68,7 @@ def _setup(frames: int | None, groups: int, dtype: torch.dtype, store: bool = Tr
 
 def _plain(model, batch):
     model.zero_grad(set_to_none=True)
-    adapter.loss_fn(model, batch).backward()
+    loss_fn(model, batch).backward()
 
 
 def time_one(frames: int | None, repeats: int, groups: int, dtype: torch.dtype, k: int | None = None) -> dict:
@@ -78,12 +77,12 @@ def time_one(frames: int | None, repeats: int, groups: int, dtype: torch.dtype, 
     with probe.attached():
         for _ in range(3):  # warm-up
             _plain(model, batch)
-            probe.run_batch(adapter.loss_fn, batch, refs=refs, pair_sum=pair)
+            probe.run_batch(loss_fn, batch, refs=refs, pair_sum=pair)
         for _ in range(repeats):
             t0 = time.perf_counter()
             _plain(model, batch)  # hooks are attached but idle (no job): the plain path
             t1 = time.perf_counter()
-            probe.run_batch(adapter.loss_fn, batch, refs=refs, pair_sum=pair)
+            probe.run_batch(loss_fn, batch, refs=refs, pair_sum=pair)
             t2 = time.perf_counter()
             plain.append(t1 - t0)
             probed.append(t2 - t1)
@@ -143,7 +142,7 @@ def _child(mode: str, frames: int | None, groups: int, dtype: torch.dtype, k: in
             probe = GradientProbe(model, sel, sketch=spec)
             with probe.attached():
                 for _ in range(3):
-                    probe.run_batch(adapter.loss_fn, batch, refs=refs, pair_sum=pair)
+                    probe.run_batch(loss_fn, batch, refs=refs, pair_sum=pair)
     finally:
         stop.set()
         th.join()

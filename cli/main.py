@@ -461,6 +461,7 @@ def sft(
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay).")] = 1e-4,
     lora: Annotated[bool, typer.Option(help="Train LoRA adapters on the language model (peft).")] = False,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank r (alpha = 2r).")] = 8,
     probe_every: Annotated[int, typer.Option(help="Probe alignment every N optimizer steps.")] = 10,
     guard: Annotated[str, typer.Option(help="observe, warn, stop or project.")] = "observe",
     probe_frames: Annotated[str | None, typer.Option(help="Also track A(m) and m* at these budgets along the run, e.g. 2,8,16.")] = None,
@@ -468,6 +469,11 @@ def sft(
     eval_every: Annotated[int | None, typer.Option(help="Evaluate held-out accuracy every N steps (default: --probe-every).")] = None,
     eval_image_data: Annotated[str | None, typer.Option(help="JSONL of held-out image records to score (toy: its eval split).")] = None,
     eval_video_data: Annotated[str | None, typer.Option(help="JSONL of held-out video records to score.")] = None,
+    eval_images: Annotated[int, typer.Option(help="Held-out image records scored (the first N).")] = 200,
+    eval_videos: Annotated[int, typer.Option(help="Held-out video records scored (the first N).")] = 64,
+    probe_batches: Annotated[int, typer.Option(help="Image probe batches (the first ones of --image-probe).")] = 4,
+    probe_batch_size: Annotated[int, typer.Option(help="Image probe batch size.")] = 8,
+    video_probe_batches: Annotated[int, typer.Option(help="Video probe batches per budget for --probe-frames (of --batch-size).")] = 3,
     save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 20,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
@@ -477,12 +483,7 @@ def sft(
     from gradprobe import GradprobeError
     from gradprobe.sft import SFTOptions, run_sft
 
-    opts = SFTOptions(out=out, frames=frames, manifest=manifest,
-                      model=model, video_data=video_data, image_probe=image_probe, data_root=data_root,
-                      steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, lora=lora,
-                      probe_every=probe_every, guard=guard, save_steps=save_steps, seed=seed, resume=resume,
-                      probe_frames=probe_frames, video_probe=video_probe, eval_every=eval_every, eval_image_data=eval_image_data, eval_video_data=eval_video_data,
-                      cache_dir=cache_dir)
+    opts = _options(SFTOptions, locals())
     try:
         summary = run_sft(opts, log=lambda s: err.print(f"[dim]{s}[/]"))
     except GradprobeError as e:

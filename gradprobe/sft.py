@@ -123,11 +123,13 @@ def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
     from transformers import Trainer
     from transformers.trainer_utils import get_last_checkpoint
 
-    from gradprobe.models import toy as adapter
+    from gradprobe.data.records import read_samples
+    from gradprobe.models.registry import FAMILIES, family_for
     from gradprobe.run import DEFAULT_TOY, _chunks
     from gradprobe.toybox import ensure_toy
-    from gradprobe.train._common import Records, training_args
+    from gradprobe.train._common import training_args
     from gradprobe.train.callback import watch
+    from gradprobe.train.collate import SampleCollator, SampleDataset
 
     log = log or (lambda s: None)
     for name in ("steps", "batch_size", "grad_accum", "probe_every", "probe_batches", "probe_batch_size",
@@ -138,44 +140,61 @@ def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
     frames_of = read_manifest(opts.manifest) if opts.manifest else {}
     if opts.frames is None and not frames_of:
         raise InputError("give --frames or --manifest")
+    if opts.eval_image_data or opts.eval_video_data:
+        if not (opts.eval_image_data and opts.eval_video_data):
+            raise InputError("give both --eval-image-data and --eval-video-data")
     given = [opts.model, opts.video_data, opts.image_probe]
-    if not any(given):
-        toy = ensure_toy(DEFAULT_TOY, opts.cache_dir, log=log)
-        model_dir, video_path, image_path = toy.model_dir, toy.data("train", "videos"), toy.data("probe", "images")
-        eval_paths = (toy.data("eval", "images"), toy.data("eval", "videos"))
-        video_probe_path = toy.data("probe", "videos")
-    elif all(given):
-        model_dir, video_path, image_path = Path(opts.model), Path(opts.video_data), Path(opts.image_probe)
-        eval_paths = None
-        video_probe_path = Path(opts.video_probe) if opts.video_probe else None
-    else:
+    if any(given) and not all(given):
         raise InputError("give all of --model, --video-data and --image-probe, or none of them for the toy default")
-    from gradprobe.models.registry import family_for
+    grid: list[int] = []
+    if opts.probe_frames:
+        from gradprobe._checks import parse_frames
 
-    family = family_for(Path(model_dir)).name
-    if family != "toy":
-        raise InputError(
-            f"{model_dir}: gradprobe sft drives the toy's ShapesWorld collator; for a {family} checkpoint attach "
-            "the alignment callback (gradprobe.watch) to your own Trainer"
-        )
-    videos = adapter.read_records(video_path)
-    if not all("video" in r for r in videos):
-        raise DataError(f"{video_path}: every record must have a 'video' field")
-    if frames_of:
-        missing = [r.get("id") for r in videos if str(r.get("id")) not in frames_of]
-        if missing and opts.frames is None:
-            raise DataError(f"{opts.manifest}: no budget for record {missing[0]!r} and no --frames fallback")
-    image_chunks = _chunks(adapter.read_records(image_path), opts.probe_batch_size, opts.probe_batches, "image",
-                           Path(image_path), "--probe-batches")
+        grid = parse_frames(opts.probe_frames)
+        if opts.model and not opts.video_probe:
+            raise InputError("--probe-frames needs --video-probe (a JSONL of held-out video records)")
     out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out: {out} exists and is not a directory")
     last = get_last_checkpoint(str(out)) if opts.resume and out.is_dir() else None
     if opts.resume and last is None:
         raise InputError(f"--resume: no checkpoint-* directory in {out}")
     if not opts.resume and (out / TRAJECTORY).exists():
         raise InputError(f"{out} already holds a run; use --resume to continue it or another --out")
+    # the family decides the budget rule: check every budget before any work
+    family = family_for(opts.model) if opts.model else next(f for f in FAMILIES if f.name == "toy")
+    cls = family.adapter_class()
+    for m in [*([opts.frames] if opts.frames is not None else []), *frames_of.values(), *grid]:
+        cls.check_budget(m)
+    if not opts.model:
+        toy = ensure_toy(DEFAULT_TOY, opts.cache_dir, log=log)
+        model_dir, video_path, image_path = toy.model_dir, toy.data("train", "videos"), toy.data("probe", "images")
+        eval_paths: tuple[Path, Path] | None = (toy.data("eval", "images"), toy.data("eval", "videos"))
+        video_probe_path = toy.data("probe", "videos")
+    else:
+        model_dir, video_path, image_path = Path(opts.model), Path(opts.video_data), Path(opts.image_probe)
+        eval_paths = None
+        video_probe_path = Path(opts.video_probe) if opts.video_probe else None
+    if opts.eval_image_data:
+        eval_paths = (Path(opts.eval_image_data), Path(opts.eval_video_data))
+    videos = read_samples(video_path, kind="video").samples
+    if frames_of:
+        missing = [s.id for s in videos if s.id not in frames_of]
+        if missing and opts.frames is None:
+            raise DataError(f"{opts.manifest}: no budget for record {missing[0]!r} and no --frames fallback")
+    image_chunks = _chunks(read_samples(image_path, kind="image").samples, opts.probe_batch_size,
+                           opts.probe_batches, "image", Path(image_path), "--probe-batches")
+    eval_sets = None
+    if eval_paths is not None:
+        eval_sets = (read_samples(eval_paths[0], kind="image").samples[: opts.eval_images],
+                     read_samples(eval_paths[1], kind="video").samples[: opts.eval_videos])
+    clips = None
+    if grid:
+        clips = _chunks(read_samples(video_probe_path, kind="video").samples, opts.batch_size,
+                        opts.video_probe_batches, "video", video_probe_path, "--batch-size")
     # weights through from_pretrained (the Trainer's own resume does not map Qwen2.5-VL's saved key names)
     if opts.lora:  # a LoRA checkpoint holds the adapters only: base weights from the model, adapters from it
-        model, processor = adapter.load(model_dir)
+        model, adapter = cls.load(model_dir)
         if last is not None:
             from peft import PeftModel
 
@@ -183,70 +202,59 @@ def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
         else:
             model = _lora(model, opts.lora_rank)
     else:
-        model, processor = adapter.load(last or model_dir)
-    video_root = Path(opts.data_root) if opts.data_root else Path(video_path).parent
-    image_root = Path(opts.data_root) if opts.data_root else Path(image_path).parent
-    collator = adapter.ToyCollator(processor, video_root, frames=opts.frames, frames_of=frames_of)
-    probe_collate = adapter.ToyCollator(processor, image_root)
+        model, adapter = cls.load(last or model_dir)
+
+    def root_of(path: Path) -> Path:
+        return Path(opts.data_root) if opts.data_root else Path(path).parent
+
+    collator = SampleCollator(adapter, root_of(video_path), frames=opts.frames, frames_of=frames_of)
+    probe_collate = SampleCollator(adapter, root_of(image_path))
     probe = [probe_collate(chunk) for chunk in image_chunks]
     args = training_args(
         out, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, seed=opts.seed,
         gradient_accumulation_steps=opts.grad_accum, save_strategy="steps", save_steps=opts.save_steps,
         logging_steps=max(1, min(opts.probe_every, opts.steps // 10 or 1)),
     )
-    if opts.eval_image_data or opts.eval_video_data:
-        if not (opts.eval_image_data and opts.eval_video_data):
-            raise InputError("give both --eval-image-data and --eval-video-data")
-        eval_paths = (Path(opts.eval_image_data), Path(opts.eval_video_data))
-    callbacks = []
-    if eval_paths is not None:
+    callbacks: list[Any] = []
+    if eval_sets is not None:
         from gradprobe.train.eval_callback import AccuracyCallback
 
         eval_budget = opts.frames if opts.frames is not None else max(frames_of.values())
         callbacks.append(AccuracyCallback(
-            adapter.read_records(eval_paths[0])[: opts.eval_images],
-            adapter.read_records(eval_paths[1])[: opts.eval_videos],
-            adapter.ToyCollator(processor, Path(opts.data_root) if opts.data_root else eval_paths[0].parent),
-            adapter.ToyCollator(processor, Path(opts.data_root) if opts.data_root else eval_paths[1].parent,
-                                frames=eval_budget),
+            eval_sets[0], eval_sets[1], SampleCollator(adapter, root_of(eval_paths[0])),
+            SampleCollator(adapter, root_of(eval_paths[1]), frames=eval_budget, keep_clips=True),
             every=opts.eval_every or opts.probe_every,
         ))
-    callbacks.append(_MarkToyCheckpoints())
-    trainer = Trainer(model=model, args=args, train_dataset=Records(videos), data_collator=collator,
-                      processing_class=processor, callbacks=callbacks)
+    if family.name == "toy":
+        callbacks.append(_MarkToyCheckpoints())
+    trainer = Trainer(model=model, args=args, train_dataset=SampleDataset(videos), data_collator=collator,
+                      processing_class=adapter.processor, callbacks=callbacks)
     video_probe = None
-    if opts.probe_frames:
-        from gradprobe._checks import parse_frames
-
-        grid = parse_frames(opts.probe_frames)
-        for m in grid:
-            adapter.check_budget(m)
-        if video_probe_path is None:
-            raise InputError("--probe-frames needs --video-probe (a JSONL of held-out video records)")
-        clips = _chunks(adapter.read_records(video_probe_path), opts.batch_size, opts.video_probe_batches, "video",
-                        video_probe_path, "--batch-size")
-        vroot = Path(opts.data_root) if opts.data_root else video_probe_path.parent
-        cache: dict[str, Any] = {}
+    if clips is not None:
         video_probe = {
-            m: [adapter.ToyCollator(processor, vroot, frames=m, cache=cache)(c) for c in clips] for m in grid
+            m: [SampleCollator(adapter, root_of(video_probe_path), frames=m)(c) for c in clips] for m in grid
         }
-    cb = watch(trainer, probe, every=opts.probe_every, guard=opts.guard, role_of=adapter.role_of,
-               module_of=adapter.module_of, video_probe=video_probe)
+    cb = watch(trainer, probe, every=opts.probe_every, guard=opts.guard, role_of=cls.role_of,
+               module_of=cls.module_of, video_probe=video_probe)
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(out / "final"))
-    adapter.mark(out / "final")
+    if family.name == "toy":
+        from gradprobe.models.toy import mark
+
+        mark(out / "final")
     summary = {
         "schema": "gradprobe.sft/1",
         "options": asdict(opts),
         "model": str(model_dir),
+        "family": family.name,
         "resumed_from": last,
         "steps": trainer.state.global_step,
         "train_loss": float(result.training_loss),
         "seconds": time.time() - t0,
         "guard": {"action": opts.guard, "fired": cb.monitor.fired, "stop_reason": cb.monitor.stop_reason},
         "probes": len(cb.monitor.rows),
-        "evaluations": callbacks[0].rows if eval_paths is not None else [],
+        "evaluations": callbacks[0].rows if eval_sets is not None else [],
         "trajectory": str(out / TRAJECTORY),
     }
     (out / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -77,6 +77,18 @@ class Toy:
         """Path of a JSONL file: split in train/eval/probe, kind in images/videos."""
         return self.data_dir / f"{split}_{kind}.jsonl"
 
+    def samples(self, split: str, kind: str) -> list[Any]:
+        """The samples of one record file (see :meth:`data`)."""
+        from gradprobe.data.records import read_samples
+
+        return read_samples(self.data(split, kind)).samples
+
+    def load(self, **options: Any) -> tuple[torch.nn.Module, Any]:
+        """The toy model and its adapter, through ``from_pretrained`` (options: ``dtype``, ``device``)."""
+        from gradprobe.models.toy import ToyAdapter
+
+        return ToyAdapter.load(self.model_dir, **options)
+
     def export(self, fmt: str, out: str | os.PathLike[str]) -> dict[str, Path]:
         """Write the toy's six record files (train/eval/probe × images/videos) in a training stack's
         layout (``llamafactory`` or ``swift``, see :mod:`gradprobe.data.export`), named
@@ -148,16 +160,18 @@ def _build(spec: ToySpec, root: Path, log: Callable[[str], None]) -> dict[str, A
     sw.generate(data, n_images=spec.n_probe_images, n_videos=spec.n_probe_videos, seed=spec.seed, split="probe")
     init = root / "init"
     toy.create(init, sw.vocabulary(), seed=spec.seed)
-    model, processor = toy.load(init)
+    model, adapter = toy.ToyAdapter.load(init)
+    from gradprobe.data.records import read_samples
+    from gradprobe.train.collate import SampleCollator
     from gradprobe.train.evaluate import accuracy
 
-    eval_images = toy.read_records(data / "eval_images.jsonl")
-    init_acc = accuracy(model, toy.ToyCollator(processor, data), eval_images)
+    eval_images = read_samples(data / "eval_images.jsonl").samples
+    init_acc = accuracy(model, SampleCollator(adapter, data), eval_images)
     log(f"training the image stage: {spec.steps} steps of batch {spec.batch_size} (lr {spec.lr:g})")
     result = train_image_stage(
         model,
-        processor,
-        toy.read_records(data / "train_images.jsonl"),
+        adapter,
+        read_samples(data / "train_images.jsonl").samples,
         data,
         out_dir=root / "trainer",
         steps=spec.steps,
@@ -166,13 +180,13 @@ def _build(spec: ToySpec, root: Path, log: Callable[[str], None]) -> dict[str, A
         seed=spec.seed,
     )
     model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
+    adapter.processor.save_pretrained(root / "model")
     toy.mark(root / "model")
     shutil.rmtree(init)
     shutil.rmtree(root / "trainer", ignore_errors=True)
     # reload through from_pretrained, so the accuracy is that of the saved checkpoint
-    model, processor = toy.load(root / "model")
-    acc_img = accuracy(model, toy.ToyCollator(processor, data), eval_images)
+    model, adapter = toy.ToyAdapter.load(root / "model")
+    acc_img = accuracy(model, SampleCollator(adapter, data), eval_images)
     return {
         "version": TOY_VERSION,
         "spec": spec.__dict__,

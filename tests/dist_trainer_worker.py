@@ -3,7 +3,9 @@
 Run as ``python dist_trainer_worker.py OUT HOW`` or ``python -m torch.distributed.run --nproc_per_node 2
 dist_trainer_worker.py OUT HOW``. The global batch is 4 in both cases (4 per device alone, 2 per device
 on two ranks). HOW is ``bound`` (``watch``: the callback gets the DDP wrapper, each rank passes its share
-of the image probe batches) or ``unbound`` (passed in ``callbacks=[...]``: every rank passes all of them).
+of the image probe batches), ``init`` (passed in ``callbacks=[...]``, as the training stacks do: it binds
+itself to the Trainer, so the same as ``bound``) or ``unbound`` (``trainer.add_callback`` after
+construction: the callback sees the unwrapped model and every rank passes all of the probe batches).
 """
 
 import json
@@ -52,9 +54,15 @@ def main(out: str, how: str) -> None:
     if how == "bound":
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
         cb = watch(trainer, mine, **options)
-    else:
+    elif how == "init":
         cb = AlignmentCallback(mine, **options)
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[cb])
+        assert cb._trainer is trainer
+    else:
+        cb = AlignmentCallback(mine, **options)
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
+        trainer.add_callback(cb)
+        assert cb._trainer is None
     trainer.train()
     if rank == 0:
         params = {n: p.detach().reshape(-1).tolist() for n, p in model.named_parameters()}

@@ -103,7 +103,7 @@ def test_unwrapped_model_with_different_probe_sets_is_an_error(tmp_path):
 TRAINER_WORKER = Path(__file__).with_name("dist_trainer_worker.py")
 
 
-@pytest.mark.parametrize("how", ["bound", "unbound"])
+@pytest.mark.parametrize("how", ["bound", "init", "unbound"])
 def test_trainer_callback_under_ddp_equals_single_process(how, tmp_path):
     """transformers' Trainer with accelerate's DDP (gloo, 2 ranks) against one process, global batch 4."""
     got = {}
@@ -117,7 +117,7 @@ def test_trainer_callback_under_ddp_equals_single_process(how, tmp_path):
         got[mode] = json.loads((out / "result.json").read_text())
     assert len(got["single"]["rows"]) == 2 and got["single"]["fired"]["project"] >= 1
     # bound, the callback works on the DDP wrapper (probe through DDP's backward); unbound, on every rank alone
-    assert got["ddp"]["by_backward"] == (how == "bound") and not got["single"]["by_backward"]
+    assert got["ddp"]["by_backward"] == (how != "unbound") and not got["single"]["by_backward"]
     _close(got["single"]["rows"], got["ddp"]["rows"])
     assert got["ddp"]["fired"] == got["single"]["fired"]
     _close(got["single"]["params"], got["ddp"]["params"])

@@ -378,3 +378,28 @@ def test_truncated_weights_are_one_line(ckpt, tmp_path):
                                  "--batch-size", "2", "--video-batch-size", "1", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2, r.output
     assert "cannot load checkpoint" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_sft_trains_every_family(family, world, ckpt, tmp_path):
+    """`gradprobe sft` trains each family's checkpoint through its adapter (the pipeline `align` uses)."""
+    from gradprobe.models.registry import adapter_for
+
+    img, vid = DATA[family]
+    out = tmp_path / "sft"
+    r = runner.invoke(app, ["sft", "--model", str(ckpt(family)), "--video-data", str(world / vid),
+                            "--image-probe", str(world / img), "--frames", "2", "--steps", "2", "--batch-size", "2",
+                            "--probe-every", "1", "--probe-batches", "2", "--probe-batch-size", "2",
+                            "--save-steps", "2", "--lr", "1e-3", "--out", str(out)], env=ENV)
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "sft_summary.json").read_text())
+    assert s["family"] == family and s["steps"] == 2 and s["probes"] == 2
+    rows = [json.loads(x) for x in (out / "gradprobe_trajectory.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [0, 1] and all(x["finite"] and x["update_norm"] > 0 for x in rows)
+    # the saved model is the family's again and its weights moved
+    assert family_for(out / "final").name == family
+    cls = adapter_for(out / "final")
+    before, _ = cls.load(ckpt(family))
+    after, _ = cls.load(out / "final")
+    moved = [k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
+    assert any("language_model" in k for k in moved) and any("vision" in k or "visual" in k for k in moved)

@@ -6,26 +6,28 @@ import torch
 
 import gradprobe
 from gradprobe.models import toy
+from gradprobe.models.base import loss_fn
 from gradprobe.probe import select_parameters
 from gradprobe.probe._reference import reference_alignment
+from gradprobe.train.collate import SampleCollator
 
 
 def test_toy_qwen_float64_matches_bruteforce(tiny_toy):
-    model, processor = toy.load(tiny_toy.model_dir, dtype=torch.float64)
-    imgs = toy.read_records(tiny_toy.data("probe", "images"))[:8]
-    vids = toy.read_records(tiny_toy.data("probe", "videos"))[:6]
-    ic = toy.ToyCollator(processor, tiny_toy.data_dir)
+    model, adapter = tiny_toy.load(dtype=torch.float64)
+    imgs = tiny_toy.samples("probe", "images")[:8]
+    vids = tiny_toy.samples("probe", "videos")[:6]
+    ic = SampleCollator(adapter, tiny_toy.data_dir)
     images = [{k: v.double() if v.is_floating_point() else v for k, v in ic(imgs[i : i + 2]).items()}
               for i in range(0, 8, 2)]
     videos = {}
     for m in (2, 6):
-        vc = toy.ToyCollator(processor, tiny_toy.data_dir, frames=m)
+        vc = SampleCollator(adapter, tiny_toy.data_dir, frames=m)
         videos[m] = [{k: v.double() if v.is_floating_point() else v for k, v in vc(vids[i : i + 2]).items()}
                      for i in range(0, 6, 2)]
-    rep = gradprobe.align(model, images, videos, toy.loss_fn, image_groups=2, n_boot=0,
+    rep = gradprobe.align(model, images, videos, loss_fn, image_groups=2, n_boot=0,
                           role_of=toy.role_of, module_of=toy.module_of)
     sel = select_parameters(model, module_of=toy.module_of)
-    ref = reference_alignment(model, sel.names, sel.modules, images, videos, toy.loss_fn, 2)
+    ref = reference_alignment(model, sel.names, sel.modules, images, videos, loss_fn, 2)
     for b in rep.summary["budgets"]:
         D = ref["D"][b["frames"]]
         assert b["mean"] == pytest.approx(D.mean(), rel=1e-10)
@@ -37,14 +39,14 @@ def test_toy_qwen_float64_matches_bruteforce(tiny_toy):
 
 
 def test_toy_roles_cover_every_parameter(tiny_toy):
-    model, _ = toy.load(tiny_toy.model_dir)
+    model, _ = tiny_toy.load()
     roles = {toy.role_of(n) for n, _ in model.named_parameters()}
     assert roles == {"vision", "projector", "language", "head"}
 
 
 def test_odd_budget_is_refused():
-    with pytest.raises(gradprobe.BudgetError, match="even count"):
-        toy.check_budget(7)
+    with pytest.raises(gradprobe.BudgetError, match="even m"):
+        toy.ToyAdapter.check_budget(7)
 
 
 def test_building_the_toy_writes_nothing_to_stdout(tmp_path, capsys):

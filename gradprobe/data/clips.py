@@ -45,9 +45,12 @@ class ClipStore:
     """Decoded frames of every clip at every budget of a run (see the module docstring)."""
 
     def __init__(self, root: str | os.PathLike[str], frames: Sequence[int], sampler: str = "uniform",
-                 size_of: SizeOf | None = None) -> None:
+                 size_of: SizeOf | None = None, *, keep: bool = True) -> None:
         self.root = Path(root)
         self.budgets = sorted({int(m) for m in frames})
+        #: keep decoded frames (probes read the same clips at every budget); a training run reads
+        #: each clip at one budget per epoch and keeps nothing
+        self.keep = keep
         self.sampler = check_sampler(sampler)
         self.size_of = size_of or (lambda h, w, m: None)
         self._info: dict[str, VideoInfo] = {}
@@ -63,25 +66,30 @@ class ClipStore:
         idx = sample_indices(info.total, m, self.sampler, key=sample.media)
         return idx, uniform_indices(info.total, m), self.size_of(info.height, info.width, m)
 
+    def _decode(self, sample: Sample, budgets: Sequence[int]) -> dict[int, np.ndarray]:
+        plans = [self._plan(sample, m) for m in budgets]
+        sizes = [s for _, _, s in plans if s is not None]
+        biggest = max(sizes, key=lambda s: s[0] * s[1]) if sizes else None
+        union = sorted({int(i) for idx, _, _ in plans for i in idx})
+        return read_video_frames(resolve(self.root, sample.media), union, biggest)
+
     def load(self, sample: Sample) -> None:
         """Decode what every budget needs of this clip (a no-op once done).
 
         Raises:
             DataError: missing, undecodable or empty video.
         """
-        if sample.media in self._frames:
-            return
-        plans = [self._plan(sample, m) for m in self.budgets]
-        sizes = [s for _, _, s in plans if s is not None]
-        biggest = max(sizes, key=lambda s: s[0] * s[1]) if sizes else None
-        union = sorted({int(i) for idx, _, _ in plans for i in idx})
-        self._frames[sample.media] = read_video_frames(resolve(self.root, sample.media), union, biggest)
+        if sample.media not in self._frames:
+            self._frames[sample.media] = self._decode(sample, self.budgets)
 
     def clip(self, sample: Sample, m: int) -> Clip:
-        self.load(sample)
+        if self.keep:
+            self.load(sample)
+            stored = self._frames[sample.media]
+        else:
+            stored = self._decode(sample, [m])
         info = self.info(sample)
         idx, pos, size = self._plan(sample, m)
-        stored = self._frames[sample.media]
         frames = np.stack([_resize(stored[int(i)], size) for i in idx])
         fps = info.fps if info.fps else (float(sample.extra["fps"]) if "fps" in sample.extra else None)
         return Clip(frames=frames, indices=idx, positions=pos, total=info.total, fps=fps, short=info.total < m)

@@ -52,13 +52,13 @@ def run_trap(opts: TrapOptions, log: Any = None) -> dict[str, Any]:
     """Run (or finish) the experiment and write ``<out>/trap_summary.json``; return the summary."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    from gradprobe.models.toy import check_budget
+    from gradprobe.models.toy import ToyAdapter
     from gradprobe.sft import SFTOptions, run_sft
 
     log = log or (lambda s: None)
     grid = parse_frames(opts.frames)
     for m in grid:
-        check_budget(m)
+        ToyAdapter.check_budget(m)
     for name in ("steps", "batch_size", "probe_every", "eval_images", "eval_videos"):
         check_positive_int(name.replace("_", "-"), getattr(opts, name))
     out = Path(opts.out)

@@ -278,13 +278,14 @@ class Adapter:
                 labels[i, p] = ids[i, p]
         return labels
 
-    def collate(self, samples: Sequence[Sample], *, store: ClipStore | None = None, m: int | None = None,
-                images: Mapping[str, np.ndarray] | None = None, with_info: bool = True) -> dict[str, Any]:
+    def collate(self, samples: Sequence[Sample], *, store: ClipStore | None = None,
+                m: int | Sequence[int] | None = None, images: Mapping[str, np.ndarray] | None = None,
+                with_info: bool = True) -> dict[str, Any]:
         """Samples (all images, or all videos at budget m) → model inputs with answer-only labels.
 
         Args:
             store: where video clips come from (videos only).
-            m: the frame budget (videos only).
+            m: the frame budget (videos only): one for the batch, or one per sample (a manifest's).
             images: decoded images by media path (images only; see :func:`load_image`).
             with_info: add the batch's confounds under ``"_gradprobe"`` (read by :func:`batch_info`;
                 :func:`loss_fn` and :func:`strip_info` drop it). Use False for a Trainer's collator.
@@ -293,18 +294,21 @@ class Adapter:
         if len(kinds) != 1:
             raise DataError("a batch mixes images and videos")
         kind = kinds.pop()
+        per = list(m) if isinstance(m, Sequence) else [m] * len(samples)
+        if len(per) != len(samples):
+            raise BudgetError(f"{len(per)} frame budgets for {len(samples)} samples")
         texts, spans, media, clips = [], [], [], []
-        for s in samples:
-            msgs = self.messages(s, m)
+        for s, ms in zip(samples, per):
+            msgs = self.messages(s, ms)
             text, sp = self.answer_spans(msgs, s.where)
             texts.append(text)
             spans.append(sp)
             if kind == "image":
                 media.append(images[s.media] if images is not None else None)
             else:
-                if store is None or m is None:
+                if store is None or ms is None:
                     raise BudgetError(f"{s.where}: a video record needs a frame budget and a clip store")
-                clips.append(store.clip(s, m))
+                clips.append(store.clip(s, ms))
         kwargs = self.media_kwargs(kind, media, clips)
         batch = dict(self.processor(text=texts, return_tensors="pt", padding=True, **kwargs))
         batch["labels"] = self.labels(batch, texts, spans, samples)

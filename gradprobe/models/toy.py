@@ -15,12 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
-from gradprobe.data.sampling import uniform_indices
-from gradprobe.errors import BudgetError, DataError, ModelError
-from gradprobe.models.base import load_errors
 from gradprobe.models.qwen2_5_vl import Qwen2_5_VLAdapter
 
 SPECIALS = [
@@ -152,107 +148,7 @@ def mark(directory: str | os.PathLike[str]) -> None:
         p.write_text(json.dumps({"family": "toy", "label_rule": "tokens after the last 'assistant' token"}) + "\n")
 
 
-def load(directory: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Any, Any]:
-    """Load model and processor with ``from_pretrained`` (the real-checkpoint path).
-
-    Raises:
-        ModelError: if the directory holds no loadable checkpoint.
-    """
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    d = Path(directory)
-    if not (d / "config.json").is_file():
-        raise ModelError(f"{d}: no model checkpoint (config.json) there")
-    try:
-        processor = AutoProcessor.from_pretrained(d)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, dtype=dtype)
-    except load_errors() as e:
-        raise ModelError(f"{d}: cannot load checkpoint ({str(e).splitlines()[0]})") from None
-    model.to(device)
-    return model, processor
-
-
 # ---------------------------------------------------------------------- adapter
-
-
-def _question(record: Mapping[str, Any]) -> tuple[str, str]:
-    conv = record.get("conversations")
-    if not conv or len(conv) < 2:
-        raise DataError(f"record {record.get('id')!r}: needs a human turn and a gpt answer")
-    q = str(conv[0]["value"]).replace("<image>", "").replace("<video>", "").strip()
-    a = str(conv[1]["value"]).strip()
-    if not a:
-        raise DataError(f"record {record.get('id')!r}: empty answer")
-    return q, a
-
-
-class ToyCollator:
-    """Turns ShapesWorld records into Qwen2.5-VL inputs with answer-only labels.
-
-    Args:
-        processor: the loaded processor.
-        root: directory that image/video paths are relative to.
-        frames: the frame budget m for video records (even; Qwen's temporal patch is 2).
-        cache: keep decoded videos in memory (the same clips are read at every budget).
-    """
-
-    def __init__(self, processor: Any, root: str | os.PathLike[str], frames: int | None = None,
-                 cache: dict[str, np.ndarray] | None = None, frames_of: Mapping[str, int] | None = None) -> None:
-        self.processor = processor
-        self.root = Path(root)
-        self.frames = frames
-        self.cache = cache if cache is not None else {}
-        tok = processor.tokenizer
-        self.pad_id = tok.pad_token_id
-        self.assistant_id = tok.convert_tokens_to_ids("assistant")
-        self.frames_of = dict(frames_of or {})
-        for m in ([frames] if frames is not None else []) + list(self.frames_of.values()):
-            check_budget(m)
-
-    def _image(self, rel: str) -> np.ndarray:
-        from PIL import Image
-
-        p = self.root / rel
-        if not p.is_file():
-            raise DataError(f"{p}: image file not found")
-        with Image.open(p) as im:
-            return np.array(im.convert("RGB"))  # a writable copy
-
-    def _video(self, rel: str, m: int | None) -> np.ndarray:
-        from gradprobe.data.video import read_frames
-
-        if rel not in self.cache:
-            self.cache[rel] = read_frames(self.root / rel)
-        frames = self.cache[rel]
-        if m is None:
-            raise BudgetError(f"{rel}: a video record needs a frame budget (--frames or a manifest entry)")
-        return frames[uniform_indices(len(frames), m)]
-
-    def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        texts, images, videos = [], [], []
-        for r in records:
-            q, a = _question(r)
-            if "image" in r:
-                kind = "image"
-                images.append(self._image(r["image"]))
-            elif "video" in r:
-                kind = "video"
-                videos.append(self._video(r["video"], self.frames_of.get(str(r.get("id")), self.frames)))
-            else:
-                raise DataError(f"record {r.get('id')!r}: has neither 'image' nor 'video'")
-            msgs = [
-                {"role": "user", "content": [{"type": kind}, {"type": "text", "text": q}]},
-                {"role": "assistant", "content": [{"type": "text", "text": a}]},
-            ]
-            texts.append(self.processor.apply_chat_template(msgs, tokenize=False))
-        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
-        if images:
-            kwargs["images"] = images
-        if videos:
-            kwargs["videos"] = videos
-        batch = dict(self.processor(**kwargs))
-        batch["labels"] = _toy_labels(batch["input_ids"], self.assistant_id, self.pad_id)
-        return batch
 
 
 class ToyAdapter(Qwen2_5_VLAdapter):
@@ -290,52 +186,3 @@ def _toy_labels(ids: torch.Tensor, assistant_id: int, pad_id: int) -> torch.Tens
 #: parameter roles and module keys of the toy (those of Qwen2.5-VL)
 role_of = ToyAdapter.role_of
 module_of = ToyAdapter.module_of
-
-
-def check_budget(m: int) -> int:
-    """Qwen2.5-VL groups frames in pairs (temporal patch 2): m must be even (m = 1 would repeat the frame)."""
-    if m < 2 or m % 2:
-        raise BudgetError(f"frames mismatch: expected an even count for Qwen2.5-VL (temporal patch 2), got {m}")
-    return m
-
-
-def loss_fn(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    """Answer-token cross-entropy (the model's own shifted loss over ``labels``)."""
-    return model(**batch).loss
-
-
-def batch_info(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """Per-batch confounds to record: samples, sequence length, visual tokens, pixels per frame."""
-    info: dict[str, Any] = {"samples": int(batch["input_ids"].shape[0]), "seq_len": int(batch["input_ids"].shape[1])}
-    for key, grid in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
-        if grid in batch:
-            g = batch[grid]
-            info[f"{key}_visual_tokens"] = int((g.prod(dim=1) // 4).sum())
-            info["pixels_per_frame"] = int(g[0, 1] * g[0, 2] * 64)
-    return info
-
-
-def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read a JSONL file of LLaVA-style records.
-
-    Raises:
-        DataError: if the file is missing, empty or holds a line that is not a JSON object.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: data file not found")
-    out = []
-    with open(p) as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{p}:{n}: expected a JSON object per line")
-            out.append(rec)
-    if not out:
-        raise DataError(f"{p}: data file is empty")
-    return out

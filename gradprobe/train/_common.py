@@ -3,23 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-
-
-class Records(torch.utils.data.Dataset):
-    """A list of records as a map-style dataset (the collator does the work)."""
-
-    def __init__(self, records: Sequence[Mapping[str, Any]]) -> None:
-        self.records = list(records)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> Mapping[str, Any]:
-        return self.records[i]
 
 
 def training_args(out_dir: str | os.PathLike[str], *, steps: int, batch_size: int, lr: float, seed: int,

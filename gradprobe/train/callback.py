@@ -4,9 +4,14 @@ The run's own update gradient is the video gradient: in ``on_pre_optimizer_step`
 accumulation and clipping) the callback hands the model to an :class:`AlignmentMonitor`,
 which recomputes the held-out image probe gradient at the current parameters and dots it
 with the update. Rows go to ``<output_dir>/gradprobe_trajectory.jsonl``; scalars go through
-the Trainer's own logging (``trainer.log``) when the callback is bound to the trainer
-(:meth:`AlignmentCallback.bind`, done by :func:`watch`), so TensorBoard, W&B and CSV
-loggers receive them; unbound, they are added to the next ``on_log`` call's ``logs``.
+the Trainer's own logging (``trainer.log``) when the callback is bound to the trainer, so
+TensorBoard, W&B and CSV loggers and ``state.log_history`` receive them. It is bound by
+:func:`watch`, and binds itself when it is passed to the Trainer's constructor
+(``Trainer(..., callbacks=[cb])``, which is how LLaMA-Factory's ``run_exp`` and ms-swift pass
+callbacks: see :mod:`gradprobe.integrations`). Added after construction with
+``trainer.add_callback`` it stays unbound: its scalars are then only added to the next ``on_log``
+call's ``logs``, which the reporting integrations and the log history have already read, so they
+reach nothing but callbacks after it; its JSONL rows are written either way.
 
 With ``video_probe`` (budget m → fixed video batches, the same clips at every m), every
 ``budgets_every`` steps the callback also runs :func:`gradprobe.align` at the current
@@ -52,11 +57,30 @@ def hf_loss(model: Any, batch: Mapping[str, Any]) -> Any:
     return model(**{k: v.to(device) if hasattr(v, "to") else v for k, v in strip_info(batch).items()}).loss
 
 
+class Uncollated:
+    """Probe records the Trainer's own ``data_collator`` collates when training begins (chunks of features
+    as the stack's dataset pipeline prepared them), so probe batches are formatted exactly like training
+    batches. Under DDP each rank takes every ``world``-th chunk; the count must divide evenly."""
+
+    def __init__(self, chunks: Sequence[Sequence[Any]]) -> None:
+        self.chunks = [list(c) for c in chunks]
+
+    def collate(self, trainer: Any) -> list[Any]:
+        if trainer is None:
+            raise InputError("uncollated probe records need the Trainer: pass the callback to its constructor "
+                             "or use gradprobe.watch")
+        world, rank = trainer.args.world_size, trainer.args.process_index
+        if len(self.chunks) % world:
+            raise InputError(f"{len(self.chunks)} probe batches cannot be shared evenly by {world} ranks")
+        return [trainer.data_collator(c) for c in self.chunks[rank::world]]
+
+
 class AlignmentCallback(TrainerCallback):
     """Probe ``<g_update, ḡ_img>`` every ``every`` optimizer steps of a ``Trainer`` run.
 
     Args:
-        image_batches: held-out image batches (already collated, on the model's device).
+        image_batches: held-out image batches (already collated), or :class:`Uncollated` records for the
+            Trainer's own collator.
         loss_fn: ``loss_fn(model, batch)``; default: ``model(**batch).loss``.
         every: probe every this many optimizer steps.
         guard: ``observe``, ``warn``, ``stop`` or ``project`` (see :mod:`gradprobe.train.monitor`).
@@ -66,7 +90,7 @@ class AlignmentCallback(TrainerCallback):
     def __init__(self, image_batches: Sequence[Any], loss_fn: Any = None, *, every: int = 50,
                  guard: str = "observe", video_probe: Mapping[int, Sequence[Any]] | None = None,
                  budgets_every: int | None = None, **monitor_options: Any) -> None:
-        self.image_batches = list(image_batches)
+        self.image_batches = image_batches if isinstance(image_batches, Uncollated) else list(image_batches)
         self.video_probe = dict(video_probe) if video_probe else None
         self.budgets_every = budgets_every or every
         self.budget_rows: list[dict[str, Any]] = []
@@ -83,7 +107,15 @@ class AlignmentCallback(TrainerCallback):
         self._trainer = trainer
         return self
 
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Passed to a Trainer's constructor (``callbacks=[...]``, as LLaMA-Factory's run_exp and ms-swift
+        # do), the callback binds itself to that Trainer: the one whose __init__ is calling us.
+        if self._trainer is None:
+            self._trainer = _constructing_trainer()
+
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if isinstance(self.image_batches, Uncollated):
+            self.image_batches = self.image_batches.collate(self._trainer)
         # the Trainer hands callbacks the unwrapped model; a distributed run needs the DDP/FSDP wrapper
         wrapped = getattr(self._trainer, "model_wrapped", None)
         if wrapped is None:  # unbound (or not prepared yet): the model the Trainer hands callbacks
@@ -155,6 +187,24 @@ class AlignmentCallback(TrainerCallback):
         report = {"guard": self.guard, "fired": m.fired, "probes": len(m.rows), "stop_reason": m.stop_reason}
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.output_dir) / "gradprobe_guard.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _constructing_trainer() -> Any:
+    """The ``transformers.Trainer`` whose ``__init__`` is on the call stack (None if there is none)."""
+    import inspect
+
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Trainer) and frame.f_code.co_name == "__init__":
+                return owner
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
 
 
 def watch(trainer: Any, image_batches: Sequence[Any], **options: Any) -> AlignmentCallback:

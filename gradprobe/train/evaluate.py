@@ -12,26 +12,45 @@ answer-vocabulary drift.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from gradprobe.data.records import Sample
+
+
+def choice_ids(tokenizer: Any, choices: Sequence[str]) -> list[int]:
+    """The token that starts each valid answer (a word-level tokenizer's whole word; a subword
+    tokenizer's first piece of the word as it follows the template's space)."""
+    out = []
+    for c in choices:
+        tid = tokenizer.convert_tokens_to_ids(c)
+        if tid is None or tid == tokenizer.unk_token_id:
+            tid = tokenizer(c, add_special_tokens=False)["input_ids"][0]
+        out.append(int(tid))
+    return out
 
 
 @torch.no_grad()
 def accuracy(
     model: torch.nn.Module,
     collator: Any,
-    records: Sequence[Mapping[str, Any]],
+    records: Sequence[Sample],
     batch_size: int = 32,
 ) -> dict[str, float]:
     """Free and answer-restricted accuracy, with the majority-answer baseline.
+
+    Args:
+        collator: a :class:`~gradprobe.train.collate.SampleCollator` (labels mark the answer tokens).
+        records: samples whose ``choices`` field lists the valid answers (restricted = free without it).
 
     Returns:
         ``{"free", "restricted", "majority", "n", "free_items", "restricted_items"}``; the last two
         are per-record correctness as strings of ``0``/``1`` (for paired comparisons between evaluations).
     """
-    tok = collator.processor.tokenizer
+    tok = collator.tokenizer
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     free_items: list[bool] = []
@@ -41,20 +60,20 @@ def accuracy(
         for i in range(0, len(records), batch_size):
             chunk = records[i : i + batch_size]
             batch = collator(chunk)
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            logits = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
             labels = batch["labels"]
             for r, rec in enumerate(chunk):
                 pos = int((labels[r] != -100).nonzero()[0])
                 target = int(labels[r, pos])
                 row = logits[r, pos - 1]
                 free_items.append(int(row.argmax()) == target)
-                choices = tok.convert_tokens_to_ids(list(rec.get("choices") or []))
+                choices = choice_ids(tok, list(rec.extra.get("choices") or []))
                 if choices:
                     best = choices[int(row[torch.tensor(choices)].argmax())]
                     restricted_items.append(best == target)
                 else:
                     restricted_items.append(free_items[-1])
-                answers.append(rec["conversations"][1]["value"])
+                answers.append(rec.answer)
     finally:
         model.train(was_training)
     n = len(records)

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from gradprobe.train._common import Records, training_args
+from gradprobe.data.records import Sample
+from gradprobe.train._common import training_args
+from gradprobe.train.collate import SampleCollator, SampleDataset
 
 
 def train_image_stage(
     model: torch.nn.Module,
-    processor: Any,
-    records: Sequence[Mapping[str, Any]],
+    adapter: Any,
+    samples: Sequence[Sample],
     root: str | os.PathLike[str],
     *,
     out_dir: str | os.PathLike[str],
@@ -24,21 +26,20 @@ def train_image_stage(
     lr: float,
     seed: int,
 ) -> dict[str, Any]:
-    """Train on image records with AdamW, linear warmup and cosine decay; deterministic on CPU.
+    """Train on image samples (collated by the family's adapter) with AdamW, linear warmup and cosine
+    decay; deterministic on CPU.
 
     Returns:
         ``{"final_loss", "seconds"}``.
     """
     from transformers import Trainer
 
-    from gradprobe.models.toy import ToyCollator
-
     args = training_args(out_dir, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=Records(records),
-        data_collator=ToyCollator(processor, root),
+        train_dataset=SampleDataset(samples),
+        data_collator=SampleCollator(adapter, root),
     )
     t0 = time.time()
     out = trainer.train()
