@@ -46,6 +46,7 @@ def test_swift_layout(world, tmp_path):
     recs = [json.loads(x) for x in written["v"].read_text().splitlines()]
     assert [m["role"] for m in recs[0]["messages"]] == ["user", "assistant"]
     assert recs[0]["messages"][0]["content"].startswith("<video>\n") and len(recs[0]["videos"]) == 1
+    assert recs[0]["videos"][0] == str((tmp_path / "sw" / "train_videos" / "000000.mp4").resolve())
     assert not (tmp_path / "sw" / "dataset_info.json").exists()
 
 

@@ -106,23 +106,69 @@ def test_align_end_to_end(family, world, ckpt, tmp_path):
     assert roles == {"vision", "projector", "language", "head"}
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_labels_are_the_answer_tokens(family, world, ckpt):
+def _runs(labels):
+    """Contiguous runs of labelled positions."""
+    pos = (labels != -100).nonzero().flatten().tolist()
+    runs, cur = [], []
+    for p in pos:
+        if cur and p != cur[-1] + 1:
+            runs.append(cur)
+            cur = []
+        cur.append(p)
+    return runs + ([cur] if cur else [])
+
+
+# (family, template variant): the released templates' shapes, with subword tokenizers that merge leading spaces
+LABEL_CASES = [(f, None) for f in FAMILY_NAMES] + [("llava_next_video", "mistral")]
+
+
+@pytest.mark.parametrize(("family", "template"), LABEL_CASES)
+def test_labels_are_exactly_the_answers(family, template, world, ckpt, tmp_path):
+    """Each assistant turn is labelled as its answer plus the end-of-turn token the family trains on, never a
+    template token around it (a two-turn record whose first answer is followed by the next user turn)."""
     from transformers import AutoProcessor
 
+    from gradprobe.data.records import parse_record
     from gradprobe.models.base import load_image
 
-    adapter = family_for(ckpt(family)).adapter_class()(AutoProcessor.from_pretrained(ckpt(family)))
-    samples = read_samples(world / "probe_images.jsonl").samples[:3]
-    images = {s.media: load_image(world, s) for s in samples}
-    batch = adapter.collate(samples, images=images)
-    end = {"qwen2_5_vl": " <|im_end|>", "qwen3_vl": " <|im_end|>"}.get(family, "")
+    d = ckpt(family) if template is None else create_tiny(family, tmp_path / "m", sw.vocabulary(), template=template)
+    adapter = family_for(d).adapter_class()(AutoProcessor.from_pretrained(d))
+    first = read_samples(world / "probe_images.jsonl").samples[0]
+    rec = {"id": "two", "image": first.media, "conversations": [
+        {"from": "human", "value": "<image>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "It is blue, clearly."},
+        {"from": "human", "value": "how many shapes are there ?"}, {"from": "gpt", "value": "2"}]}
+    samples = [parse_record(rec, "two"), *read_samples(world / "probe_images.jsonl").samples[:2]]
+    batch = adapter.collate(samples, images={s.media: load_image(world, s) for s in samples})
+    eot = {"qwen2_5_vl": "<|im_end|>", "qwen3_vl": "<|im_end|>"}.get(family, "</s>")
+    tok = adapter.tokenizer
     for i, s in enumerate(samples):
-        lab = batch["labels"][i]
-        assert (lab[lab != -100] == batch["input_ids"][i][lab != -100]).all()
-        assert adapter.tokenizer.decode(batch["input_ids"][i][lab != -100]) == s.answer + end
+        answers = [t for r, t in s.turns if r == "assistant"]
+        got = [tok.decode(batch["input_ids"][i][run]) for run in _runs(batch["labels"][i])]
+        assert got == [a + eot for a in answers], (tok.convert_ids_to_tokens(batch["input_ids"][i]), got)
+    # the tokenizer merges leading spaces as the released ones do, so the check above is not vacuous
+    pieces = tok.convert_ids_to_tokens(tok("It is blue", add_special_tokens=False)["input_ids"])
+    assert any(p.startswith(("▁", "Ġ")) for p in pieces), pieces
     if family.startswith("qwen"):  # M-RoPE needs them; without, Qwen2.5-VL silently uses 1-D positions
         assert "mm_token_type_ids" in batch
+
+
+def test_template_without_video_placeholder_is_a_clear_error(world, tmp_path):
+    from transformers import AutoProcessor
+
+    from gradprobe.data.clips import ClipStore
+    from gradprobe.errors import ModelError
+    from gradprobe.models.qwen2_5_vl import Qwen2_5_VLAdapter
+
+    d = create_tiny("qwen2_5_vl", tmp_path / "m", sw.vocabulary())
+    proc = AutoProcessor.from_pretrained(d)
+    # a text-only template: it drops the video content item
+    proc.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+                          "{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    adapter = Qwen2_5_VLAdapter(proc)
+    vids = read_samples(world / "probe_videos.jsonl").samples[:1]
+    with pytest.raises(ModelError, match="renders no <\\|video_pad\\|> placeholder for the video"):
+        adapter.collate(vids, store=ClipStore(world, [4], size_of=adapter.frame_size), m=4)
 
 
 def test_align_matches_float64_brute_force_with_gradless_parameters(world, ckpt):

@@ -2,7 +2,7 @@
 alignment callback bound through ``gradprobe.integrations.llamafactory``.
 
 LLaMA-Factory pins transformers, accelerate and peft below gradprobe's own environment, so ``.ci/run``
-runs this file in a second virtual environment with ``GRADPROBE_REQUIRE_STACKS=1`` (there a missing
+runs this file in a virtual environment of its own with ``GRADPROBE_REQUIRE_STACKS=1`` (there a missing
 LLaMA-Factory is a failure); elsewhere it is skipped when LLaMA-Factory is not installed.
 """
 

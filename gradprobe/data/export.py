@@ -12,7 +12,9 @@ the first user turn, which is where both stacks count it:
   (``role``/``content``, ``images`` or ``videos`` lists).
 
 Media files given by relative paths are copied under the output directory at the same relative
-paths (both stacks resolve them against the dataset directory); absolute paths are kept. The
+paths; LLaMA-Factory's records name them relative to the dataset directory (which it resolves them
+against), ms-swift's by their absolute paths (it resolves relative ones against the working
+directory). Absolute paths in the input are kept. The
 records' other fields (``id``, ``qtype``, ``choices``, ``m_min``, …) are kept, and gradprobe reads the
 exported files too.
 """
@@ -94,7 +96,10 @@ def export_records(files: Mapping[str, str | os.PathLike[str]], out: str | os.Pa
     for name, path in files.items():
         rs = read_samples(path)
         root = Path(data_root) if data_root else Path(path).parent
-        recs = [_record(s, _place(root, s, out), fmt) for s in rs.samples]
+        placed = [_place(root, s, out) for s in rs.samples]
+        if fmt == "swift":  # ms-swift resolves relative paths against the working directory: write them whole
+            placed = [str((out / p).resolve()) if not Path(p).is_absolute() else p for p in placed]
+        recs = [_record(s, p, fmt) for s, p in zip(rs.samples, placed)]
         kinds = {s.kind for s in rs.samples}
         if fmt == "llamafactory":
             dst = out / f"{name}.json"

@@ -6,12 +6,15 @@ family's frame-budget rule and pixel policy, and names parameter roles (``vision
 ``language``, ``head``) and module keys. Families subclass it and fill in the class attributes and
 the few methods that differ (how a video is handed to the processor, how frames are sized).
 
-Labels come from the chat template itself: each assistant turn's characters are found by rendering
-the conversation up to that turn with and without it, the text is tokenized without expanding
-the visual placeholders to find the tokens of those characters, and those tokens are located in the
-processor's expanded sequence through the common suffix (everything after the last visual token is
-the same in both). A template that does not render conversations prefix-stably, or an answer placed
-before a visual token, is an error rather than a silent mislabel.
+Labels come from the chat template itself: each assistant turn is found by rendering the conversation
+up to that turn with and without it, and its answer verbatim inside it; the label span is the answer
+plus the end-of-turn token the family trains on (``<|im_end|>``, ``</s>``), inserted after the answer
+when the template renders none. The text is tokenized without expanding the visual placeholders to
+find the tokens of those characters (a token may reach outside the answer only by a merged leading
+space), and those tokens are located in the processor's expanded sequence through the common suffix
+(everything after the last visual token is the same in both). A template that does not render
+conversations prefix-stably, a token straddling an answer's edge, or an answer placed before a visual
+token, is an error rather than a silent mislabel.
 """
 
 from __future__ import annotations
@@ -123,6 +126,8 @@ class Adapter:
     role_rules: ClassVar[tuple[tuple[str, str], ...]] = ()
     #: True when the family's processor sizes frames itself (pixel policy ``total`` is then refused).
     fixed_resolution: ClassVar[bool] = False
+    #: the token that ends an assistant turn in training (None: the tokenizer's eos token)
+    end_of_turn_token: ClassVar[str | None] = None
 
     def __init__(self, processor: Any, *, pixel_policy: PixelPolicy | None = None) -> None:
         self.processor = processor
@@ -234,26 +239,67 @@ class Adapter:
     def _render(self, msgs: list[dict[str, Any]], gen: bool) -> str:
         return self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
+    def _check_placeholders(self, text: str, sample: Sample, m: int | None) -> None:
+        """The rendered text holds one placeholder per image or video the sample hands the processor."""
+        items = [c["type"] for c in self.content(sample.kind, m)]
+        for kind in set(items):
+            tok = getattr(self.processor, f"{kind}_token", None)
+            if tok and text.count(tok) < items.count(kind):
+                raise ModelError(f"{sample.where}: the chat template renders no {tok} placeholder for the {kind} "
+                                 f"(found {text.count(tok)}, need {items.count(kind)}); use a template that "
+                                 f"renders {kind} content items")
+
+    def end_of_turn(self) -> str:
+        """The token that ends an assistant turn in training: :attr:`end_of_turn_token`, else the eos token."""
+        return self.end_of_turn_token or str(self.tokenizer.eos_token)
+
     def answer_spans(self, msgs: list[dict[str, Any]], where: str) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered conversation and the character span of each assistant turn in it."""
+        """The text to tokenize and, per assistant turn, the character span of its answer plus end-of-turn token.
+
+        The answer is found verbatim in its turn (after the template's assistant header, e.g. a think block);
+        the end-of-turn token is the one the template renders right after it, or is inserted there when the
+        template renders none (Vicuna-style templates end a turn with a space, LLaVA trains on ``</s>``).
+
+        Raises:
+            ModelError: the template does not render the conversation prefix-stably, or not the answer verbatim.
+        """
         full = self._render(msgs, False)
-        spans = []
+        eot = self.end_of_turn()
+        text, shift, spans = full, 0, []
         for k, msg in enumerate(msgs):
             if msg["role"] != "assistant":
                 continue
-            before = self._render(msgs[:k], True)
+            before = self._render(msgs[:k], False) if k else ""
             upto = self._render(msgs[: k + 1], False)
             if not (upto.startswith(before) and full.startswith(upto)):
                 raise ModelError(
                     f"{where}: the chat template does not render the conversation prefix-stably; "
                     "answer tokens cannot be located"
                 )
-            spans.append((len(before), len(upto)))
-        return full, spans
+            answer = "".join(c["text"] for c in msg["content"] if c.get("type") == "text")
+            start = full.find(answer, len(before), len(upto))
+            if not answer or start < 0:
+                raise ModelError(f"{where}: the chat template does not render the answer verbatim; "
+                                 "answer tokens cannot be located")
+            end = start + len(answer)
+            spans.append((start + shift, end + shift + len(eot)))
+            if not full.startswith(eot, end):  # the template renders none: insert it after the answer
+                text = text[: end + shift] + eot + text[end + shift :]
+                shift += len(eot)
+        return text, spans
 
-    def _unexpanded_labels(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    def _unexpanded_labels(self, text: str, spans: list[tuple[int, int]], where: str) -> tuple[list[int], list[bool]]:
+        """Token ids of ``text`` and which are labelled: every token inside an answer span. A token may reach
+        outside its span only by the leading space the tokenizer merges into a word (``▁blue``, ``Ġblue``);
+        any other overlap would train a prompt token as answer, and is an error."""
         enc = self.tokenizer(text, return_offsets_mapping=True)
-        keep = [any(a < e and b > s for s, e in spans) and b > a for a, b in enc["offset_mapping"]]
+        keep = []
+        for a, b in enc["offset_mapping"]:
+            hit = next(((s, e) for s, e in spans if a < e and b > s), None) if b > a else None
+            if hit is not None and (b > hit[1] or (a < hit[0] and text[a : hit[0]].strip())):
+                raise DataError(f"{where}: a token {text[a:b]!r} reaches outside the answer {text[hit[0]:hit[1]]!r}; "
+                                "labelling it would train a prompt token as answer")
+            keep.append(hit is not None)
         return list(enc["input_ids"]), keep
 
     def labels(self, batch: Mapping[str, Any], texts: list[str], spans: list[list[tuple[int, int]]],
@@ -261,7 +307,7 @@ class Adapter:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         labels = torch.full_like(ids, IGNORE)
         for i, s in enumerate(samples):
-            u_ids, keep = self._unexpanded_labels(texts[i], spans[i])
+            u_ids, keep = self._unexpanded_labels(texts[i], spans[i], s.where)
             pos = mask[i].nonzero().flatten().tolist()
             e_ids = ids[i, pos].tolist()
             n = 0
@@ -301,6 +347,7 @@ class Adapter:
         for s, ms in zip(samples, per):
             msgs = self.messages(s, ms)
             text, sp = self.answer_spans(msgs, s.where)
+            self._check_placeholders(text, s, ms)
             texts.append(text)
             spans.append(sp)
             if kind == "image":

@@ -25,6 +25,7 @@ class Qwen2_5_VLAdapter(Adapter):
     architectures: ClassVar[tuple[str, ...]] = ("Qwen2_5_VLForConditionalGeneration",)
     model_class: ClassVar[str] = "Qwen2_5_VLForConditionalGeneration"
     temporal_patch: ClassVar[int] = 2
+    end_of_turn_token: ClassVar[str | None] = "<|im_end|>"
     role_rules: ClassVar[tuple[tuple[str, str], ...]] = (
         ("visual.merger.", "projector"),
         ("visual.", "vision"),
