@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -49,6 +51,11 @@ SketchOpt = Annotated[str, typer.Option(help="auto (exact rows when they fit a q
 SketchSeedOpt = Annotated[int, typer.Option(help="Seed of the sketch map (the same seed gives the same map in every run).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the bootstrap and of the run.")]
 NBootOpt = Annotated[int, typer.Option(help="Bootstrap resamples.")]
+
+
+def _log(msg: str) -> None:
+    """A progress line on stderr, never wrapped (paths stay whole)."""
+    err.print(f"[dim]{msg}[/]", highlight=False, soft_wrap=True)
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -120,10 +127,17 @@ def render_align(summary: dict[str, Any], console: Console) -> None:
 
 class _RichProgress:
     def __init__(self, console: Console) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          console=console, transient=True)
+                          TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True)
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> _RichProgress:
@@ -141,6 +155,14 @@ class _RichProgress:
 
     def finish(self, phase: str) -> None:
         self.p.remove_task(self.tasks.pop(phase))
+
+
+@contextlib.contextmanager
+def _working() -> Iterator[_RichProgress]:
+    """A command's work: gradprobe's progress bar on stderr, and whatever libraries print sent to stderr too,
+    so that stdout carries the results only."""
+    with contextlib.redirect_stdout(sys.stderr), _RichProgress(err) as progress:
+        yield progress
 
 
 @app.command()
@@ -184,8 +206,8 @@ def align(
     opts = _options(AlignOptions, locals())
     out_console = _wide_console() if not json_out else err
     try:
-        with _RichProgress(err) as progress:
-            reports = run_align_checkpoints(opts, progress=progress, log=lambda s: err.print(f"[dim]{s}[/]"))
+        with _working() as progress:
+            reports = run_align_checkpoints(opts, progress=progress, log=_log)
     except GradprobeError as e:
         _fail(str(e))
     except AlignInterrupted as e:
@@ -280,8 +302,8 @@ def _execute(run: Any, opts: Any, render: Any, json_out: bool, width: int = 150)
 
     out_console = _wide_console(width) if not json_out else err
     try:
-        with _RichProgress(err) as progress:
-            report = run(opts, progress=progress, log=lambda s: err.print(f"[dim]{s}[/]"))
+        with _working() as progress:
+            report = run(opts, progress=progress, log=_log)
     except GradprobeError as e:
         _fail(str(e))
     except RunInterrupted as e:
@@ -485,7 +507,8 @@ def sft(
 
     opts = _options(SFTOptions, locals())
     try:
-        summary = run_sft(opts, log=lambda s: err.print(f"[dim]{s}[/]"))
+        with _working() as progress:
+            summary = run_sft(opts, log=_log, progress=progress)
     except GradprobeError as e:
         _fail(str(e))
     Console().print(
@@ -511,10 +534,10 @@ def trap(
     from gradprobe import GradprobeError
     from gradprobe.experiments.trap import TrapOptions, run_trap
 
+    opts = _options(TrapOptions, locals())
     try:
-        summary = run_trap(TrapOptions(out=out, frames=frames, steps=steps, batch_size=batch_size, lr=lr,
-                                       probe_every=probe_every, eval_images=eval_images, eval_videos=eval_videos,
-                                       seed=seed, cache_dir=cache_dir), log=lambda s: err.print(f"[dim]{s}[/]"))
+        with _working() as progress:
+            summary = run_trap(opts, log=_log, progress=progress)
     except GradprobeError as e:
         _fail(str(e))
     table = Table(title=f"Video-SFT at each budget ({steps} steps): accuracy first → last, change with 95% CI")
@@ -570,8 +593,10 @@ def toy(
             _fail(f"--export: {export[1]} exists and is not a directory")
     try:
         spec = ToySpec(seed=seed, steps=steps, n_train_images=train_images)
-        t = ensure_toy(spec, cache_dir, rebuild=rebuild, log=lambda s: err.print(f"[dim]{s}[/]"))
-        written = t.export(*export) if export is not None else {}
+        with _working() as progress:
+            t = ensure_toy(spec, cache_dir, rebuild=rebuild, log=_log,
+                           progress=progress)
+            written = t.export(*export) if export is not None else {}
     except GradprobeError as e:
         _fail(str(e))
     acc = t.info["image_accuracy"]
@@ -588,8 +613,29 @@ def toy(
         c.print(f"{export[0]} data:  {Path(export[1])} ({', '.join(written)})")
 
 
+def _one_line_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                      line: str | None = None) -> None:
+    """Warnings as one line on stderr; gradprobe's own are part of the results (table, summary.json)."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parents[1] / "gradprobe"):
+        return
+    text = str(message).strip().splitlines()
+    err.print(f"[yellow]warning:[/] {text[0] if text else category.__name__}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
-    """Console-script entry point: one-line errors for bad input, exit code 2."""
+    """Console-script entry point: one-line errors for bad input (exit code 2) and warnings; stdout holds
+    results only (what libraries print goes to stderr); no library progress bars but gradprobe's own."""
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.showwarning = _one_line_warning
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     try:
         app()
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from gradprobe.errors import DataError
+from gradprobe.errors import DataError, InputError
 
 SUMMARY = "summary.json"
 
@@ -45,6 +45,23 @@ TRAJECTORY = "gradprobe_trajectory.jsonl"
 TRAINING_BUDGETS = "gradprobe_budgets.jsonl"
 EVAL_FILE = "gradprobe_eval.jsonl"
 TRAP_SUMMARY = "trap_summary.json"
+
+
+def check_out_dir(out: str | os.PathLike[str], option: str = "out") -> Path:
+    """An output directory that can be written: an existing directory, or one that can be created.
+
+    Raises:
+        InputError: ``out`` is an existing file, or neither it nor its nearest existing parent is writable.
+    """
+    p = Path(out).expanduser()
+    if p.exists() and not p.is_dir():
+        raise InputError(f"{option}: {p} exists and is not a directory")
+    base = p
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise InputError(f"{option}: {p} cannot be written ({base} is not a writable directory)")
+    return p
 
 
 def _clean(x: Any) -> Any:

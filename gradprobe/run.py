@@ -18,7 +18,7 @@ import torch
 from gradprobe._checks import check_positive_int, parse_frames
 from gradprobe.errors import DataError, InputError, ModelError
 from gradprobe.estimators.align import AlignReport, Progress, align
-from gradprobe.probe.measure import parse_sketch
+from gradprobe.probe.measure import image_group_count, parse_sketch
 from gradprobe.probe.store import resolve_dtype
 from gradprobe.toybox import ToySpec, ensure_toy
 
@@ -154,7 +154,8 @@ class _Prepared:
 
 
 def _prepare(opts: AlignOptions, log: Callable[[str], None],
-             add_frames: Callable[[Any], Sequence[int]] | None = None) -> _Prepared:
+             add_frames: Callable[[Any], Sequence[int]] | None = None,
+             progress: Progress | None = None) -> _Prepared:
     """Resolve model and data paths, read and batch the records, decode the clips.
 
     ``add_frames(adapter_class)`` names budgets to decode beside the grid (e.g. the family's smallest).
@@ -163,31 +164,34 @@ def _prepare(opts: AlignOptions, log: Callable[[str], None],
     from gradprobe.data.records import read_samples
     from gradprobe.data.sampling import check_sampler
     from gradprobe.models.base import PixelPolicy, load_image
-    from gradprobe.models.registry import family_for
+    from gradprobe.models.registry import FAMILIES, family_for
+    from gradprobe.outputs import check_out_dir
+    from gradprobe.probe.select import check_selection
+    from gradprobe.probe.store import check_reference_device
 
     frames = parse_frames(opts.frames) if isinstance(opts.frames, str) else parse_frames(list(opts.frames))
+    # every option is checked before anything is built, decoded or loaded
     for name in ("image_batches", "video_batches", "batch_size", "video_batch_size"):
         check_positive_int(name.replace("_", "-"), getattr(opts, name))
+    check_positive_int("n-boot", opts.n_boot, 0)
+    if opts.image_groups is not None:
+        image_group_count(opts.image_batches, opts.image_groups)
+    check_selection(opts.include or None, opts.exclude or None, opts.roles)
+    check_reference_device(opts.reference_device)
+    resolve_dtype(opts.reference_dtype, torch.float32)
     parse_sketch(opts.sketch)
     check_sampler(opts.sampler)
     policy = PixelPolicy(opts.pixel_policy, opts.frame_pixels, opts.total_pixels)
     device = _device(opts.device)
     dtype = resolve_dtype(opts.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if opts.out is not None:
+        check_out_dir(opts.out)
 
     models = model_list(opts.model)
     given = [models, opts.image_data, opts.video_data]
-    meta: dict[str, Any] = {}
-    if not any(given):
-        toy = ensure_toy(DEFAULT_TOY, opts.cache_dir, log=log)
-        model_dirs, image_path, video_path = [toy.model_dir], toy.data("probe", "images"), toy.data("probe", "videos")
-        meta["source"] = "toy"
-        meta["toy"] = {"root": str(toy.root), "image_accuracy": toy.info.get("image_accuracy")}
-    elif all(given):
-        model_dirs, image_path, video_path = [Path(m) for m in models], Path(opts.image_data), Path(opts.video_data)
-        meta["source"] = "paths"
-    else:
+    if any(given) and not all(given):
         raise InputError("give all of --model, --image-data and --video-data, or none of them for the toy default")
-    fams = [family_for(d) for d in model_dirs]
+    fams = [family_for(d) for d in models] if models else [next(f for f in FAMILIES if f.name == "toy")]
     if len({f.name for f in fams}) > 1:
         raise InputError("model: the checkpoints are of different families "
                          f"({', '.join(sorted({f.name for f in fams}))}); give checkpoints of one run")
@@ -197,6 +201,15 @@ def _prepare(opts: AlignOptions, log: Callable[[str], None],
     for m in frames:
         adapter_cls.check_budget(m)
     adapter_cls.check_policy(policy)
+    meta: dict[str, Any] = {}
+    if not models:
+        toy = ensure_toy(DEFAULT_TOY, opts.cache_dir, log=log, progress=progress)
+        model_dirs, image_path, video_path = [toy.model_dir], toy.data("probe", "images"), toy.data("probe", "videos")
+        meta["source"] = "toy"
+        meta["toy"] = {"root": str(toy.root), "image_accuracy": toy.info.get("image_accuracy")}
+    else:
+        model_dirs, image_path, video_path = [Path(m) for m in models], Path(opts.image_data), Path(opts.video_data)
+        meta["source"] = "paths"
     image_root = Path(opts.data_root) if opts.data_root else Path(image_path).parent
     video_root = Path(opts.data_root) if opts.data_root else Path(video_path).parent
     if opts.data_root and not image_root.is_dir():
@@ -324,7 +337,7 @@ def run_align(
     log = log or (lambda s: None)
     if len(model_list(opts.model)) > 1:
         raise InputError("model: several checkpoints given; use run_align_checkpoints")
-    prep = _prepare(opts, log)
+    prep = _prepare(opts, log, progress=progress)
     return _align_one(opts, prep, prep.model_dirs[0], opts.out, progress, log)
 
 
@@ -365,7 +378,7 @@ def run_align_checkpoints(
     from gradprobe import outputs as io
 
     log = log or (lambda s: None)
-    prep = _prepare(opts, log)
+    prep = _prepare(opts, log, progress=progress)
     if len(prep.model_dirs) == 1:
         return [(checkpoint_label(prep.model_dirs[0], 0),
                  _align_one(opts, prep, prep.model_dirs[0], opts.out, progress, log))]
@@ -430,7 +443,7 @@ def run_curvature(
                         opts.fd_step, sep="-")
     if len(model_list(opts.model)) > 1:
         raise InputError("model: curvature measures one checkpoint; give one --model")
-    prep = _prepare(opts, log)
+    prep = _prepare(opts, log, progress=progress)
     model, adapter, images, videos = _load(opts, prep, prep.model_dirs[0], log)
     torch.manual_seed(opts.seed)
     return curvature(
@@ -497,7 +510,8 @@ def run_decompose(
     grid = parse_frames(opts.frames) if isinstance(opts.frames, str) else parse_frames(list(opts.frames))
     if opts.redundant_from is not None and not any(m >= opts.redundant_from for m in grid):
         raise InputError(f"redundant-from: no budget is >= {opts.redundant_from} (budgets: {grid})")
-    prep = _prepare(opts, log, add_frames=lambda a: [a.min_budget()] if opts.shared == "smallest" else [])
+    prep = _prepare(opts, log, add_frames=lambda a: [a.min_budget()] if opts.shared == "smallest" else [],
+                    progress=progress)
     m0 = prep.family.adapter_class().min_budget()
     extra = m0 if opts.shared == "smallest" and m0 not in grid else None
     model, adapter, images, videos = _load(opts, prep, prep.model_dirs[0], log)

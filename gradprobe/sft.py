@@ -114,7 +114,7 @@ def _MarkToyCheckpoints() -> Any:
     return MarkToyCheckpoints()
 
 
-def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
+def run_sft(opts: SFTOptions, log: Any = None, progress: Any = None) -> dict[str, Any]:
     """Run Video-SFT with the alignment callback; return the run summary (also in ``<out>/sft_summary.json``).
 
     Raises:
@@ -167,7 +167,7 @@ def run_sft(opts: SFTOptions, log: Any = None) -> dict[str, Any]:
     for m in [*([opts.frames] if opts.frames is not None else []), *frames_of.values(), *grid]:
         cls.check_budget(m)
     if not opts.model:
-        toy = ensure_toy(DEFAULT_TOY, opts.cache_dir, log=log)
+        toy = ensure_toy(DEFAULT_TOY, opts.cache_dir, log=log, progress=progress)
         model_dir, video_path, image_path = toy.model_dir, toy.data("train", "videos"), toy.data("probe", "images")
         eval_paths: tuple[Path, Path] | None = (toy.data("eval", "images"), toy.data("eval", "videos"))
         video_probe_path = toy.data("probe", "videos")

@@ -115,6 +115,7 @@ def ensure_toy(
     *,
     rebuild: bool = False,
     log: Callable[[str], None] | None = None,
+    progress: Any = None,
 ) -> Toy:
     """Return the cached toy, building it first if needed.
 
@@ -123,6 +124,8 @@ def ensure_toy(
         cache_dir: where toys are cached (default :func:`default_cache_dir`).
         rebuild: build again even if cached.
         log: receives progress lines.
+        progress: a :class:`~gradprobe.probe.measure.Progress` (phases ``building the toy: data`` and
+            ``building the toy: image stage``, one step per file and per optimizer step).
     """
     spec = spec or ToySpec()
     log = log or (lambda s: None)
@@ -139,7 +142,7 @@ def ensure_toy(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout carries results only
-        info = _build(spec, tmp, log)
+        info = _build(spec, tmp, log, progress)
     (tmp / "toy.json").write_text(json.dumps(info, indent=2) + "\n")
     if target.exists():
         shutil.rmtree(target)
@@ -147,17 +150,24 @@ def ensure_toy(
     return Toy(target, spec, info)
 
 
-def _build(spec: ToySpec, root: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def _build(spec: ToySpec, root: Path, log: Callable[[str], None], progress: Any = None) -> dict[str, Any]:
     from gradprobe.data import shapesworld as sw
     from gradprobe.models import toy
+    from gradprobe.probe.measure import Progress
     from gradprobe.train.image_stage import train_image_stage
 
+    progress = progress or Progress()
     t0 = time.time()
     data = root / "data"
-    log(f"generating ShapesWorld under {data}")
-    sw.generate(data, n_images=spec.n_train_images, n_videos=spec.n_train_videos, seed=spec.seed, split="train")
-    sw.generate(data, n_images=spec.n_eval_images, n_videos=spec.n_eval_videos, seed=spec.seed, split="eval")
-    sw.generate(data, n_images=spec.n_probe_images, n_videos=spec.n_probe_videos, seed=spec.seed, split="probe")
+    log(f"building the toy once (cached for later runs): ShapesWorld under {data}, then the image stage")
+    splits = (("train", spec.n_train_images, spec.n_train_videos), ("eval", spec.n_eval_images, spec.n_eval_videos),
+              ("probe", spec.n_probe_images, spec.n_probe_videos))
+    phase = "building the toy: data"
+    progress.start(phase, sum(i + v for _, i, v in splits))
+    for split, n_img, n_vid in splits:
+        sw.generate(data, n_images=n_img, n_videos=n_vid, seed=spec.seed, split=split,
+                    tick=lambda: progress.advance(phase))
+    progress.finish(phase)
     init = root / "init"
     toy.create(init, sw.vocabulary(), seed=spec.seed)
     model, adapter = toy.ToyAdapter.load(init)
@@ -167,7 +177,6 @@ def _build(spec: ToySpec, root: Path, log: Callable[[str], None]) -> dict[str, A
 
     eval_images = read_samples(data / "eval_images.jsonl").samples
     init_acc = accuracy(model, SampleCollator(adapter, data), eval_images)
-    log(f"training the image stage: {spec.steps} steps of batch {spec.batch_size} (lr {spec.lr:g})")
     result = train_image_stage(
         model,
         adapter,
@@ -178,6 +187,7 @@ def _build(spec: ToySpec, root: Path, log: Callable[[str], None]) -> dict[str, A
         batch_size=spec.batch_size,
         lr=spec.lr,
         seed=spec.seed,
+        progress=progress,
     )
     model.save_pretrained(root / "model")
     adapter.processor.save_pretrained(root / "model")

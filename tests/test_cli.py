@@ -59,9 +59,32 @@ def test_align_end_to_end(tiny_toy, tmp_path):
 def test_align_json_to_stdout(tiny_toy, tmp_path):
     r = runner.invoke(app, ["align", "--frames", "2", *_paths(tiny_toy), *SMALL, "--json", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    start = r.stdout.index("{")
-    summary = json.loads(r.stdout[start:])
+    summary = json.loads(r.stdout)  # stdout holds the summary and nothing else
     assert summary == json.loads((tmp_path / "summary.json").read_text())
+
+
+def test_json_on_a_fresh_cache_is_only_json(tmp_path):
+    """The first run builds the toy (a tiny one here) through the console script's own entry point: stdout is
+    exactly summary.json; stderr has gradprobe's lines, no library progress bars, and warnings one line each."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).resolve().parent)
+    code = ("import sys; sys.path.insert(0, %r); from conftest import TINY_TOY; import gradprobe.run as r; "
+            "from gradprobe.toybox import ToySpec; r.DEFAULT_TOY = ToySpec(**TINY_TOY); from cli.main import main; "
+            "sys.argv = ['gradprobe', 'align', '--frames', '2,4', *%r, '--json']; main()") % (tests, SMALL)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=900,
+                         env={**os.environ, "GRADPROBE_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout)
+    assert summary["meta"]["source"] == "toy" and (tmp_path / "gradprobe-align" / "summary.json").is_file()
+    assert "it/s]" not in res.stderr and "Loading weights" not in res.stderr, res.stderr[-3000:]
+    assert "{'loss'" not in res.stderr  # the Trainer's loss dicts give way to the progress bar
+    for line in res.stderr.splitlines():  # Python's two-line warning format never appears
+        assert not re.search(r"\w+Warning: ", line) or line.startswith("warning:"), line
 
 
 def test_roles_select_parameters(tiny_toy, tmp_path):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,12 +209,14 @@ def generate(
     n_videos: int,
     seed: int = 0,
     split: str = "train",
+    tick: Callable[[], None] | None = None,
 ) -> tuple[Path, Path]:
     """Write ShapesWorld files under ``root`` and return the image and video JSONL paths.
 
     Files: ``root/{split}_images/*.png``, ``root/{split}_videos/*.mp4``,
-    ``root/{split}_images.jsonl``, ``root/{split}_videos.jsonl``.
+    ``root/{split}_images.jsonl``, ``root/{split}_videos.jsonl``. ``tick`` is called after each file.
     """
+    tick = tick or (lambda: None)
     root = Path(root)
     rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
     img_dir, vid_dir = root / f"{split}_images", root / f"{split}_videos"
@@ -227,12 +229,14 @@ def generate(
             rel = f"{split}_images/{i:06d}.png"
             Image.fromarray(pix).save(root / rel)
             fh.write(json.dumps(_record(f"{split}-img-{i:06d}", "image", rel, q, a, qt, ch)) + "\n")
+            tick()
     with open(vid_jsonl, "w") as fh:
         for i in range(n_videos):
             frames, q, a, qt, ch, m_min = video_sample(rng, VIDEO_QTYPES[i % len(VIDEO_QTYPES)])
             rel = f"{split}_videos/{i:06d}.mp4"
             write_mp4(root / rel, frames)
             fh.write(json.dumps(_record(f"{split}-vid-{i:06d}", "video", rel, q, a, qt, ch, m_min=m_min)) + "\n")
+            tick()
     return img_jsonl, vid_jsonl
 
 

@@ -48,7 +48,7 @@ class TrapOptions:
     cache_dir: str | None = None
 
 
-def run_trap(opts: TrapOptions, log: Any = None) -> dict[str, Any]:
+def run_trap(opts: TrapOptions, log: Any = None, progress: Any = None) -> dict[str, Any]:
     """Run (or finish) the experiment and write ``<out>/trap_summary.json``; return the summary."""
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -77,7 +77,7 @@ def run_trap(opts: TrapOptions, log: Any = None) -> dict[str, Any]:
             probe_every=opts.probe_every, eval_images=opts.eval_images, eval_videos=opts.eval_videos,
             save_steps=max(opts.probe_every, opts.steps // 4), seed=opts.seed, resume=last is not None,
             cache_dir=opts.cache_dir,
-        ), log=log)
+        ), log=log, progress=progress)
     summary = summarize(out, grid)
     summary["options"] = asdict(opts)
 

@@ -35,7 +35,7 @@ from gradprobe.probe.context import measurement_mode
 from gradprobe.probe.hooks import BatchGrad, GradientProbe, LossFn
 from gradprobe.probe.select import ModuleOf, RoleOf, Selection, select_parameters
 from gradprobe.probe.sketch import DEFAULT_K, MAX_K, SketchSpec
-from gradprobe.probe.store import ReferenceStore, SketchStore, resolve_dtype
+from gradprobe.probe.store import ReferenceStore, SketchStore, check_reference_device, resolve_dtype
 
 __all__ = [
     "EXACT_SHARE", "Measurement", "Progress", "group_count", "image_group_count", "parse_sketch", "resolve_mode",
@@ -195,8 +195,7 @@ class Measurement:
         batch_info: Callable[[Any], Mapping[str, Any]] | None = None,
         progress: Progress | None = None,
     ) -> None:
-        if reference_device not in ("model", "cpu"):
-            raise InputError(f"reference_device: expected 'model' or 'cpu', got {reference_device!r}")
+        check_reference_device(reference_device)
         if isinstance(sketch_seed, bool) or not isinstance(sketch_seed, int | np.integer):
             raise InputError(f"sketch_seed: expected an integer, got {sketch_seed!r}")
         self.model = model

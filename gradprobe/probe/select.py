@@ -78,6 +78,24 @@ def _compile(patterns: str | Sequence[str] | None, what: str) -> list[re.Pattern
     return out
 
 
+def check_selection(include: str | Sequence[str] | None, exclude: str | Sequence[str] | None,
+                    roles: str | Sequence[str] | None) -> tuple[list[re.Pattern[str]], list[re.Pattern[str]], list[str]]:
+    """The selection filters, checked without a model: compiled regexes and known role names.
+
+    Raises:
+        InputError: a bad regex or an unknown role.
+    """
+    inc = _compile(include, "include")
+    exc = _compile(exclude, "exclude")
+    if isinstance(roles, str):
+        roles = [r.strip() for r in roles.split(",") if r.strip()]
+    roles = list(roles or [])
+    bad = [r for r in roles if r not in ROLES]
+    if bad:
+        raise InputError(f"roles: unknown role {bad[0]!r}; known roles are {', '.join(ROLES)}")
+    return inc, exc, roles
+
+
 def select_parameters(
     model: torch.nn.Module,
     *,
@@ -101,14 +119,8 @@ def select_parameters(
     Raises:
         InputError: bad regex, unknown role, roles without ``role_of``, or nothing selected.
     """
-    inc = _compile(include, "include")
-    exc = _compile(exclude, "exclude")
-    if isinstance(roles, str):
-        roles = [r.strip() for r in roles.split(",") if r.strip()]
+    inc, exc, roles = check_selection(include, exclude, roles)
     if roles:
-        bad = [r for r in roles if r not in ROLES]
-        if bad:
-            raise InputError(f"roles: unknown role {bad[0]!r}; known roles are {', '.join(ROLES)}")
         if role_of is None:
             raise InputError("roles: this model has no adapter that declares parameter roles; use include/exclude")
     module_of = module_of or default_module_of

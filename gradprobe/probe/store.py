@@ -44,6 +44,17 @@ _DTYPES = {
 }
 
 
+def check_reference_device(device: str) -> str:
+    """``model`` (the reference rows live on each parameter's device) or ``cpu``.
+
+    Raises:
+        InputError: anything else.
+    """
+    if device not in ("model", "cpu"):
+        raise InputError(f"reference_device: expected 'model' or 'cpu', got {device!r}")
+    return device
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
     """Turn a dtype name into a torch dtype (None → ``default``)."""
     if dtype is None:
@@ -75,8 +86,7 @@ class ReferenceStore:
         dtype: torch.dtype,
         device: str = "model",
     ) -> None:
-        if device not in ("model", "cpu"):
-            raise InputError(f"reference_device: expected 'model' or 'cpu', got {device!r}")
+        check_reference_device(device)
         self.rows = rows
         self.dtype = dtype
         self.device = device
