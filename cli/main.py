@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,6 +23,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
+
+
+def _flag_type_hidden() -> None:
+    """Flags take no value: show no type after them in --help (Typer's rich help prints ``<bool>``)."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flag_type_hidden()
 
 
 # options shared by the commands that load a model and data
@@ -51,6 +68,39 @@ SketchOpt = Annotated[str, typer.Option(help="auto (exact rows when they fit a q
 SketchSeedOpt = Annotated[int, typer.Option(help="Seed of the sketch map (the same seed gives the same map in every run).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the bootstrap and of the run.")]
 NBootOpt = Annotated[int, typer.Option(help="Bootstrap resamples.")]
+
+
+def _as_option(msg: str, fn: Callable[..., Any]) -> str:
+    """A message that opens with a Python parameter name (``n_boot: …``) names the option typed (``--n-boot: …``)."""
+    import inspect
+    import typing
+
+    m = re.match(r"([a-z][a-z0-9_-]*):", msg)
+    if m is None:
+        return msg
+    key = m.group(1).replace("-", "_")
+    if key not in inspect.signature(fn).parameters:
+        return msg
+    hint = typing.get_type_hints(fn, include_extras=True).get(key)
+    decls = [d for meta in getattr(hint, "__metadata__", ()) for d in getattr(meta, "param_decls", None) or ()]
+    option = next((d for d in decls if d.startswith("--")), "--" + key.replace("_", "-"))
+    return option + msg[len(m.group(1)):]
+
+
+def command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Register a command behind the one error boundary: bad input (any :class:`GradprobeError`) is one line
+    on stderr naming the option the user typed, and exit code 2."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from gradprobe import GradprobeError
+
+        try:
+            return fn(*args, **kwargs)
+        except GradprobeError as e:
+            _fail(_as_option(str(e), fn))
+
+    return app.command()(run)
 
 
 def _log(msg: str) -> None:
@@ -165,7 +215,7 @@ def _working() -> Iterator[_RichProgress]:
         yield progress
 
 
-@app.command()
+@command
 def align(
     frames: FramesOpt = "8,16,32,64",
     model: Annotated[list[str] | None, typer.Option(help="Model checkpoint directory or hub id (default: the toy); repeat or comma-separate for several checkpoints of one run.")] = None,
@@ -200,7 +250,7 @@ def align(
     cache_dir: CacheOpt = None,
 ) -> None:
     """Measure A(m) = ⟨ḡ_img, g_vid^(m)⟩ per frame budget, with 95% CIs and the threshold m*."""
-    from gradprobe import AlignInterrupted, GradprobeError
+    from gradprobe import AlignInterrupted
     from gradprobe.run import AlignOptions, run_align_checkpoints
 
     opts = _options(AlignOptions, locals())
@@ -208,8 +258,6 @@ def align(
     try:
         with _working() as progress:
             reports = run_align_checkpoints(opts, progress=progress, log=_log)
-    except GradprobeError as e:
-        _fail(str(e))
     except AlignInterrupted as e:
         render_align(e.report.summary, out_console)
         err.print(f"[yellow]interrupted:[/] partial results written to {out}")
@@ -280,12 +328,24 @@ def render_curvature(summary: dict[str, Any], console: Console) -> None:
         console.print(f"[yellow]warning:[/] {w}")
 
 
+#: command parameters that shape the output only, not the run
+CLI_ONLY = frozenset({"json_out"})
+
+
 def _options(cls: Any, values: dict[str, Any]) -> Any:
     """A command's parameters as the options dataclass ``cls``: every field from the parameter of its name
-    (unset repeatable options as empty lists, no model as None)."""
+    (unset repeatable options as empty lists, no model as None). A field without a parameter, or a
+    parameter without a field, is a programming error (``tests/test_cli.py`` checks every command)."""
     import dataclasses
+    import inspect
 
-    kw = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+    caller = inspect.currentframe().f_back.f_code  # type: ignore[union-attr]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    params = set(caller.co_varnames[: caller.co_argcount + caller.co_kwonlyargcount]) - CLI_ONLY
+    if fields != params:
+        raise TypeError(f"{cls.__name__} and the command disagree: fields without an option {sorted(fields - params)}, "
+                        f"options without a field {sorted(params - fields)}")
+    kw = {name: values[name] for name in fields}
     for name in ("include", "exclude"):
         if name in kw:
             kw[name] = kw[name] or []
@@ -297,15 +357,12 @@ def _options(cls: Any, values: dict[str, Any]) -> Any:
 def _execute(run: Any, opts: Any, render: Any, json_out: bool, width: int = 150) -> Any:
     """Run one command with a progress bar: one-line errors (exit 2), the partial table on Ctrl-C (exit 130),
     then the table, or summary.json on stdout with ``--json``."""
-    from gradprobe import GradprobeError
     from gradprobe.errors import RunInterrupted
 
     out_console = _wide_console(width) if not json_out else err
     try:
         with _working() as progress:
             report = run(opts, progress=progress, log=_log)
-    except GradprobeError as e:
-        _fail(str(e))
     except RunInterrupted as e:
         render(e.report.summary, out_console)
         err.print(f"[yellow]interrupted:[/] partial results written to {opts.out}")
@@ -317,7 +374,7 @@ def _execute(run: Any, opts: Any, render: Any, json_out: bool, width: int = 150)
     return report
 
 
-@app.command()
+@command
 def curvature(
     frames: FramesOpt = "8,16,32,64",
     lr: Annotated[str, typer.Option(help="Step sizes η, comma-separated, for Eq. 8/11/14 and the one-step lookahead.")] = "1e-5",
@@ -407,7 +464,7 @@ def render_decompose(summary: dict[str, Any], console: Console) -> None:
         console.print(f"[yellow]warning:[/] {w}")
 
 
-@app.command()
+@command
 def decompose(
     frames: FramesOpt = "2,8,16,32,64",
     shared: Annotated[str, typer.Option(help="The variant that defines g_sh: smallest (the smallest budget the model accepts), static or shuffled (that sampler at every budget).")] = "smallest",
@@ -453,23 +510,19 @@ def decompose(
     err.print(f"wrote {Path(out) / 'summary.json'}, decompose.csv, decompose_checks.csv, decompose_batches.csv")
 
 
-@app.command()
+@command
 def plot(
     out_dir: Annotated[str, typer.Argument(help="An output directory of `gradprobe align`, `sft` or `trap`.")],
 ) -> None:
     """Draw the plots of saved outputs (PNG): alignment curve and module heatmap, training trajectory, or trap curves."""
-    from gradprobe import GradprobeError
     from gradprobe.report.plots import plot_dir
 
-    try:
-        paths = plot_dir(out_dir)
-    except GradprobeError as e:
-        _fail(str(e))
+    paths = plot_dir(out_dir)
     for p in paths:
         Console().print(f"wrote {p}")
 
 
-@app.command()
+@command
 def sft(
     out: Annotated[str, typer.Option(help="Output directory: checkpoints, trajectory, final model.")] = "gradprobe-sft",
     frames: Annotated[int, typer.Option(help="Frame budget m (with --manifest: for clips it does not list).")] = 8,
@@ -502,22 +555,18 @@ def sft(
     cache_dir: Annotated[str | None, typer.Option(help="Toy cache directory.")] = None,
 ) -> None:
     """Video-SFT with transformers' Trainer, watching update–image-probe alignment along the run."""
-    from gradprobe import GradprobeError
     from gradprobe.sft import SFTOptions, run_sft
 
     opts = _options(SFTOptions, locals())
-    try:
-        with _working() as progress:
-            summary = run_sft(opts, log=_log, progress=progress)
-    except GradprobeError as e:
-        _fail(str(e))
+    with _working() as progress:
+        summary = run_sft(opts, log=_log, progress=progress)
     Console().print(
         f"trained {summary['steps']} steps (loss {summary['train_loss']:.4g}); {summary['probes']} alignment probes "
         f"in {summary['trajectory']}; guard {summary['guard']['action']} fired {summary['guard']['fired']}"
     )
 
 
-@app.command()
+@command
 def trap(
     out: Annotated[str, typer.Option(help="Output directory: one frames-<m> run per budget and trap_summary.json.")] = "gradprobe-trap",
     frames: Annotated[str, typer.Option(help="Frame budgets, one Video-SFT run each.")] = "8,16,32,64",
@@ -531,15 +580,11 @@ def trap(
     cache_dir: Annotated[str | None, typer.Option(help="Toy cache directory.")] = None,
 ) -> None:
     """The temporal-trap experiment on the toy: Video-SFT at each budget, image and video accuracy along each run."""
-    from gradprobe import GradprobeError
     from gradprobe.experiments.trap import TrapOptions, run_trap
 
     opts = _options(TrapOptions, locals())
-    try:
-        with _working() as progress:
-            summary = run_trap(opts, log=_log, progress=progress)
-    except GradprobeError as e:
-        _fail(str(e))
+    with _working() as progress:
+        summary = run_trap(opts, log=_log, progress=progress)
     table = Table(title=f"Video-SFT at each budget ({steps} steps): accuracy first → last, change with 95% CI")
     for col in ("m", "image (free)", "image (restricted)", "video (free)", "video (restricted)", "mean cos"):
         table.add_column(col, justify="right")
@@ -556,7 +601,7 @@ def trap(
     Console().print(f"wrote {Path(out) / 'trap_summary.json'}")
 
 
-@app.command()
+@command
 def models() -> None:
     """List the supported model families, their HF architecture strings and frame-budget rules."""
     from gradprobe.models.registry import FAMILIES
@@ -569,7 +614,7 @@ def models() -> None:
     _wide_console(160).print(table)
 
 
-@app.command()
+@command
 def toy(
     cache_dir: Annotated[str | None, typer.Option(help="Cache directory (default $GRADPROBE_CACHE or ~/.cache/gradprobe).")] = None,
     steps: Annotated[int, typer.Option(help="Image-stage training steps.")] = 900,
@@ -582,7 +627,6 @@ def toy(
     )] = None,
 ) -> None:
     """Build (or find) the cached toy model and print its held-out image accuracy."""
-    from gradprobe import GradprobeError
     from gradprobe.data.export import FORMATS
     from gradprobe.toybox import ToySpec, ensure_toy
 
@@ -591,14 +635,11 @@ def toy(
             _fail(f"--export: unknown format {export[0]!r}; use one of {', '.join(FORMATS)}")
         if Path(export[1]).exists() and not Path(export[1]).is_dir():
             _fail(f"--export: {export[1]} exists and is not a directory")
-    try:
-        spec = ToySpec(seed=seed, steps=steps, n_train_images=train_images)
-        with _working() as progress:
-            t = ensure_toy(spec, cache_dir, rebuild=rebuild, log=_log,
-                           progress=progress)
-            written = t.export(*export) if export is not None else {}
-    except GradprobeError as e:
-        _fail(str(e))
+    spec = ToySpec(seed=seed, steps=steps, n_train_images=train_images)
+    with _working() as progress:
+        t = ensure_toy(spec, cache_dir, rebuild=rebuild, log=_log,
+                       progress=progress)
+        written = t.export(*export) if export is not None else {}
     acc = t.info["image_accuracy"]
     init = t.info["initial_image_accuracy"]
     c = Console()

@@ -27,12 +27,8 @@ DEFAULT_TOY = ToySpec()
 
 
 @dataclass
-class AlignOptions:
-    """Options of :func:`run_align` (the command line's ``gradprobe align``).
-
-    ``model`` may name several checkpoints of one run (a list, or comma-separated): each is
-    measured on the same batches (see :func:`run_align_checkpoints`).
-    """
+class RunOptions:
+    """What every command that loads a model and data takes: model, data, batches, selection, device, seed."""
 
     frames: str | Sequence[int] = "8,16,32,64"
     model: str | Sequence[str] | None = None
@@ -46,24 +42,34 @@ class AlignOptions:
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     roles: str | None = None
-    image_groups: int | None = None
     device: str = "auto"
     dtype: str | None = None
     device_map: str | None = None
     attn_implementation: str | None = None
-    reference_device: str = "model"
-    reference_dtype: str | None = None
-    sketch: str = "auto"
-    sketch_seed: int = 0
     sampler: str = "uniform"
     pixel_policy: str = "fixed"
     frame_pixels: int | None = None
     total_pixels: int | None = None
     skip_bad: bool = False
     seed: int = 0
-    n_boot: int = 2000
     out: str | None = None
     cache_dir: str | None = None
+
+
+@dataclass
+class AlignOptions(RunOptions):
+    """Options of :func:`run_align` (the command line's ``gradprobe align``).
+
+    ``model`` may name several checkpoints of one run (a list, or comma-separated): each is
+    measured on the same batches (see :func:`run_align_checkpoints`).
+    """
+
+    image_groups: int | None = None
+    reference_device: str = "model"
+    reference_dtype: str | None = None
+    sketch: str = "auto"
+    sketch_seed: int = 0
+    n_boot: int = 2000
 
 
 class _LazyBatches(Sequence[Any]):
@@ -153,7 +159,7 @@ class _Prepared:
     meta: dict[str, Any]
 
 
-def _prepare(opts: AlignOptions, log: Callable[[str], None],
+def _prepare(opts: RunOptions, log: Callable[[str], None],
              add_frames: Callable[[Any], Sequence[int]] | None = None,
              progress: Progress | None = None) -> _Prepared:
     """Resolve model and data paths, read and batch the records, decode the clips.
@@ -173,13 +179,14 @@ def _prepare(opts: AlignOptions, log: Callable[[str], None],
     # every option is checked before anything is built, decoded or loaded
     for name in ("image_batches", "video_batches", "batch_size", "video_batch_size"):
         check_positive_int(name.replace("_", "-"), getattr(opts, name))
-    check_positive_int("n-boot", opts.n_boot, 0)
-    if opts.image_groups is not None:
-        image_group_count(opts.image_batches, opts.image_groups)
     check_selection(opts.include or None, opts.exclude or None, opts.roles)
-    check_reference_device(opts.reference_device)
-    resolve_dtype(opts.reference_dtype, torch.float32)
-    parse_sketch(opts.sketch)
+    if isinstance(opts, AlignOptions):  # the reference rows, the sketch and the bootstrap
+        check_positive_int("n-boot", opts.n_boot, 0)
+        if opts.image_groups is not None:
+            image_group_count(opts.image_batches, opts.image_groups)
+        check_reference_device(opts.reference_device)
+        resolve_dtype(opts.reference_dtype, torch.float32, "reference_dtype")
+        parse_sketch(opts.sketch)
     check_sampler(opts.sampler)
     policy = PixelPolicy(opts.pixel_policy, opts.frame_pixels, opts.total_pixels)
     device = _device(opts.device)
@@ -269,7 +276,7 @@ def _prepare(opts: AlignOptions, log: Callable[[str], None],
     return _Prepared(model_dirs, fams[0], frames, device, dtype, img_chunks, vid_chunks, images, store, meta)
 
 
-def _load(opts: AlignOptions, prep: _Prepared, model_dir: Path,
+def _load(opts: RunOptions, prep: _Prepared, model_dir: Path,
           log: Callable[[str], None]) -> tuple[torch.nn.Module, Any, list[Any], dict[int, _LazyBatches]]:
     """Load one checkpoint with its adapter; its image batches and its video batches per budget."""
     from gradprobe.models.base import PixelPolicy
@@ -401,10 +408,10 @@ def run_align_checkpoints(
 
 
 @dataclass
-class CurvatureOptions(AlignOptions):
+class CurvatureOptions(RunOptions):
     """Options of :func:`run_curvature` (the command line's ``gradprobe curvature``).
 
-    Model, data, selection and device options are those of :class:`AlignOptions` (one
+    Model, data, selection and device options are those of :class:`RunOptions` (one
     checkpoint); the batch counts default lower because every Hessian-vector product reads
     every batch.
     """

@@ -124,6 +124,37 @@ def assert_one_line_error(r, needle):
 
 
 @pytest.mark.parametrize(
+    "args, needle",
+    [(["--out", "{file}"], "--out: {file} exists and is not a directory"),
+     (["--out", "{file}/sub"], "--out: {file}/sub cannot be written"),
+     (["--n-boot", "-5"], "--n-boot: expected an integer >= 0, got -5"),
+     (["--image-groups", "3"], "--image-groups: 8 image batches cannot be split into 3 equal groups"),
+     (["--include", "("], "--include: invalid regular expression '('"),
+     (["--roles", "foo"], "--roles: unknown role 'foo'"),
+     (["--reference-device", "foo"], "--reference-device: expected 'model' or 'cpu'"),
+     (["--reference-dtype", "int8"], "--reference-dtype: unknown dtype 'int8'"),
+     (["--dtype", "int8"], "--dtype: unknown dtype 'int8'"),
+     (["--sketch", "lots"], "--sketch: expected auto, exact or a number of buckets"),
+     (["--frames", "7"], "toy takes even m ≥ 2")],
+)
+@pytest.mark.parametrize("command", ["align", "decompose", "curvature"])
+def test_bad_options_are_refused_before_any_work(command, args, needle, tmp_path):
+    """On the toy default with an empty cache: one line naming the option typed, exit 2, and nothing built."""
+    import typer
+
+    if args[0] not in {o for p in typer.main.get_command(app).commands[command].params for o in p.opts}:
+        pytest.skip(f"{command} has no {args[0]}")
+    f = tmp_path / "a-file"
+    f.write_text("")
+    cache = tmp_path / "cache"
+    args = [a.replace("{file}", str(f)) for a in args]
+    extra = ["--image-batches", "8"] if command != "align" and args[0] == "--image-groups" else []
+    r = runner.invoke(app, [command, *args, *extra, "--cache-dir", str(cache)], env={"COLUMNS": "300"})
+    assert_one_line_error(r, needle.replace("{file}", str(f)))
+    assert not cache.exists()  # the toy was not built
+
+
+@pytest.mark.parametrize(
     "frames, needle",
     [("8,x", "'x' is not a positive integer"), ("0", "0 is not a positive integer"), ("-4", "-4 is not"),
      ("", "empty frame grid"), ("8,8", "given twice"), ("7", "takes even m")],
@@ -348,3 +379,33 @@ def test_exact_rows_that_cannot_fit_are_refused(tiny_toy, tmp_path, monkeypatch)
     r = runner.invoke(app, ["align", "--frames", "2", *_paths(tiny_toy), *SMALL, "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "summary.json").read_text())["settings"]["sketch"]["mode"] == "sketch"
+
+
+@pytest.mark.parametrize("command", ["align", "curvature", "decompose", "sft", "trap"])
+def test_every_option_is_a_field_of_the_options_dataclass(command):
+    """The command's parameters and its options dataclass have the same names (nothing dropped or defaulted
+    silently), and a command whose options disagree with its dataclass is refused."""
+    import dataclasses
+    import inspect
+
+    import cli.main as cm
+    from gradprobe.experiments.trap import TrapOptions
+    from gradprobe.run import AlignOptions, CurvatureOptions, DecomposeOptions
+    from gradprobe.sft import SFTOptions
+
+    cls = {"align": AlignOptions, "curvature": CurvatureOptions, "decompose": DecomposeOptions, "sft": SFTOptions,
+           "trap": TrapOptions}[command]
+    params = set(inspect.signature(getattr(cm, command)).parameters) - cm.CLI_ONLY
+    assert params == {f.name for f in dataclasses.fields(cls)}
+
+    def mismatched(frames="2", extra=1):
+        return cm._options(cls, locals())
+
+    with pytest.raises(TypeError, match="disagree"):
+        mismatched()
+
+
+def test_help_shows_no_type_after_flags():
+    r = runner.invoke(app, ["align", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "--json" in r.output and "--skip-bad" in r.output
+    assert "<bool>" not in r.output and "<int>" in r.output

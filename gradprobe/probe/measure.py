@@ -204,7 +204,7 @@ class Measurement:
                                            module_of=module_of)
         sel = self.selection
         self.acc_dtype = torch.float64 if any(p.dtype == torch.float64 for p in sel.params) else torch.float32
-        self.ref_dtype = resolve_dtype(reference_dtype, self.acc_dtype)
+        self.ref_dtype = resolve_dtype(reference_dtype, self.acc_dtype, "reference_dtype")
         self.reference_device = reference_device
         self.eval_mode = eval_mode
         self.batch_info = batch_info

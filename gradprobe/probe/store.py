@@ -55,17 +55,17 @@ def check_reference_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
-    """Turn a dtype name into a torch dtype (None → ``default``)."""
+def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype, option: str = "dtype") -> torch.dtype:
+    """Turn a dtype name into a torch dtype (None → ``default``); errors name ``option``."""
     if dtype is None:
         return default
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
-            raise InputError(f"dtype: {dtype} is not a floating-point dtype")
+            raise InputError(f"{option}: {dtype} is not a floating-point dtype")
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
     if key not in _DTYPES:
-        raise InputError(f"dtype: unknown dtype {dtype!r}; use one of float32, float64, bfloat16, float16")
+        raise InputError(f"{option}: unknown dtype {dtype!r}; use one of float32, float64, bfloat16, float16")
     return _DTYPES[key]
 
 

@@ -150,7 +150,7 @@ class AlignmentMonitor:
         self.layout.check_same_count(K)
         # rows hold each parameter's local piece (the whole parameter unless it is sharded)
         pieces = [self.layout.piece(p) for p in self.params]
-        ref_dtype = resolve_dtype(reference_dtype, self.acc_dtype)
+        ref_dtype = resolve_dtype(reference_dtype, self.acc_dtype, "reference_dtype")
         row_bytes = sum(t.numel() for t in pieces) * torch.empty((), dtype=ref_dtype).element_size()
         mode, self.sketch_reason = resolve_mode(sketch, self.groups * row_bytes, pieces[0].device)
         self.spec = None if mode == "exact" else sketch_spec(self.selection, int(mode), sketch_seed)
