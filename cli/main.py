@@ -120,11 +120,29 @@ def _wide_console(width: int = 110) -> Console:
 
 
 def _fmt(x: Any, spec: str = ".4g") -> str:
-    return "—" if x is None else format(x, spec)
+    if x is None:
+        return "—"
+    text = format(x + 0.0 if x == 0 else x, spec)  # never "-0"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
 def _ci(c: Any) -> str:
-    return "—" if not c else f"[{c[0]:.3g}, {c[1]:.3g}]"
+    return "—" if not c else f"[{_fmt(c[0], '.3g')}, {_fmt(c[1], '.3g')}]"
+
+
+def uncertainty_line(budgets: list[dict[str, Any]], image_batches: int | None) -> str | None:
+    """Which sampling uncertainty dominates the intervals, and what narrows them."""
+    shares = [b["var_share_image"] for b in budgets if b.get("var_share_image") is not None]
+    if not shares:
+        return None
+    lo, hi = min(shares), max(shares)
+    span = f"{lo:.0%}" if round(lo, 2) == round(hi, 2) else f"{lo:.0%}–{hi:.0%}"
+    if sum(shares) / len(shares) >= 0.5:
+        now = f", now {image_batches}" if image_batches else ""
+        return (f"the image reference ḡ_img makes up {span} of the variance of A(m): more image batches "
+                f"(--image-batches{now}) narrow the intervals most")
+    return (f"the video batches make up {1 - hi:.0%}–{1 - lo:.0%} of the variance of A(m): more video batches "
+            "(--video-batches) narrow the intervals most")
 
 
 def sketch_line(sk: dict[str, Any] | None, budgets: list[dict[str, Any]]) -> str:
@@ -154,18 +172,27 @@ def render_align(summary: dict[str, Any], console: Console) -> None:
             style=style,
         )
     console.print(t)
+    s = summary["settings"]
+    im = summary["image"]
+    line = uncertainty_line(summary["budgets"], im.get("n_batches"))
+    if line:
+        console.print(line)
+    if any(b.get("mean") is not None and (b.get("norm_img") is None or b.get("norm_vid") is None)
+           for b in summary["budgets"]):
+        console.print("[dim]‖Eg‖ —: the unbiased estimate of ‖E g‖² came out negative (the norm is below the "
+                      "batch noise)[/]")
     ms = summary["m_star"]
     boot = ", ".join(f"{k}: {v:.2f}" for k, v in ms.get("bootstrap", {}).items() if v > 0)
-    console.print(
-        f"m* (empirical, smallest m with mean A(m) ≤ 0): [bold]{ms['empirical'] if ms['empirical'] is not None else 'none in the grid'}[/]"
-        f"   zero crossing (log2 interpolation): {_fmt(ms['zero_crossing'], '.3g')}"
-    )
+    found = ms["empirical"] if ms["empirical"] is not None else "none in the grid"
+    if ms.get("resolved", True):
+        console.print(f"m* (smallest m with mean A(m) ≤ 0): [bold]{found}[/]"
+                      f"   zero crossing (log2 interpolation): {_fmt(ms['zero_crossing'], '.3g')}")
+    else:
+        console.print(f"m*: [bold]not resolved[/] (from the means alone: {found}; {ms.get('resolution')})")
     if boot:
         console.print(f"bootstrap distribution of m*: {boot}")
     if ms.get("note"):
         console.print(f"[dim]{ms['note']}[/]")
-    s = summary["settings"]
-    im = summary["image"]
     console.print(
         f"[dim]{im['n_batches']} image batches in {im['groups']} groups; {s['n_params']:,} parameters in "
         f"{s['n_modules']} modules; intervals carry image-group and video-batch uncertainty[/]"

@@ -47,6 +47,27 @@ EVAL_FILE = "gradprobe_eval.jsonl"
 TRAP_SUMMARY = "trap_summary.json"
 
 
+#: several checkpoints of one run (``gradprobe align --model a,b``)
+CHECKPOINTS_CSV = "checkpoints.csv"
+CHECKPOINTS_JSON = "checkpoints.json"
+#: figures ``gradprobe plot`` draws into a run directory
+FIGURES = ("alignment_curve.png", "modules_heatmap.png", "lookahead.png", "spectra.png", "decompose.png",
+           "checkpoints.png", "trajectory.png", "trap.png")
+#: every file a measuring command writes into its output directory
+RUN_FILES = (SUMMARY, ALIGNMENT, MODULES, MODULE_BATCHES, IMAGES, SKETCHES, DECOMPOSE_BUDGETS, DECOMPOSE_BATCHES,
+             DECOMPOSE_CHECKS, LOOKAHEAD, CURVATURE_MODULES, SPECTRA, CHECKPOINTS_CSV, CHECKPOINTS_JSON, *FIGURES)
+
+
+def clear_run_files(out: str | os.PathLike[str]) -> list[str]:
+    """Remove the files an earlier run wrote into ``out`` (only gradprobe's own, by name), so that a reused
+    output directory never mixes old tables or figures with new ones; return the names removed."""
+    d = Path(out)
+    gone = [n for n in RUN_FILES if (d / n).is_file()]
+    for n in gone:
+        (d / n).unlink()
+    return gone
+
+
 def check_out_dir(out: str | os.PathLike[str], option: str = "out") -> Path:
     """An output directory that can be written: an existing directory, or one that can be created.
 
@@ -172,7 +193,34 @@ def read_align_dir(out_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], pd.
         raise DataError(f"{d / SUMMARY}: not valid JSON ({e})") from None
     if summary.get("schema") != ALIGN_SCHEMA:
         raise DataError(f"{d / SUMMARY}: schema is {summary.get('schema')!r}, expected {ALIGN_SCHEMA!r}")
-    return summary, pd.read_csv(d / ALIGNMENT), pd.read_csv(d / MODULES)
+    tables = []
+    for name in (ALIGNMENT, MODULES):
+        try:
+            tables.append(pd.read_csv(d / name))
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise DataError(f"{d / name}: not a readable table ({str(e).splitlines()[0]})") from None
+    batches, modules = tables
+    _check_rows(d / ALIGNMENT, batches, summary)
+    return summary, batches, modules
+
+
+def _check_rows(path: Path, batches: pd.DataFrame, summary: Mapping[str, Any]) -> None:
+    """``alignment.csv`` holds one whole row per video batch the summary counts (a truncated file does not)."""
+    need = ("frames", "batch", "finite", "value")
+    missing = [c for c in need if c not in batches.columns]
+    if missing:
+        raise DataError(f"{path}: no {missing[0]!r} column; the file is truncated or not gradprobe's")
+    text = path.read_text()
+    rows = list(csv.reader(text.splitlines()))
+    short = next((i for i, r in enumerate(rows[1:], 2) if len(r) != len(rows[0])), None)
+    if short is not None or (text and not text.endswith("\n")):
+        raise DataError(f"{path}:{short or len(rows)}: incomplete row; the file is truncated")
+    for b in summary.get("budgets", []):
+        want = int(b.get("n") or 0) + int(b.get("n_excluded") or 0)
+        got = int((batches["frames"] == b["frames"]).sum()) if len(batches) else 0
+        if got != want:
+            raise DataError(f"{path}: {got} rows at m = {b['frames']}, but {SUMMARY} counts {want} video batches; "
+                            "the file is truncated or from another run")
 
 
 def budget_dir(out: str | os.PathLike[str], m: int) -> Path:

@@ -7,6 +7,8 @@ none are given), builds paired image and video batches, and calls
 
 from __future__ import annotations
 
+import os
+
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 
 from gradprobe._checks import check_positive_int, parse_frames
-from gradprobe.errors import DataError, InputError, ModelError
+from gradprobe.errors import DataError, GradprobeError, InputError, ModelError
 from gradprobe.estimators.align import AlignReport, Progress, align
 from gradprobe.probe.measure import image_group_count, parse_sketch
 from gradprobe.probe.store import resolve_dtype
@@ -245,6 +247,8 @@ def _prepare(opts: RunOptions, log: Callable[[str], None],
     store = ClipStore(video_root, frames, opts.sampler, size_of=sizer.frame_size)
     need_img = opts.batch_size * opts.image_batches
     need_vid = opts.video_batch_size * opts.video_batches
+    _check_budget_fits(sizer, model_dirs[0], store, vid_set.samples[:need_vid], max(frames), opts.video_batch_size,
+                       device, dtype, quadratic=device.type == "cpu" or opts.attn_implementation == "eager")
     good_img = _good(img_set.samples, need_img, load_img, opts.skip_bad, skipped["image"])
     log(f"decoding {min(need_vid, len(vid_set.samples))} clips at {len(frames)} budgets ({opts.sampler} sampler)")
     good_vid = _good(vid_set.samples, need_vid, store.load, opts.skip_bad, skipped["video"])
@@ -276,6 +280,45 @@ def _prepare(opts: RunOptions, log: Callable[[str], None],
     return _Prepared(model_dirs, fams[0], frames, device, dtype, img_chunks, vid_chunks, images, store, meta)
 
 
+def _check_budget_fits(adapter: Any, model_dir: Path, store: Any, samples: Sequence[Any], m: int, batch: int,
+                       device: torch.device, dtype: torch.dtype, quadratic: bool) -> None:
+    """Refuse a budget whose video batch cannot fit the free memory, before any clip is decoded: the
+    adapter's lower bound on its forward and backward (:meth:`Adapter.min_batch_bytes`) for the largest
+    clip among the first ones read.
+
+    Raises:
+        BudgetError: even the lower bound exceeds the free memory of the device.
+    """
+    from transformers import AutoConfig
+
+    from gradprobe.data.video import VideoInfo
+    from gradprobe.errors import BudgetError
+    from gradprobe.probe.measure import _gib, free_bytes
+
+    free = free_bytes(device)
+    sizes: list[VideoInfo] = []
+    for s in samples[:8]:
+        try:
+            sizes.append(store.info(s))
+        except GradprobeError:
+            continue  # reported (or skipped) when the clip is decoded
+    if free is None or not sizes:
+        return
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        return  # reported when the model is loaded
+    h, w = max(((i.height, i.width) for i in sizes), key=lambda hw: hw[0] * hw[1])
+    need = adapter.min_batch_bytes(config, h, w, m, batch, dtype, quadratic_attention=quadratic)
+    if need > free:
+        patches, tokens = adapter.visual_tokens(h, w, m)
+        raise BudgetError(
+            f"frames {m}: a video batch of {batch} clips is {batch * tokens:,} visual tokens ({tokens:,} per clip, "
+            f"{patches:,} vision patches) and needs at least {_gib(need)} for its forward and backward; "
+            f"{device} has {_gib(free)} free. Lower --frames or --video-batch-size"
+        )
+
+
 def _load(opts: RunOptions, prep: _Prepared, model_dir: Path,
           log: Callable[[str], None]) -> tuple[torch.nn.Module, Any, list[Any], dict[int, _LazyBatches]]:
     """Load one checkpoint with its adapter; its image batches and its video batches per budget."""
@@ -298,11 +341,20 @@ def _load(opts: RunOptions, prep: _Prepared, model_dir: Path,
     return model, adapter, images, videos
 
 
+def _fresh_out(out: str | os.PathLike[str] | None, log: Callable[[str], None]) -> None:
+    """Before a run writes into ``out``: the files of an earlier run there are removed (gradprobe's own only)."""
+    from gradprobe.outputs import clear_run_files
+
+    if out is not None and (gone := clear_run_files(out)):
+        log(f"{out}: replacing an earlier run's {', '.join(gone)}")
+
+
 def _align_one(opts: AlignOptions, prep: _Prepared, model_dir: Path, out: str | None, progress: Progress | None,
                log: Callable[[str], None]) -> AlignReport:
     from gradprobe.models.base import batch_info, loss_fn
 
     model, adapter, images, videos = _load(opts, prep, model_dir, log)
+    _fresh_out(out, log)
     meta = dict(prep.meta, model=str(model_dir))
     torch.manual_seed(opts.seed)
     return align(
@@ -386,6 +438,8 @@ def run_align_checkpoints(
 
     log = log or (lambda s: None)
     prep = _prepare(opts, log, progress=progress)
+    if len(prep.model_dirs) > 1:
+        _fresh_out(opts.out, log)
     if len(prep.model_dirs) == 1:
         return [(checkpoint_label(prep.model_dirs[0], 0),
                  _align_one(opts, prep, prep.model_dirs[0], opts.out, progress, log))]
@@ -396,9 +450,9 @@ def run_align_checkpoints(
         reports.append((label, _align_one(opts, prep, d, str(out / label) if out else None, progress, log)))
         if out is not None:
             pd.DataFrame([_checkpoint_row(lab, r.summary["meta"]["model"], b)
-                          for lab, r in reports for b in r.summary["budgets"]]).to_csv(out / "checkpoints.csv",
+                          for lab, r in reports for b in r.summary["budgets"]]).to_csv(out / io.CHECKPOINTS_CSV,
                                                                                       index=False)
-            io.write_json(out / "checkpoints.json", {
+            io.write_json(out / io.CHECKPOINTS_JSON, {
                 "schema": "gradprobe.align-checkpoints/1",
                 "checkpoints": [{"label": lab, "model": r.summary["meta"]["model"], "m_star": r.summary["m_star"]}
                                 for lab, r in reports],
@@ -452,6 +506,7 @@ def run_curvature(
         raise InputError("model: curvature measures one checkpoint; give one --model")
     prep = _prepare(opts, log, progress=progress)
     model, adapter, images, videos = _load(opts, prep, prep.model_dirs[0], log)
+    _fresh_out(opts.out, log)
     torch.manual_seed(opts.seed)
     return curvature(
         model, images, videos, loss_fn,
@@ -522,6 +577,7 @@ def run_decompose(
     m0 = prep.family.adapter_class().min_budget()
     extra = m0 if opts.shared == "smallest" and m0 not in grid else None
     model, adapter, images, videos = _load(opts, prep, prep.model_dirs[0], log)
+    _fresh_out(opts.out, log)
     shared: Any
     if opts.shared == "smallest":
         shared = videos.pop(extra) if extra is not None else None

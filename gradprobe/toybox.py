@@ -109,6 +109,18 @@ def default_cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "gradprobe"
 
 
+def share_modes(root: str | os.PathLike[str]) -> None:
+    """Give every file and directory under ``root`` the modes the umask allows (some writers, e.g. the
+    weights' ``save_pretrained``, create files readable by their owner only; a cache shared between users
+    would then look incomplete to the others)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for d, dirs, files in os.walk(root):
+        os.chmod(d, 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o666 & ~umask)
+
+
 def ensure_toy(
     spec: ToySpec | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -144,6 +156,7 @@ def ensure_toy(
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout carries results only
         info = _build(spec, tmp, log, progress)
     (tmp / "toy.json").write_text(json.dumps(info, indent=2) + "\n")
+    share_modes(tmp)
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)

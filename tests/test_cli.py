@@ -409,3 +409,103 @@ def test_help_shows_no_type_after_flags():
     r = runner.invoke(app, ["align", "--help"], env={"COLUMNS": "200"})
     assert r.exit_code == 0 and "--json" in r.output and "--skip-bad" in r.output
     assert "<bool>" not in r.output and "<int>" in r.output
+
+
+def test_a_budget_too_large_to_fit_is_refused_with_numbers(tiny_toy, tmp_path):
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["align", "--frames", "8,100000", *_paths(tiny_toy), *SMALL, "--out", str(out)],
+                      env={"COLUMNS": "400"})
+    assert_one_line_error(r, "frames 100000: a video batch of 2 clips is 1,600,000 visual tokens (800,000 per clip")
+    assert "GiB for its forward and backward" in r.output and "Lower --frames or --video-batch-size" in r.output
+    assert not out.exists() or not any(out.iterdir())  # refused before anything was measured
+
+
+@pytest.fixture(scope="module")
+def align_out(tiny_toy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("align") / "out"
+    r = runner.invoke(app, ["align", "--frames", "2,4", *_paths(tiny_toy), *SMALL, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert runner.invoke(app, ["plot", str(out)]).exit_code == 0
+    return out
+
+
+def test_a_reused_out_holds_only_the_new_run(tiny_toy, align_out, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(align_out, out)
+    (out / "notes.txt").write_text("mine")
+    assert (out / "alignment_curve.png").is_file()
+    r = runner.invoke(app, ["align", "--frames", "2", *_paths(tiny_toy), *SMALL, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert not (out / "alignment_curve.png").exists() and not (out / "modules_heatmap.png").exists()
+    assert set(pd.read_csv(out / "alignment.csv")["frames"]) == {2}
+    assert (out / "notes.txt").read_text() == "mine"  # not gradprobe's: kept
+
+
+@pytest.mark.parametrize("cut", ["last_row", "mid_row"])
+def test_plot_of_a_truncated_table_is_an_error(align_out, tmp_path, cut):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(align_out, out)
+    text = (out / "alignment.csv").read_text()
+    lines = text.splitlines(keepends=True)
+    (out / "alignment.csv").write_text("".join(lines[:-1]) if cut == "last_row" else text[: len(text) - len(lines[-1]) // 2 - 40])
+    r = runner.invoke(app, ["plot", str(out)], env={"COLUMNS": "300"})
+    assert_one_line_error(r, "truncated")
+
+
+def test_plot_title_of_an_interrupted_run_counts_what_was_measured():
+    from gradprobe.report.plots import alignment_curve
+
+    budgets = [{"frames": 2, "n": 6, "mean": 1.0, "ci95_t": [0.5, 1.5]}, {"frames": 4, "n": 2, "mean": 0.5, "ci95_t": None}]
+    batches = pd.DataFrame({"frames": [2] * 6 + [4] * 2, "value": [1.0] * 8, "finite": [True] * 8})
+    ax = alignment_curve({"budgets": budgets, "m_star": {}, "complete": False}, batches)
+    assert ax.get_title() == ("image–video gradient alignment (video batches per budget: 6 at m = 2, 2 at m = 4; "
+                              "interrupted, partial)")
+
+
+def _summary(means, cis, shares, norm=1.0):
+    from gradprobe.estimators import stats
+
+    budgets = [{"frames": m, "n": 12, "mean": a, "stderr": 1.0, "ci95_t": c, "ci95_boot": c, "frac_negative": 0.95,
+                "mean_cos": -0.0, "norm_img": norm, "norm_vid": None, "var_share_image": s}
+               for m, a, c, s in zip((8, 16, 32), means, cis, shares)]
+    emp = stats.empirical_m_star([8, 16, 32], means)
+    resolved, why = stats.m_star_resolved(budgets, emp)
+    return {"budgets": budgets, "m_star": {"empirical": emp, "bootstrap": {"8": 0.4, "none": 0.6},
+                                          "zero_crossing": None, "resolved": resolved, "resolution": why},
+            "settings": {"n_params": 10, "n_modules": 2}, "image": {"n_batches": 8, "groups": 8}, "warnings": []}
+
+
+def test_the_table_says_what_is_known():
+    """Every interval spans 0 while most batches are negative: m* is not resolved, the dominant uncertainty and
+    what narrows it are named, "—" is explained, and no "-0" is printed."""
+    from rich.console import Console
+
+    from cli.main import render_align
+
+    c = Console(record=True, width=200)
+    render_align(_summary([-0.5, -0.6, -0.7], [[-2, 1], [-2, 1], [-2, 1]], [0.9, 0.85, 0.8]), c)
+    text = c.export_text()
+    assert "m*: not resolved (from the means alone: 8; A(8) ≤ 0 but its interval reaches 0 or above)" in text
+    assert "the image reference ḡ_img makes up 80%–90% of the variance of A(m): more image batches " \
+           "(--image-batches, now 8) narrow the intervals most" in text
+    assert "‖Eg‖ —: the unbiased estimate of ‖E g‖² came out negative" in text
+    assert "-0 " not in text and "-0." not in text.replace("-0.5", "").replace("-0.6", "").replace("-0.7", "")
+    c = Console(record=True, width=200)
+    render_align(_summary([0.5, -0.6, -0.7], [[0.2, 0.8], [-1, -0.2], [-1, -0.3]], [0.2, 0.3, 0.1]), c)
+    text = c.export_text()
+    assert "m* (smallest m with mean A(m) ≤ 0): 16" in text and "not resolved" not in text
+    assert "the video batches make up 70%–90% of the variance of A(m): more video batches (--video-batches)" in text
+
+
+def test_heatmap_colour_bar_and_rows_are_labelled(align_out):
+    from gradprobe.outputs import read_align_dir
+    from gradprobe.report.plots import module_heatmap
+
+    _, _, modules = read_align_dir(align_out)
+    ax = module_heatmap(modules)
+    assert ax.collections[0].colorbar.ax.get_ylabel() == "cosine with ḡ_img; < 0 = conflict"
+    assert ax.get_ylabel().startswith("module")

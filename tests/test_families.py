@@ -449,3 +449,22 @@ def test_sft_trains_every_family(family, world, ckpt, tmp_path):
     after, _ = cls.load(out / "final")
     moved = [k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
     assert any("language_model" in k for k in moved) and any("vision" in k or "visual" in k for k in moved)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_visual_token_estimate_equals_the_processor(family, world, ckpt):
+    """The count the memory check uses, from the processor's settings alone, equals the visual tokens the
+    processor writes (so a budget too large to fit is refused with the right numbers)."""
+    from transformers import AutoProcessor
+
+    from gradprobe.data.clips import ClipStore
+    from gradprobe.models.base import batch_info
+
+    adapter = family_for(ckpt(family)).adapter_class()(AutoProcessor.from_pretrained(ckpt(family)))
+    vids = read_samples(world / "probe_videos.jsonl").samples[:1]
+    store = ClipStore(world, [2, 8], size_of=adapter.frame_size)
+    info = store.info(vids[0])
+    for m in (2, 8):
+        got = batch_info(adapter.collate(vids, store=store, m=m))
+        key = "image_visual_tokens" if family == "llava" else "video_visual_tokens"
+        assert adapter.visual_tokens(info.height, info.width, m)[1] == got[key], (m, got)

@@ -49,13 +49,43 @@ def test_odd_budget_is_refused():
         toy.ToyAdapter.check_budget(7)
 
 
-def test_building_the_toy_writes_nothing_to_stdout(tmp_path, capsys):
-    """The toy is built on the first run of the default command; its training logs go to stderr."""
+def test_building_the_toy_writes_nothing_to_stdout_and_reports_progress(tmp_path, capsys):
+    """The toy is built on the first run of the default command: nothing on stdout (the results' place), and
+    progress through the Progress phases (the CLI's bar) instead of the Trainer's printed loss dicts."""
     from conftest import TINY_TOY
 
+    from gradprobe.probe.measure import Progress
     from gradprobe.toybox import ToySpec, ensure_toy
 
-    ensure_toy(ToySpec(**{**TINY_TOY, "steps": 2}), tmp_path)
+    class Record(Progress):
+        def __init__(self):
+            self.totals, self.steps = {}, {}
+
+        def start(self, phase, total):
+            self.totals[phase], self.steps[phase] = total, 0
+
+        def advance(self, phase):
+            self.steps[phase] += 1
+
+    rec = Record()
+    spec = ToySpec(**{**TINY_TOY, "steps": 3})
+    ensure_toy(spec, tmp_path, progress=rec)
     out = capsys.readouterr()
     assert out.out == "", out.out[:500]
-    assert "loss" in out.err
+    assert "{'loss'" not in out.err
+    files = sum(getattr(spec, f"n_{s}_{k}") for s in ("train", "eval", "probe") for k in ("images", "videos"))
+    assert rec.totals == {"building the toy: data": files, "building the toy: image stage": 3}
+    assert rec.steps == rec.totals
+
+
+def test_cache_files_follow_the_umask(tiny_toy):
+    """Every cached file gets the modes the umask allows (the weights' writer makes them owner-only)."""
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.relative_to(tiny_toy.root): stat.S_IMODE(p.stat().st_mode) for p in tiny_toy.root.rglob("*")}
+    assert (tiny_toy.root / "model" / "model.safetensors").exists()
+    bad = {p: oct(m) for p, m in modes.items() if m != ((0o777 if (tiny_toy.root / p).is_dir() else 0o666) & ~umask)}
+    assert not bad, bad

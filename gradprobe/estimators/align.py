@@ -378,6 +378,9 @@ def _finalize(
                 "mean": ci.mean,
                 "stderr": ci.stderr,
                 "df": ci.df,
+                # the share of the sampling variance due to the image reference ḡ_img (the rest: the video batches)
+                "var_share_image": (plain.var_image / (plain.var_image + plain.var_video)
+                                    if plain.var_image is not None and plain.var_image + plain.var_video > 0 else None),
                 "ci95_t": list(ci.ci_t) if ci.ci_t else None,
                 "ci95_boot": list(boot_ci) if boot_ci else None,
                 "frac_negative": float(np.mean(d < 0)),
@@ -436,6 +439,7 @@ def _finalize(
         "zero_crossing": stats.zero_crossing(mframes, means) if means else None,
     }
     if means:
+        m_star["resolved"], m_star["resolution"] = stats.m_star_resolved(budgets, m_star["empirical"])
         if m_star["empirical"] is None:
             m_star["note"] = "no sign change in the grid: mean alignment is > 0 at every budget"
         elif m_star["zero_crossing"] is None:

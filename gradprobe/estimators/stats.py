@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import stats as _st
@@ -39,6 +40,9 @@ class MeanCI:
     stderr: float | None
     df: float | None
     ci_t: tuple[float, float] | None
+    #: the sampling variance of the mean from the video batches and from the image groups (ḡ_img)
+    var_video: float | None = None
+    var_image: float | None = None
 
 
 def _var(x: np.ndarray) -> float:
@@ -67,10 +71,11 @@ def two_way_mean(D: np.ndarray, confidence: float = 0.95, extra_var: float = 0.0
     se = math.sqrt(v)
     denom = sum(t * t / d for t, d in terms)
     df = (v * v / denom) if denom > 0 else float(J - 1)
+    parts = {"var_video": terms[0][0], "var_image": terms[1][0] if G >= 2 else None}
     if se == 0.0:
-        return MeanCI(J, G, mean, 0.0, df, (mean, mean))
+        return MeanCI(J, G, mean, 0.0, df, (mean, mean), **parts)
     q = float(_st.t.ppf(0.5 + confidence / 2, df))
-    return MeanCI(J, G, mean, se, df, (mean - q * se, mean + q * se))
+    return MeanCI(J, G, mean, se, df, (mean - q * se, mean + q * se), **parts)
 
 
 def joint_bootstrap(
@@ -178,6 +183,29 @@ def empirical_m_star(frames: Sequence[int], means: Sequence[float]) -> int | Non
         if math.isfinite(a) and a <= 0:
             return int(m)
     return None
+
+
+def m_star_resolved(budgets: Sequence[Mapping[str, Any]], m_star: int | None) -> tuple[bool, str]:
+    """Whether the 95% intervals resolve the empirical m*, and why.
+
+    m* is resolved when A(m*)'s interval lies below 0 and the interval at the next smaller budget lies
+    above 0 (or m* is the grid's smallest budget); "no m* in the grid" is resolved when every interval
+    lies above 0. Budgets without an interval resolve nothing.
+    """
+    ci: dict[int, Any] = {int(b["frames"]): b.get("ci95_t") for b in sorted(
+        (b for b in budgets if b.get("mean") is not None), key=lambda b: int(b["frames"]))}
+    if m_star is None:
+        open_ = [m for m, c in ci.items() if not c or c[0] <= 0]
+        if open_:
+            return False, f"mean A > 0 at every budget, but the interval at m = {open_[0]} reaches 0 or below"
+        return True, "every interval lies above 0"
+    c = ci.get(m_star)
+    if not c or c[1] >= 0:
+        return False, f"A({m_star}) ≤ 0 but its interval reaches 0 or above"
+    smaller = [m for m in ci if m < m_star]
+    if smaller and (not ci[smaller[-1]] or ci[smaller[-1]][0] <= 0):
+        return False, f"the interval at m = {smaller[-1]}, the budget before, reaches 0 or below"
+    return True, f"A({m_star})'s interval lies below 0" + (f" and A({smaller[-1]})'s above 0" if smaller else "")
 
 
 def zero_crossing(frames: Sequence[int], means: Sequence[float]) -> float | None:

@@ -213,6 +213,36 @@ class Adapter:
         """The (height, width) every frame of an h×w clip gets at budget m; None keeps it."""
         return None
 
+    def visual_tokens(self, h: int, w: int, m: int) -> tuple[int, int]:
+        """(patches the vision tower encodes, visual tokens the language model reads) for one h×w clip at
+        budget m, from the processor's settings, without running it."""
+        raise NotImplementedError
+
+    def min_batch_bytes(self, config: Any, h: int, w: int, m: int, batch: int, dtype: torch.dtype,
+                        quadratic_attention: bool = True) -> int:
+        """A lower bound on the memory one video batch needs for its forward and backward: the inputs every
+        linear layer keeps for the backward (4·d + 3·d_ff values per token and layer, in the vision tower
+        for its patches and in the language model for the visual tokens alone), the language model's
+        attention probabilities (heads · s² per layer, with s the visual tokens alone) when the attention
+        kernel keeps them (eager, and SDPA on the CPU; not flash or memory-efficient kernels), plus the
+        float32 pixels."""
+        patches, tokens = self.visual_tokens(h, w, m)
+        elem = torch.tensor([], dtype=dtype).element_size()
+
+        def per_token(cfg: Any) -> int:
+            d = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "embed_dim", 0) or 0)
+            ff = int(getattr(cfg, "intermediate_size", 0) or 4 * d)
+            layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "depth", 0) or 0)
+            return (4 * d + 3 * ff) * layers
+
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        vision = getattr(config, "vision_config", None)
+        act = tokens * per_token(text) + (patches * per_token(vision) if vision is not None else 0)
+        if quadratic_attention:
+            act += int(getattr(text, "num_attention_heads", 1)) * tokens * tokens * int(text.num_hidden_layers)
+        fh, fw = self.frame_size(h, w, m) or (h, w)
+        return batch * (act * elem + m * fh * fw * 3 * 4)
+
     # ------------------------------------------------------------------ collation
     def content(self, kind: str, m: int | None) -> list[dict[str, Any]]:
         """The chat-template content items standing for one image or one video of m frames."""

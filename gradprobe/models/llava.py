@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from gradprobe.models.llava_next_video import LLAVA_ROLES, LlavaNextVideoAdapter
+from gradprobe.models.llava_next_video import LLAVA_ROLES, LlavaNextVideoAdapter, _crop_pixels
 
 
 class LlavaAdapter(LlavaNextVideoAdapter):
@@ -22,6 +22,10 @@ class LlavaAdapter(LlavaNextVideoAdapter):
 
     def content(self, kind: str, m: int | None) -> list[dict[str, Any]]:
         return [{"type": "image"}] * (m if kind == "video" and m else 1)
+
+    def visual_tokens(self, h: int, w: int, m: int) -> tuple[int, int]:
+        grid = _crop_pixels(self._frame_processor()) // int(self.processor.patch_size) ** 2
+        return m * (grid + 1), m * grid  # every frame a whole image (its CLS token dropped)
 
     def media_kwargs(self, kind: str, media: list[Any], clips: list[Any]) -> dict[str, Any]:
         if kind == "image":

@@ -53,5 +53,9 @@ class LlavaNextVideoAdapter(Adapter):
         s = e / min(h, w)
         return max(e, round(h * s)), max(e, round(w * s))
 
+    def visual_tokens(self, h: int, w: int, m: int) -> tuple[int, int]:
+        grid = _crop_pixels(self._frame_processor()) // int(self.processor.patch_size) ** 2
+        return m * grid, m * grid // 4  # frames pooled 2×2 (spatial_pool_stride 2)
+
     def frame_pixels_seen(self, batch: Mapping[str, Any], kind: str, media: list[Any], clips: list[Any]) -> int:
         return _crop_pixels(self.processor.image_processor if kind == "image" else self._frame_processor())

@@ -46,6 +46,17 @@ class Qwen2_5_VLAdapter(Adapter):
             cap = min(cap, total * self.temporal_patch // m)
         return smart_resize(h, w, f, f * f, max(cap, f * f))
 
+    def visual_tokens(self, h: int, w: int, m: int) -> tuple[int, int]:
+        vp = self.processor.video_processor
+        p, merge = int(vp.patch_size), int(getattr(vp, "merge_size", 2))
+        size = self.frame_size(h, w, m)
+        if size is None:  # the processor sizes the frames itself
+            f = p * merge
+            size = smart_resize(h, w, f, int(getattr(vp, "min_pixels", None) or f * f),
+                                int(getattr(vp, "max_pixels", None) or h * w))
+        patches = -(-m // self.temporal_patch) * (size[0] // p) * (size[1] // p)
+        return patches, patches // (merge * merge)
+
     def media_kwargs(self, kind: str, media: list[Any], clips: list[Any]) -> dict[str, Any]:
         if kind == "image":
             return {"images": media, "return_mm_token_type_ids": True}

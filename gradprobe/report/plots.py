@@ -52,16 +52,21 @@ def alignment_curve(summary: dict[str, Any], batches: pd.DataFrame, ax: Any = No
     ax.axhline(0.0, color="k", lw=0.8, ls="--")
     ms = summary.get("m_star") or {}
     if ms.get("empirical") is not None:
-        ax.axvline(ms["empirical"], color="C3", lw=1.2, ls=":", label=f"m* = {ms['empirical']} (empirical)")
+        resolved = ms.get("resolved", True)
+        ax.axvline(ms["empirical"], color="C3", lw=2.5, ls="--" if resolved else ":", zorder=3,
+                   label=f"m* = {ms['empirical']}" + (" (empirical)" if resolved else " (from the means; not resolved)"))
     if ms.get("zero_crossing") is not None:
-        ax.axvline(ms["zero_crossing"], color="C1", lw=1.0, ls="-.", label=f"zero crossing ≈ {ms['zero_crossing']:.1f}")
+        ax.axvline(ms["zero_crossing"], color="C1", lw=1.5, ls="-.", label=f"zero crossing ≈ {ms['zero_crossing']:.1f}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(fr)
     ax.set_xticklabels([str(f) for f in fr])
     ax.set_xlabel("frame budget m")
     ax.set_ylabel("⟨ḡ_img, g_vid⟩ per video batch")
-    n = rows[0]["n"]
-    ax.set_title(f"image–video gradient alignment ({n} video batches per budget)")
+    counts = sorted({b["n"] for b in rows})
+    per = f"{counts[0]} video batches per budget" if len(counts) == 1 else \
+        "video batches per budget: " + ", ".join(f"{b['n']} at m = {b['frames']}" for b in rows)
+    done = "" if summary.get("complete", True) else "; interrupted, partial"
+    ax.set_title(f"image–video gradient alignment ({per}{done})", fontsize=10)
     ax.legend(fontsize=8, loc="best")
     return ax
 
@@ -77,10 +82,11 @@ def module_heatmap(modules: pd.DataFrame, ax: Any = None, value: str = "mean_cos
         _, ax = plt.subplots(figsize=(1.2 * table.shape[1] + 4, 0.32 * table.shape[0] + 1.5))
     finite = table.abs().stack()
     vmax = float(finite.max()) if len(finite) and math.isfinite(float(finite.max())) else 1.0
+    label = "cosine with ḡ_img; < 0 = conflict" if value == "mean_cos" else f"{value.replace('_', ' ')}; < 0 = conflict"
     sns.heatmap(table, cmap="RdBu_r", center=0.0, vmin=-vmax, vmax=vmax, annot=table.shape[0] <= 30, fmt=".2f",
-                cbar_kws={"label": value}, ax=ax)
+                cbar_kws={"label": label}, ax=ax)
     ax.set_xlabel("frame budget m")
-    ax.set_ylabel("")
+    ax.set_ylabel("module (vision blocks, merger / projector, language layers, head)")
     ax.set_title(f"per-module {value.replace('_', ' ')} with ḡ_img")
     return ax
 
