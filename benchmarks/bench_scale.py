@@ -130,7 +130,7 @@ def _imports() -> None:
     import transformers  # noqa: F401
     from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: F401
 
-    import gradprobe.models.qwen2_5_vl  # noqa: F401
+    import gradprobe.models.qwen2_5_vl
     import gradprobe.run  # noqa: F401
 
 

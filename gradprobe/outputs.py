@@ -6,6 +6,7 @@ module and nothing of each other. It imports nothing of gradprobe but its errors
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -92,10 +93,8 @@ def _clean(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_clean(v) for v in x]
     if hasattr(x, "item") and not isinstance(x, (str, bytes)):
-        try:
+        with contextlib.suppress(ValueError, AttributeError):
             x = x.item()
-        except (ValueError, AttributeError):
-            pass
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x

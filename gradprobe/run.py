@@ -8,7 +8,6 @@ none are given), builds paired image and video batches, and calls
 from __future__ import annotations
 
 import os
-
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field

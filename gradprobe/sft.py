@@ -140,9 +140,8 @@ def run_sft(opts: SFTOptions, log: Any = None, progress: Any = None) -> dict[str
     frames_of = read_manifest(opts.manifest) if opts.manifest else {}
     if opts.frames is None and not frames_of:
         raise InputError("give --frames or --manifest")
-    if opts.eval_image_data or opts.eval_video_data:
-        if not (opts.eval_image_data and opts.eval_video_data):
-            raise InputError("give both --eval-image-data and --eval-video-data")
+    if bool(opts.eval_image_data) != bool(opts.eval_video_data):
+        raise InputError("give both --eval-image-data and --eval-video-data")
     given = [opts.model, opts.video_data, opts.image_probe]
     if any(given) and not all(given):
         raise InputError("give all of --model, --video-data and --image-probe, or none of them for the toy default")

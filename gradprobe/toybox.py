@@ -115,7 +115,7 @@ def share_modes(root: str | os.PathLike[str]) -> None:
     would then look incomplete to the others)."""
     umask = os.umask(0)
     os.umask(umask)
-    for d, dirs, files in os.walk(root):
+    for d, _, files in os.walk(root):
         os.chmod(d, 0o777 & ~umask)
         for f in files:
             os.chmod(os.path.join(d, f), 0o666 & ~umask)

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import TinyNet, make_batches, tiny_loss  # noqa: E402
+from conftest import TinyNet, make_batches, tiny_loss
 
 from gradprobe.errors import InputError
-from gradprobe.train.monitor import AlignmentMonitor  # noqa: E402
+from gradprobe.train.monitor import AlignmentMonitor
 
 STEPS, GROUPS = 5, 4
 

@@ -127,7 +127,7 @@ def test_resume_appends_without_duplicates(tiny_toy, tmp_path):
     again = [json.loads(x) for x in path.read_text().splitlines()]
     assert [r["step"] for r in again] == [0, 1, 2, 3]
     assert again[:2] == first[:2]
-    for a, b in zip(again[2:], first[2:]):
+    for a, b in zip(again[2:], first[2:], strict=False):
         assert a["alignment"] == pytest.approx(b["alignment"], rel=1e-4)
 
 
@@ -153,7 +153,7 @@ def test_multi_budget_probe_along_the_run(tiny_toy, tmp_path):
     # and the run itself is unchanged by the probing
     plain, model_b, _ = _trainer(tiny_toy, tmp_path / "b", steps=4)
     plain.train()
-    for (k, va), (_, vb) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
+    for (k, va), (_, vb) in zip(model_a.state_dict().items(), model_b.state_dict().items(), strict=False):
         assert torch.equal(va, vb), k
 
 

@@ -73,9 +73,9 @@ def test_json_on_a_fresh_cache_is_only_json(tmp_path):
     from pathlib import Path
 
     tests = str(Path(__file__).resolve().parent)
-    code = ("import sys; sys.path.insert(0, %r); from conftest import TINY_TOY; import gradprobe.run as r; "
+    code = (f"import sys; sys.path.insert(0, {tests!r}); from conftest import TINY_TOY; import gradprobe.run as r; "
             "from gradprobe.toybox import ToySpec; r.DEFAULT_TOY = ToySpec(**TINY_TOY); from cli.main import main; "
-            "sys.argv = ['gradprobe', 'align', '--frames', '2,4', *%r, '--json']; main()") % (tests, SMALL)
+            f"sys.argv = ['gradprobe', 'align', '--frames', '2,4', *{SMALL!r}, '--json']; main()")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=900,
                          env={**os.environ, "GRADPROBE_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -97,7 +97,7 @@ def test_roles_select_parameters(tiny_toy, tmp_path):
 
 def test_default_toy_path(tiny_toy, tmp_path, monkeypatch):
     """No --model/--data: the cached toy default is used (here the tiny one)."""
-    monkeypatch.setattr(gradprobe.run, "DEFAULT_TOY", ToySpec(**{**tiny_toy.spec.__dict__}))
+    monkeypatch.setattr(gradprobe.run, "DEFAULT_TOY", ToySpec(**tiny_toy.spec.__dict__))
     r = runner.invoke(app, ["align", "--frames", "2,4", *SMALL, "--cache-dir", str(tiny_toy.root.parent),
                             "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
@@ -226,7 +226,7 @@ CURV = ["--image-batches", "2", "--batch-size", "4", "--video-batches", "2", "--
 
 def test_curvature_end_to_end(tiny_toy, tmp_path, monkeypatch):
     """`gradprobe curvature` on the toy default: β, q, η0 and predicted vs actual ΔL per budget."""
-    monkeypatch.setattr(gradprobe.run, "DEFAULT_TOY", ToySpec(**{**tiny_toy.spec.__dict__}))
+    monkeypatch.setattr(gradprobe.run, "DEFAULT_TOY", ToySpec(**tiny_toy.spec.__dict__))
     out = tmp_path / "curv"
     r = runner.invoke(app, ["curvature", "--frames", "2,4", "--lr", "1e-4,1e-3", *CURV, "--trace-samples", "3",
                             "--cache-dir", str(tiny_toy.root.parent), "--out", str(out)], env={"COLUMNS": "250"})
@@ -279,7 +279,7 @@ DEC = ["--image-batches", "4", "--batch-size", "4", "--video-batches", "4", "--v
 
 def test_decompose_end_to_end(tiny_toy, tmp_path, monkeypatch):
     """`gradprobe decompose` on the toy default: α(m), ρ_sh, ρ_tmp, the checks and both m*; then its plot."""
-    monkeypatch.setattr(gradprobe.run, "DEFAULT_TOY", ToySpec(**{**tiny_toy.spec.__dict__}))
+    monkeypatch.setattr(gradprobe.run, "DEFAULT_TOY", ToySpec(**tiny_toy.spec.__dict__))
     out = tmp_path / "dec"
     r = runner.invoke(app, ["decompose", "--frames", "2,4,8", *DEC, "--cache-dir", str(tiny_toy.root.parent),
                             "--out", str(out)], env={"COLUMNS": "250"})
@@ -471,7 +471,7 @@ def _summary(means, cis, shares, norm=1.0):
 
     budgets = [{"frames": m, "n": 12, "mean": a, "stderr": 1.0, "ci95_t": c, "ci95_boot": c, "frac_negative": 0.95,
                 "mean_cos": -0.0, "norm_img": norm, "norm_vid": None, "var_share_image": s}
-               for m, a, c, s in zip((8, 16, 32), means, cis, shares)]
+               for m, a, c, s in zip((8, 16, 32), means, cis, shares, strict=False)]
     emp = stats.empirical_m_star([8, 16, 32], means)
     resolved, why = stats.m_star_resolved(budgets, emp)
     return {"budgets": budgets, "m_star": {"empirical": emp, "bootstrap": {"8": 0.4, "none": 0.6},

@@ -408,7 +408,10 @@ def planted_loss(model, batch):
 
 def _planted_batches():
     g = torch.Generator().manual_seed(1)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
     B = sym(8, np.linspace(-0.5, 2.0, 8), 5)
     u = r(8) / math.sqrt(8)
     images = [{"kind": "image", "a": r(8), "B": B, "u": u, "c": 0.7, "input_ids": torch.zeros(2, 1)} for _ in range(2)]

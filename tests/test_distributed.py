@@ -32,7 +32,7 @@ def _close(a, b, rel=1e-6, path=""):
             _close(a[k], b[k], rel, f"{path}.{k}")
     elif isinstance(a, list):
         assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):
             _close(x, y, rel, f"{path}[{i}]")
     elif isinstance(a, float):
         assert math.isclose(a, b, rel_tol=rel, abs_tol=1e-12), f"{path}: {a} vs {b}"

@@ -199,7 +199,7 @@ def test_align_matches_float64_brute_force_with_gradless_parameters(world, ckpt)
 
     def grad(b):
         g = torch.autograd.grad(model(**strip_info(b)).loss, params, allow_unused=True)
-        return torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)])
+        return torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params, strict=False)])
 
     g_img = (grad(ib[0]) + grad(ib[1])) / 2
     for m in (2, 4):

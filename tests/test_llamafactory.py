@@ -49,7 +49,7 @@ def test_probe_batches_are_formatted_by_llamafactory(tiny_toy, lf_data, tmp_path
     feats = probe_features(_args(tiny_toy, lf_data, tmp_path / "p"), "shapesworld_probe_images", 4)
     tok = tiny_toy.load()[1].tokenizer
     records = json.loads((lf_data / "shapesworld_probe_images.json").read_text())
-    for f, rec in zip(feats, records):
+    for f, rec in zip(feats, records, strict=False):
         tokens = tok.convert_ids_to_tokens(f["input_ids"])
         # the qwen2_vl template: its default system turn, then the image, the question and the labelled answer
         assert tokens[:2] == ["<|im_start|>", "system"] and "<|vision_start|>" in tokens

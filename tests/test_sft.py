@@ -112,7 +112,7 @@ def test_evaluation_does_not_change_the_run(tiny_toy, tmp_path):
     assert runner.invoke(app, ev).exit_code == 0
     a, _ = ToyAdapter.load(tmp_path / "x" / "final")
     b, _ = ToyAdapter.load(tmp_path / "y" / "final")
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=False):
         assert ka == kb and torch.equal(va, vb), ka
 
 
@@ -127,5 +127,5 @@ def test_sft_lora_resumes(tiny_toy, tmp_path):
     a = [json.loads(x) for x in (whole / "gradprobe_trajectory.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (part / "gradprobe_trajectory.jsonl").read_text().splitlines()]
     assert [x["step"] for x in b] == [0, 2]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         assert y["alignment"] == pytest.approx(x["alignment"], rel=1e-5, abs=1e-9)

@@ -74,7 +74,7 @@ def test_blink_m_min_matches_the_sampler():
 
         starts = np.flatnonzero(on & ~np.concatenate([[False], on[:-1]]))
 
-        def countable(m):
+        def countable(m, on=on, n=n, starts=starts):
             idx = uniform_indices(len(on), m)
             seen = on[idx]
             runs = int(np.sum(seen[1:] & ~seen[:-1]) + seen[0])

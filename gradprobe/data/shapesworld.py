@@ -139,7 +139,7 @@ def image_sample(rng: np.random.Generator) -> tuple[np.ndarray, str, str, str, t
     return draw(shapes), f"is the {s.colour} {s.kind} on the left or the right ?", side, "position", SIDES
 
 
-def _m_min(answerable: "callable[[np.ndarray], bool]", total: int = VIDEO_FRAMES) -> int:
+def _m_min(answerable: callable[[np.ndarray], bool], total: int = VIDEO_FRAMES) -> int:
     """Smallest m whose uniform sample of frame indices makes the question answerable."""
     for m in range(1, 4 * total + 1):
         if answerable(uniform_indices(total, m)):

@@ -24,7 +24,7 @@ def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: int = 8) ->
         try:
             stream = container.add_stream("libx264", rate=fps)
             stream.options = {"crf": "12", "preset": "veryfast"}
-        except Exception:  # noqa: BLE001 - codec availability depends on the PyAV build
+        except Exception:
             stream = container.add_stream("mpeg4", rate=fps)
             stream.bit_rate = 2_000_000
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"

@@ -53,13 +53,13 @@ MIN_GOOD_GROUPS = 4
 class Progress:
     """Progress callbacks; the default does nothing. The CLI passes a rich-backed one."""
 
-    def start(self, phase: str, total: int | None) -> None:  # noqa: D102
+    def start(self, phase: str, total: int | None) -> None:
         pass
 
-    def advance(self, phase: str) -> None:  # noqa: D102
+    def advance(self, phase: str) -> None:
         pass
 
-    def finish(self, phase: str) -> None:  # noqa: D102
+    def finish(self, phase: str) -> None:
         pass
 
 

@@ -120,9 +120,8 @@ def select_parameters(
         InputError: bad regex, unknown role, roles without ``role_of``, or nothing selected.
     """
     inc, exc, roles = check_selection(include, exclude, roles)
-    if roles:
-        if role_of is None:
-            raise InputError("roles: this model has no adapter that declares parameter roles; use include/exclude")
+    if roles and role_of is None:
+        raise InputError("roles: this model has no adapter that declares parameter roles; use include/exclude")
     module_of = module_of or default_module_of
     names, params, modules, rl = [], [], [], []
     seen: set[int] = set()
