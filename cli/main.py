@@ -631,12 +631,12 @@ def trap(
 @command
 def models() -> None:
     """List the supported model families, their HF architecture strings and frame-budget rules."""
-    from gradprobe.models.registry import FAMILIES
+    from gradprobe.models.registry import families
 
     table = Table(title="Supported model families (--model DIR: found by config.json's architectures)")
     for col in ("family", "architectures", "frame budgets", "note"):
         table.add_column(col)
-    for f in FAMILIES:
+    for f in families():
         table.add_row(f.name, ", ".join(f.architectures), f.frames, f.note)
     _wide_console(160).print(table)
 

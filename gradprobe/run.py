@@ -171,7 +171,7 @@ def _prepare(opts: RunOptions, log: Callable[[str], None],
     from gradprobe.data.records import read_samples
     from gradprobe.data.sampling import check_sampler
     from gradprobe.models.base import PixelPolicy, load_image
-    from gradprobe.models.registry import FAMILIES, family_for
+    from gradprobe.models.registry import family_for, family_named
     from gradprobe.outputs import check_out_dir
     from gradprobe.probe.select import check_selection
     from gradprobe.probe.store import check_reference_device
@@ -199,7 +199,7 @@ def _prepare(opts: RunOptions, log: Callable[[str], None],
     given = [models, opts.image_data, opts.video_data]
     if any(given) and not all(given):
         raise InputError("give all of --model, --image-data and --video-data, or none of them for the toy default")
-    fams = [family_for(d) for d in models] if models else [next(f for f in FAMILIES if f.name == "toy")]
+    fams = [family_for(d) for d in models] if models else [family_named("toy")]
     if len({f.name for f in fams}) > 1:
         raise InputError("model: the checkpoints are of different families "
                          f"({', '.join(sorted({f.name for f in fams}))}); give checkpoints of one run")

@@ -124,7 +124,7 @@ def run_sft(opts: SFTOptions, log: Any = None, progress: Any = None) -> dict[str
     from transformers.trainer_utils import get_last_checkpoint
 
     from gradprobe.data.records import read_samples
-    from gradprobe.models.registry import FAMILIES, family_for
+    from gradprobe.models.registry import family_for, family_named
     from gradprobe.run import DEFAULT_TOY, _chunks
     from gradprobe.toybox import ensure_toy
     from gradprobe.train._common import training_args
@@ -161,7 +161,7 @@ def run_sft(opts: SFTOptions, log: Any = None, progress: Any = None) -> dict[str
     if not opts.resume and (out / TRAJECTORY).exists():
         raise InputError(f"{out} already holds a run; use --resume to continue it or another --out")
     # the family decides the budget rule: check every budget before any work
-    family = family_for(opts.model) if opts.model else next(f for f in FAMILIES if f.name == "toy")
+    family = family_for(opts.model) if opts.model else family_named("toy")
     cls = family.adapter_class()
     for m in [*([opts.frames] if opts.frames is not None else []), *frames_of.values(), *grid]:
         cls.check_budget(m)

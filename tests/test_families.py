@@ -258,11 +258,11 @@ def test_unit_roles_and_budget_rules_from_configs():
     """Every parameter of each family gets a role; budget rules as stated (models from configs, not saved)."""
     from gradprobe.errors import BudgetError
     from gradprobe.models import tiny
-    from gradprobe.models.registry import FAMILIES
+    from gradprobe.models.registry import family_named
 
     for fam in FAMILY_NAMES:
         model, proc = tiny._BUILDERS[fam](sw.vocabulary(), 32)
-        family = next(f for f in FAMILIES if f.name == fam)
+        family = family_named(fam)
         cls = family.adapter_class()
         assert family.frames == cls.budget_rule() and cls.architectures == family.architectures
         adapter = cls(proc)
@@ -468,3 +468,40 @@ def test_visual_token_estimate_equals_the_processor(family, world, ckpt):
         got = batch_info(adapter.collate(vids, store=store, m=m))
         key = "image_visual_tokens" if family == "llava" else "video_visual_tokens"
         assert adapter.visual_tokens(info.height, info.width, m)[1] == got[key], (m, got)
+
+
+def test_adapters_register_themselves(tmp_path):
+    """A new family is one decorated class: found by its architecture string, listed with its own facts."""
+    import json
+
+    from gradprobe.errors import ModelError
+    from gradprobe.models import registry
+    from gradprobe.models.clip_vision import ClipVisionAdapter
+    from gradprobe.models.llava import LlavaAdapter
+    from gradprobe.models.llava_next_video import LlavaNextVideoAdapter
+
+    # the built-in families, each with a tiny checkpoint builder; the toy is found by its marker only
+    names = {f.name for f in registry.families()}
+    assert names == {*FAMILY_NAMES, "toy"}
+    assert "Qwen2_5_VLForConditionalGeneration" in registry.supported_architectures()
+    assert registry.family_of("Qwen2_5_VLForConditionalGeneration").name == "qwen2_5_vl"
+    assert not issubclass(LlavaAdapter, LlavaNextVideoAdapter) and issubclass(LlavaAdapter, ClipVisionAdapter)
+    try:
+        @registry.register
+        class MyAdapter(LlavaAdapter):
+            family = "my_vlm"
+            architectures = ("MyVLMForConditionalGeneration",)
+            note = "a user's own"
+
+        (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MyVLMForConditionalGeneration"]}))
+        fam = registry.family_for(tmp_path)
+        assert fam.adapter_class() is MyAdapter and fam.frames == "any m ≥ 1" and fam.note == "a user's own"
+        with pytest.raises(ModelError, match="registered twice"):
+            @registry.register
+            class Other(LlavaAdapter):
+                family = "my_vlm"
+                architectures = ("X",)
+    finally:
+        registry._ADAPTERS.pop("my_vlm", None)
+    with pytest.raises(ModelError, match="is not supported"):
+        registry.family_of("MyVLMForConditionalGeneration")

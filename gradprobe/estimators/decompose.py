@@ -21,7 +21,7 @@ What is estimated:
   ``Var ε(m) = E‖g^(m)‖² − ‖E g^(m)‖²`` is the total variance of one batch's gradient (g_sh and
   α(m) ĝ_tmp are fixed vectors).
 
-How (DESIGN.md, Statistics): image batches are split into G groups whose mean gradients are kept
+How: image batches are split into G groups whose mean gradients are kept
 as reference rows; the J video batches into H groups, and the mean gradient of every variant
 (each budget and each shared variant) in each video group is kept as a row too. Backward hooks
 dot every video batch's gradient with the image rows and add it into its group row, so no

@@ -128,6 +128,8 @@ class Adapter:
     fixed_resolution: ClassVar[bool] = False
     #: the token that ends an assistant turn in training (None: the tokenizer's eos token)
     end_of_turn_token: ClassVar[str | None] = None
+    #: one line for ``gradprobe models``
+    note: ClassVar[str] = ""
 
     def __init__(self, processor: Any, *, pixel_policy: PixelPolicy | None = None) -> None:
         self.processor = processor

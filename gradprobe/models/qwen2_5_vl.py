@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from gradprobe.models.base import Adapter, smart_resize
+from gradprobe.models.registry import register
 
 #: frame rate assumed for frame folders without an ``fps`` field (qwen-vl-utils' default sampling rate)
 DEFAULT_FPS = 2.0
@@ -20,8 +21,10 @@ FRAME_PIXELS = 448 * 448
 TOTAL_TOKENS = 24576
 
 
+@register
 class Qwen2_5_VLAdapter(Adapter):
     family: ClassVar[str] = "qwen2_5_vl"
+    note: ClassVar[str] = "pixel policy fixed or total; M-RoPE with mm_token_type_ids"
     architectures: ClassVar[tuple[str, ...]] = ("Qwen2_5_VLForConditionalGeneration",)
     model_class: ClassVar[str] = "Qwen2_5_VLForConditionalGeneration"
     temporal_patch: ClassVar[int] = 2

@@ -10,10 +10,13 @@ from __future__ import annotations
 from typing import ClassVar
 
 from gradprobe.models.qwen2_5_vl import Qwen2_5_VLAdapter
+from gradprobe.models.registry import register
 
 
+@register
 class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     family: ClassVar[str] = "qwen3_vl"
+    note: ClassVar[str] = "timestamps per frame pair; pixel policy fixed or total"
     architectures: ClassVar[tuple[str, ...]] = ("Qwen3VLForConditionalGeneration",)
     model_class: ClassVar[str] = "Qwen3VLForConditionalGeneration"
     role_rules: ClassVar[tuple[tuple[str, str], ...]] = (

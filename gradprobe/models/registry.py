@@ -1,9 +1,13 @@
 """Model families gradprobe can drive, found by the HF architecture string in a checkpoint's config.json.
 
-Each family's adapter module is imported only when a checkpoint of that family is loaded. An
-architecture that no family lists is refused with an error that names the supported ones. The
-built-in toy is a tiny Qwen2.5-VL; its checkpoints carry a marker file (``gradprobe_toy.json``) that
-selects the toy adapter (ShapesWorld's label rule) instead of the Qwen2.5-VL one.
+Adapters register themselves with the :func:`register` class decorator (as lm-evaluation-harness
+registers its models): the class states its family name, architecture strings, frame-budget rule
+(:meth:`~gradprobe.models.base.Adapter.budget_rule`) and a note, and the registry restates none of it.
+The built-in adapter modules are imported on the first lookup; an adapter defined elsewhere is
+registered when its module is imported. An architecture that no family lists is refused with an error
+that names the supported ones. The built-in toy is a tiny Qwen2.5-VL; its checkpoints carry a marker
+file (``gradprobe_toy.json``) that selects the toy adapter (ShapesWorld's label rule) instead of the
+Qwen2.5-VL one, whose architecture it shares.
 """
 
 from __future__ import annotations
@@ -14,44 +18,87 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from gradprobe.errors import ModelError
+
+#: the modules of the built-in adapters, imported on the first lookup
+BUILTIN = ("gradprobe.models.qwen2_5_vl", "gradprobe.models.qwen3_vl", "gradprobe.models.llava_next_video",
+           "gradprobe.models.llava", "gradprobe.models.toy")
+TOY_MARKER = "gradprobe_toy.json"
+
+_ADAPTERS: dict[str, type] = {}
+A = TypeVar("A", bound=type)
+
+
+def register(cls: A) -> A:
+    """Class decorator: register an adapter under its ``family``.
+
+    Raises:
+        ModelError: no family name or architectures, or another class already holds the name.
+    """
+    name = getattr(cls, "family", "")
+    if not name or not getattr(cls, "architectures", ()):
+        raise ModelError(f"{cls.__name__}: an adapter needs a family name and its architecture strings")
+    held = _ADAPTERS.get(name)
+    if held is not None and held.__qualname__ != cls.__qualname__:
+        raise ModelError(f"family {name!r} is registered twice ({held.__name__} and {cls.__name__})")
+    _ADAPTERS[name] = cls
+    return cls
 
 
 @dataclass(frozen=True)
 class Family:
-    """A model family: its architecture strings, adapter module and frame-budget rule."""
+    """A registered family, as the adapter class states it."""
 
-    name: str
-    architectures: tuple[str, ...]
-    module: str
-    adapter: str
-    frames: str
-    note: str = ""
+    adapter: type
 
-    def adapter_class(self) -> type:
-        return getattr(importlib.import_module(self.module), self.adapter)
+    @property
+    def name(self) -> str:
+        return str(self.adapter.family)
+
+    @property
+    def architectures(self) -> tuple[str, ...]:
+        return tuple(self.adapter.architectures)
+
+    @property
+    def frames(self) -> str:
+        return str(self.adapter.budget_rule())
+
+    @property
+    def note(self) -> str:
+        return str(getattr(self.adapter, "note", ""))
+
+    def adapter_class(self) -> Any:
+        return self.adapter
 
 
-_EVEN = "even m ≥ 2 (temporal patch 2)"
-FAMILIES: tuple[Family, ...] = (
-    Family("qwen2_5_vl", ("Qwen2_5_VLForConditionalGeneration",), "gradprobe.models.qwen2_5_vl",
-           "Qwen2_5_VLAdapter", _EVEN, "pixel policy fixed or total; M-RoPE with mm_token_type_ids"),
-    Family("qwen3_vl", ("Qwen3VLForConditionalGeneration",), "gradprobe.models.qwen3_vl", "Qwen3VLAdapter", _EVEN,
-           "timestamps per frame pair; pixel policy fixed or total"),
-    Family("llava_next_video", ("LlavaNextVideoForConditionalGeneration",), "gradprobe.models.llava_next_video",
-           "LlavaNextVideoAdapter", "any m ≥ 1",
-           "frames at the vision tower's resolution; last vision layer has no gradient"),
-    Family("llava", ("LlavaForConditionalGeneration",), "gradprobe.models.llava", "LlavaAdapter", "any m ≥ 1",
-           "LLaVA-1.5: a video is m frame images"),
-    Family("toy", ("Qwen2_5_VLForConditionalGeneration",), "gradprobe.models.toy", "ToyAdapter", _EVEN,
-           "the built-in tiny Qwen2.5-VL (checkpoints marked gradprobe_toy.json)"),
-)
-TOY_MARKER = "gradprobe_toy.json"
+def families() -> tuple[Family, ...]:
+    """Every registered family, the built-in ones first."""
+    for module in BUILTIN:
+        importlib.import_module(module)
+    return tuple(Family(cls) for cls in _ADAPTERS.values())
+
+
+def family_named(name: str) -> Family:
+    """The family registered as ``name``.
+
+    Raises:
+        ModelError: no such family.
+    """
+    for f in families():
+        if f.name == name:
+            return f
+    raise ModelError(f"no family {name!r}; known: {', '.join(f.name for f in families())}")
+
+
+def _by_architecture() -> list[Family]:
+    """The families found by architecture (the toy is found by its marker instead)."""
+    return [f for f in families() if not getattr(f.adapter, "marker_only", False)]
 
 
 def supported_architectures() -> list[str]:
-    return list(dict.fromkeys(a for f in FAMILIES for a in f.architectures))
+    return list(dict.fromkeys(a for f in _by_architecture() for a in f.architectures))
 
 
 def family_of(architecture: str) -> Family:
@@ -60,7 +107,7 @@ def family_of(architecture: str) -> Family:
     Raises:
         ModelError: no family lists it; the message names the supported architectures.
     """
-    for f in FAMILIES:
+    for f in _by_architecture():
         if architecture in f.architectures:
             return f
     raise ModelError(
@@ -114,10 +161,10 @@ def family_for(model_dir: str | os.PathLike[str]) -> Family:
     """The family of a checkpoint directory: the toy when its marker is there, else by architecture."""
     arch = architecture_of(model_dir)
     if (Path(model_dir) / TOY_MARKER).is_file():
-        return next(f for f in FAMILIES if f.name == "toy")
+        return family_named("toy")
     return family_of(arch)
 
 
 def adapter_for(model_dir: str | os.PathLike[str]) -> type:
-    """The adapter class for a checkpoint directory (its module imported on first use)."""
+    """The adapter class for a checkpoint directory."""
     return family_for(model_dir).adapter_class()

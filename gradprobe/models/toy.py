@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from gradprobe.models.qwen2_5_vl import Qwen2_5_VLAdapter
+from gradprobe.models.registry import register
 
 SPECIALS = [
     "<|pad|>",
@@ -151,12 +152,16 @@ def mark(directory: str | os.PathLike[str]) -> None:
 # ---------------------------------------------------------------------- adapter
 
 
+@register
 class ToyAdapter(Qwen2_5_VLAdapter):
     """The toy through the adapter protocol: Qwen2.5-VL with frames kept at their own size and the
     toy's label rule (every token after the last ``assistant`` role token), as its training used."""
 
     family: ClassVar[str] = "toy"
     architectures: ClassVar[tuple[str, ...]] = ("Qwen2_5_VLForConditionalGeneration",)
+    note: ClassVar[str] = "the built-in tiny Qwen2.5-VL (checkpoints marked gradprobe_toy.json)"
+    #: found by its checkpoints' marker file, not by its (Qwen2.5-VL) architecture
+    marker_only: ClassVar[bool] = True
 
     def frame_size(self, h: int, w: int, m: int) -> tuple[int, int] | None:
         return None

@@ -1,4 +1,5 @@
-"""The model-agnostic probe engine: hooks, parameter selection, reference store."""
+"""The model-agnostic probe engine: hooks, parameter selection, reference stores, sketches, and the
+measurement core the estimators share."""
 
 from gradprobe.probe.hooks import BatchGrad, GradientProbe, LossFn
 from gradprobe.probe.select import ROLES, Selection, default_module_of, select_parameters

@@ -1,1 +1,1 @@
-"""Outputs: summary.json schemas, CSV tables, plots (plots read saved outputs only)."""
+"""Reports: plots of saved outputs (they read files through :mod:`gradprobe.outputs` only)."""

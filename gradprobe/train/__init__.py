@@ -1,1 +1,2 @@
-"""Training: the toy's image stage (and, later, the Video-SFT callback and loop API)."""
+"""Training: the alignment callback and monitor (Trainer and plain loops, distributed), the data pipeline
+through the adapters, held-out evaluation, and the toy's image stage."""
