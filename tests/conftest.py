@@ -59,3 +59,24 @@ def tiny_toy(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("toycache")
     return ensure_toy(ToySpec(**TINY_TOY), cache)
+
+
+def require_stack(module: str) -> None:
+    """A training stack's end-to-end test: skipped where the stack is not installed, except in the stack's own
+    environment in ``.ci/run`` (``GRADPROBE_REQUIRE_STACKS=1``), where its absence is a failure."""
+    if not os.environ.get("GRADPROBE_REQUIRE_STACKS"):
+        pytest.importorskip(module)
+
+
+@pytest.fixture(scope="session")
+def exported_toy(tiny_toy, tmp_path_factory):
+    """``exported_toy(fmt)``: the tiny toy's data as ``gradprobe toy --export FMT DIR`` writes it."""
+    made = {}
+
+    def export(fmt):
+        if fmt not in made:
+            made[fmt] = tmp_path_factory.mktemp(fmt)
+            tiny_toy.export(fmt, made[fmt])
+        return made[fmt]
+
+    return export

@@ -7,22 +7,19 @@ LLaMA-Factory is a failure); elsewhere it is skipped when LLaMA-Factory is not i
 """
 
 import json
-import os
 import re
 
 import pytest
 import torch
+from conftest import require_stack
 
-if not os.environ.get("GRADPROBE_REQUIRE_STACKS"):
-    pytest.importorskip("llamafactory")
+require_stack("llamafactory")
 
 
 @pytest.fixture(scope="module")
-def lf_data(tiny_toy, tmp_path_factory):
+def lf_data(exported_toy):
     """The toy's data as `gradprobe toy --export llamafactory DIR` writes it."""
-    d = tmp_path_factory.mktemp("lfdata")
-    tiny_toy.export("llamafactory", d)
-    return d
+    return exported_toy("llamafactory")
 
 
 def _args(tiny_toy, data, out, **extra):

@@ -6,23 +6,13 @@ missing ms-swift is a failure); elsewhere it is skipped when ms-swift is not ins
 """
 
 import json
-import os
 
-import pytest
+from conftest import require_stack
 
-if not os.environ.get("GRADPROBE_REQUIRE_STACKS"):
-    pytest.importorskip("swift")
+require_stack("swift")
 
 
-@pytest.fixture(scope="module")
-def swift_data(tiny_toy, tmp_path_factory):
-    """The toy's data as `gradprobe toy --export swift DIR` writes it."""
-    d = tmp_path_factory.mktemp("swdata")
-    tiny_toy.export("swift", d)
-    return d
-
-
-def test_sft_main_with_the_callback_bound(swift_data, tmp_path):
+def test_sft_main_with_the_callback_bound(exported_toy, tmp_path):
     """On the tiny LLaVA-1.5 checkpoint (ms-swift's Qwen templates hard-code the released vocabulary's ids of
     the visual tokens, which a tokenizer trained here does not have), trained on the toy's images."""
     from gradprobe.data import shapesworld as sw
@@ -32,12 +22,12 @@ def test_sft_main_with_the_callback_bound(swift_data, tmp_path):
     model = create_tiny("llava", tmp_path / "llava", sw.vocabulary())
     out = tmp_path / "out"
     argv = ["--model", str(model), "--model_type", "llava1_5_hf", "--template", "llava1_5_hf",
-            "--dataset", str(swift_data / "shapesworld_train_images.jsonl"), "--output_dir", str(out),
+            "--dataset", str(exported_toy("swift") / "shapesworld_train_images.jsonl"), "--output_dir", str(out),
             "--add_version", "false", "--max_steps", "4", "--per_device_train_batch_size", "2",
             "--gradient_accumulation_steps", "1", "--tuner_type", "full", "--freeze_vit", "false",
             "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--torch_dtype", "float32",
             "--dataloader_num_workers", "0", "--dataset_num_proc", "1", "--learning_rate", "1e-3"]
-    cb = sft_main(argv, image_data=str(swift_data / "shapesworld_probe_images.jsonl"), probe_batches=2,
+    cb = sft_main(argv, image_data=str(exported_toy("swift") / "shapesworld_probe_images.jsonl"), probe_batches=2,
                   probe_batch_size=4, every=2)
     rows = [json.loads(x) for x in (out / "gradprobe_trajectory.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 2] and all(r["finite"] and r["update_norm"] > 0 for r in rows)
