@@ -131,6 +131,7 @@ def test_resume_appends_without_duplicates(tiny_toy, tmp_path):
         assert a["alignment"] == pytest.approx(b["alignment"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_multi_budget_probe_along_the_run(tiny_toy, tmp_path):
     trainer, model_a, adapter = _trainer(tiny_toy, tmp_path / "a", steps=4)
     vids = tiny_toy.samples("probe", "videos")[:6]

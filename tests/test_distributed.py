@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses and whole runs: `pytest -m "not slow"` skips them
+
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 

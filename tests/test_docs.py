@@ -7,6 +7,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow  # subprocesses and whole runs: `pytest -m "not slow"` skips them
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -116,6 +116,7 @@ def test_evaluation_does_not_change_the_run(tiny_toy, tmp_path):
         assert ka == kb and torch.equal(va, vb), ka
 
 
+@pytest.mark.slow
 def test_sft_lora_resumes(tiny_toy, tmp_path):
     """A LoRA run resumes from its adapter checkpoint: the same rows as an uninterrupted run."""
     whole = tmp_path / "whole"

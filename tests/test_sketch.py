@@ -240,6 +240,7 @@ def _sketched_coverage(k, reps, seed):
     return hits / reps, hits_plain / reps, float(np.mean(shares))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [16, 256])
 def test_sketched_intervals_cover(k):
     """Coverage of the planted E[A(m)] through the hooks with a sketch of k buckets (50 coordinates): the
