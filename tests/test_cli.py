@@ -75,7 +75,8 @@ def test_json_on_a_fresh_cache_is_only_json(tmp_path):
 
     tests = str(Path(__file__).resolve().parent)
     code = (f"import sys; sys.path.insert(0, {tests!r}); from conftest import TINY_TOY; import gradprobe.run as r; "
-            "from gradprobe.toybox import ToySpec; r.DEFAULT_TOY = ToySpec(**TINY_TOY); from cli.main import main; "
+            "from gradprobe.toybox import ToySpec; r.DEFAULT_TOY = ToySpec(**{**TINY_TOY, 'steps': 2}); "
+            "from cli.main import main; "
             f"sys.argv = ['gradprobe', 'align', '--frames', '2,4', *{SMALL!r}, '--json']; main()")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=900,
                          env={**os.environ, "GRADPROBE_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"})
@@ -106,14 +107,25 @@ def test_default_toy_path(tiny_toy, tmp_path, monkeypatch):
     assert summary["meta"]["source"] == "toy"
 
 
-@pytest.mark.slow
-def test_toy_command_prints_accuracy(tiny_toy):
+def test_toy_command_prints_accuracy_and_exports(tiny_toy, tmp_path, monkeypatch):
+    """`gradprobe toy` finds the cached toy (the tiny one here: the command's other sizes are the tiny spec's)
+    and prints its accuracy; `--export llamafactory DIR` writes the stack's layout."""
+    import gradprobe.toybox
+
     spec = tiny_toy.spec
+    monkeypatch.setattr(gradprobe.toybox, "ToySpec", lambda **kw: ToySpec(**{**spec.__dict__, **kw}))
+    out = tmp_path / "lf"
     r = runner.invoke(app, ["toy", "--cache-dir", str(tiny_toy.root.parent), "--steps", str(spec.steps),
-                            "--train-images", str(spec.n_train_images)], env={"COLUMNS": "200"})
-    # the tiny spec differs from the command's defaults in its other sizes, so it builds its own: just check output
+                            "--train-images", str(spec.n_train_images), "--export", "llamafactory", str(out)],
+                      env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
-    assert "held-out image accuracy" in r.output
+    assert "held-out image accuracy" in r.stdout and f"llamafactory data:  {out}" in r.stdout
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert set(info) == {f"shapesworld_{s}_{k}" for s in ("train", "eval", "probe") for k in ("images", "videos")}
+    r = runner.invoke(app, ["toy", "--export", "axolotl", str(out), "--cache-dir", str(tmp_path / "none")],
+                      env={"COLUMNS": "200"})
+    assert_one_line_error(r, "--export: unknown format 'axolotl'")
+    assert not (tmp_path / "none").exists()  # refused before building anything
 
 
 def assert_one_line_error(r, needle):

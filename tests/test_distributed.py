@@ -105,21 +105,27 @@ def test_unwrapped_model_with_different_probe_sets_is_an_error(tmp_path):
 TRAINER_WORKER = Path(__file__).with_name("dist_trainer_worker.py")
 
 
+def _trainer_run(how, out, ranks):
+    launch = [sys.executable] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    res = subprocess.run([*launch, str(TRAINER_WORKER), str(out), how], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trainer_single(tmp_path_factory):
+    """One process: the reference of every mode (bound, init and unbound compute the same there)."""
+    return _trainer_run("bound", tmp_path_factory.mktemp("trainer_single"), 1)
+
+
 @pytest.mark.parametrize("how", ["bound", "init", "unbound"])
-def test_trainer_callback_under_ddp_equals_single_process(how, tmp_path):
+def test_trainer_callback_under_ddp_equals_single_process(how, trainer_single, tmp_path):
     """transformers' Trainer with accelerate's DDP (gloo, 2 ranks) against one process, global batch 4."""
-    got = {}
-    for mode in ("single", "ddp"):
-        out = tmp_path / mode
-        launch = [sys.executable] if mode == "single" else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        res = subprocess.run([*launch, str(TRAINER_WORKER), str(out), how], capture_output=True, text=True,
-                             timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
-        got[mode] = json.loads((out / "result.json").read_text())
-    assert len(got["single"]["rows"]) == 2 and got["single"]["fired"]["project"] >= 1
+    single, ddp = trainer_single, _trainer_run(how, tmp_path, 2)
+    assert len(single["rows"]) == 2 and single["fired"]["project"] >= 1
     # bound, the callback works on the DDP wrapper (probe through DDP's backward); unbound, on every rank alone
-    assert got["ddp"]["by_backward"] == (how != "unbound") and not got["single"]["by_backward"]
-    _close(got["single"]["rows"], got["ddp"]["rows"])
-    assert got["ddp"]["fired"] == got["single"]["fired"]
-    _close(got["single"]["params"], got["ddp"]["params"])
+    assert ddp["by_backward"] == (how != "unbound") and not single["by_backward"]
+    _close(single["rows"], ddp["rows"])
+    assert ddp["fired"] == single["fired"]
+    _close(single["params"], ddp["params"])
