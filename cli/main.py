@@ -214,7 +214,8 @@ class _RichProgress:
         )
 
         self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True)
+                          TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True,
+                          disable=not console.is_terminal)  # a bar only where someone watches
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> _RichProgress:
@@ -669,7 +670,7 @@ def toy(
         written = t.export(*export) if export is not None else {}
     acc = t.info["image_accuracy"]
     init = t.info["initial_image_accuracy"]
-    c = Console()
+    c = Console(soft_wrap=True)  # paths stay whole
     c.print(f"toy model: {t.model_dir}")
     c.print(f"data:      {t.data_dir}")
     c.print(

@@ -338,4 +338,5 @@ class Measurement:
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.3g} GiB"
+    g = n / 2**30
+    return f"{g:,.0f} GiB" if g >= 1000 else f"{g:.3g} GiB"
