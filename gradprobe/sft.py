@@ -21,7 +21,7 @@ import torch
 
 from gradprobe._checks import check_positive_int
 from gradprobe.errors import DataError, InputError
-from gradprobe.outputs import TRAJECTORY
+from gradprobe.outputs import TRAJECTORY, check_out_dir
 from gradprobe.train.monitor import GUARDS
 
 
@@ -152,9 +152,7 @@ def run_sft(opts: SFTOptions, log: Any = None, progress: Any = None) -> dict[str
         grid = parse_frames(opts.probe_frames)
         if opts.model and not opts.video_probe:
             raise InputError("--probe-frames needs --video-probe (a JSONL of held-out video records)")
-    out = Path(opts.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out: {out} exists and is not a directory")
+    out = check_out_dir(opts.out)
     last = get_last_checkpoint(str(out)) if opts.resume and out.is_dir() else None
     if opts.resume and last is None:
         raise InputError(f"--resume: no checkpoint-* directory in {out}")
