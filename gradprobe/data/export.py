@@ -99,7 +99,7 @@ def export_records(files: Mapping[str, str | os.PathLike[str]], out: str | os.Pa
         placed = [_place(root, s, out) for s in rs.samples]
         if fmt == "swift":  # ms-swift resolves relative paths against the working directory: write them whole
             placed = [str((out / p).resolve()) if not Path(p).is_absolute() else p for p in placed]
-        recs = [_record(s, p, fmt) for s, p in zip(rs.samples, placed, strict=False)]
+        recs = [_record(s, p, fmt) for s, p in zip(rs.samples, placed, strict=True)]
         kinds = {s.kind for s in rs.samples}
         if fmt == "llamafactory":
             dst = out / f"{name}.json"

@@ -376,7 +376,7 @@ class Adapter:
         if len(per) != len(samples):
             raise BudgetError(f"{len(per)} frame budgets for {len(samples)} samples")
         texts, spans, media, clips = [], [], [], []
-        for s, ms in zip(samples, per, strict=False):
+        for s, ms in zip(samples, per, strict=True):
             msgs = self.messages(s, ms)
             text, sp = self.answer_spans(msgs, s.where)
             self._check_placeholders(text, s, ms)
