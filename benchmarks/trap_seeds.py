@@ -1,10 +1,12 @@
-"""Combine `gradprobe trap` runs made with different seeds: per-budget changes, per seed and across seeds.
+"""Combine `gradprobe trap` runs made with different seeds: per-run changes, per seed and across seeds.
 
     gradprobe trap --seed 0 --out trap-s0   # and --seed 1, --seed 2 ...
     python benchmarks/trap_seeds.py trap-s0 trap-s1 trap-s2 --out benchmarks/results/trap_cpu.json
 
-Within a seed, the interval of a change is over held-out records (paired). Across seeds, the mean change
-gets a t interval over seeds, which is what carries run-to-run variation.
+A run is a (sampler, budget) pair: the uniform sampler, and the static/shuffled controls where the experiment
+ran them. Within a seed, the interval of a change is over held-out records (paired). Across seeds, the mean
+change gets a t interval over seeds, which is what carries run-to-run variation. Per question type, the video
+change is over the records each budget can answer (m ≥ m_min) and, separately, those it cannot.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from gradprobe.experiments.trap import load_trap
+from gradprobe.outputs import load_trap
 
 KEYS = ("image_free", "image_restricted", "video_free", "video_restricted")
 
@@ -33,51 +35,83 @@ def _t_interval(x: list[float]) -> dict:
     return {"mean": mean, "stderr": se, "ci95": [mean - half, mean + half], "n_seeds": len(a)}
 
 
+def _run_key(b: dict) -> str:
+    return f"{b.get('sampler', 'uniform')}:{b['frames']}"
+
+
+def _per_seed(d: str, r: dict, grid: list[int]) -> dict:
+    row = {"seed": r["options"]["seed"], "runs": {}}
+    for b in r["budgets"]:
+        entry = {
+            **{k: {"first": b[k]["first"], "last": b[k]["last"], "change": b[k]["change"]["diff"],
+                   "ci95": b[k]["change"]["ci95"]} for k in KEYS},
+            "image_free_vs_smallest": b.get("image_vs_smallest", {}).get("image_free", {}).get("diff"),
+            "image_free_vs_uniform": b.get("image_vs_uniform", {}).get("image_free", {}).get("diff"),
+            "mean_cos": b.get("alignment", {}).get("mean_cos"),
+            "video_types": {
+                f"{q}/{reach}": {"n": e["n"], "first": e["restricted"]["first"], "last": e["restricted"]["last"],
+                                 "change": e["restricted"]["last"] - e["restricted"]["first"]}
+                for q, parts in b.get("video_types", {}).items() for reach, e in parts.items()
+            },
+        }
+        row["runs"][_run_key(b)] = entry
+    # does the cosine along the run follow the batches (same clips, same order at every m) or m?
+    _, traj = load_trap(d, grid, ["uniform"])
+    piv = traj[traj["finite"].astype(bool)].pivot(index="step", columns="frames", values="cos").dropna()
+    row["cos_range"] = [float(piv.min().min()), float(piv.max().max())]
+    row["cos_corr_with_smallest"] = {int(m): float(np.corrcoef(piv[grid[0]], piv[m])[0, 1]) for m in grid[1:]}
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", help="output directories of gradprobe trap (one per seed)")
     ap.add_argument("--out", help="write the combined JSON here")
     a = ap.parse_args()
     runs = [json.loads((Path(d) / "trap_summary.json").read_text()) for d in a.dirs]
-    grids = {tuple(b["frames"] for b in r["budgets"]) for r in runs}
-    if len(grids) != 1:
-        raise SystemExit("error: the runs use different budget grids")
-    grid = grids.pop()
-    per_seed, combined = [], []
-    for d, r in zip(a.dirs, runs, strict=True):
-        row = {"seed": r["options"]["seed"], "budgets": {}}
-        for b in r["budgets"]:
-            row["budgets"][b["frames"]] = {
-                **{k: {"first": b[k]["first"], "last": b[k]["last"], "change": b[k]["change"]["diff"],
-                       "ci95": b[k]["change"]["ci95"]} for k in KEYS},
-                "image_free_vs_smallest": b.get("image_vs_smallest", {}).get("image_free", {}).get("diff"),
-                "mean_cos": b.get("alignment", {}).get("mean_cos"),
-            }
-        # does the cosine along the run follow the batches (same clips, same order at every m) or m?
-        _, traj = load_trap(d)
-        piv = traj[traj["finite"].astype(bool)].pivot(index="step", columns="frames", values="cos").dropna()
-        row["cos_range"] = [float(piv.min().min()), float(piv.max().max())]
-        row["cos_corr_with_smallest"] = {int(m): float(np.corrcoef(piv[grid[0]], piv[m])[0, 1]) for m in grid[1:]}
-        per_seed.append(row)
-    for m in grid:
-        entry = {"frames": m}
+    layouts = {tuple(_run_key(b) for b in r["budgets"]) for r in runs}
+    if len(layouts) != 1:
+        raise SystemExit("error: the runs use different budget grids or samplers")
+    keys = list(layouts.pop())
+    grid = sorted({b["frames"] for b in runs[0]["budgets"] if b.get("sampler", "uniform") == "uniform"})
+    per_seed = [_per_seed(d, r, grid) for d, r in zip(a.dirs, runs, strict=True)]
+    combined = []
+    for key in keys:
+        sampler, m = key.split(":")
+        entry: dict = {"frames": int(m), "sampler": sampler}
         for k in KEYS:
-            entry[k] = _t_interval([s["budgets"][m][k]["change"] for s in per_seed])
-        vs = [s["budgets"][m]["image_free_vs_smallest"] for s in per_seed]
-        entry["image_free_vs_smallest"] = _t_interval(vs) if all(v is not None for v in vs) else None
-        entry["mean_cos"] = _t_interval([s["budgets"][m]["mean_cos"] for s in per_seed])
+            entry[k] = _t_interval([s["runs"][key][k]["change"] for s in per_seed])
+        for k in ("image_free_vs_smallest", "image_free_vs_uniform", "mean_cos"):
+            vs = [s["runs"][key][k] for s in per_seed]
+            entry[k] = _t_interval(vs) if all(v is not None for v in vs) else None
+        types = sorted(set.intersection(*(set(s["runs"][key]["video_types"]) for s in per_seed)))
+        entry["video_types_restricted"] = {
+            t: {**_t_interval([s["runs"][key]["video_types"][t]["change"] for s in per_seed]),
+                "first": float(np.mean([s["runs"][key]["video_types"][t]["first"] for s in per_seed])),
+                "last": float(np.mean([s["runs"][key]["video_types"][t]["last"] for s in per_seed])),
+                "n_records": [s["runs"][key]["video_types"][t]["n"] for s in per_seed]}
+            for t in types
+        }
         combined.append(entry)
     result = {"options": {k: v for k, v in runs[0]["options"].items() if k not in ("seed", "out")},
               "seeds": per_seed, "across_seeds": combined,
               "env": {"python": platform.python_version(), "machine": platform.machine()}}
-    print(f"{'m':>4} | " + " | ".join(f"{k} change (mean over {len(runs)} seeds, 95% CI)" for k in KEYS[:1] + KEYS[2:]))
+
+    def cell(t: dict | None) -> str:
+        if t is None:
+            return "—"
+        ci = f" [{t['ci95'][0]:+.3f}, {t['ci95'][1]:+.3f}]" if t["ci95"] else ""
+        return f"{t['mean']:+.3f}{ci}"
+
+    shown = KEYS[:1] + KEYS[2:]
+    print(f"{'run':>14} | " + " | ".join(f"{k} change (mean over {len(runs)} seeds, 95% CI)" for k in shown))
     for e in combined:
-        cells = []
-        for k in KEYS[:1] + KEYS[2:]:
-            t = e[k]
-            ci = f" [{t['ci95'][0]:+.3f}, {t['ci95'][1]:+.3f}]" if t["ci95"] else ""
-            cells.append(f"{t['mean']:+.3f}{ci}")
-        print(f"{e['frames']:>4} | " + " | ".join(cells))
+        print(f"{e['sampler'] + ' m=' + str(e['frames']):>14} | " + " | ".join(cell(e[k]) for k in shown))
+    print("restricted video change per question type (answerable: m >= m_min), mean over seeds [95% CI]:")
+    for e in combined:
+        parts = [f"{t.split('/')[0] + ('' if t.endswith('/answerable') else ' (m<m_min)')}: "
+                 f"{v['first']:.2f}→{v['last']:.2f} {cell(v)}" for t, v in e["video_types_restricted"].items()]
+        print(f"{e['sampler'] + ' m=' + str(e['frames']):>14} | " + "; ".join(parts))
     for s in per_seed:
         corr = ", ".join(f"m={m}: {c:.2f}" for m, c in s["cos_corr_with_smallest"].items())
         print(f"seed {s['seed']}: cos along the run in [{s['cos_range'][0]:+.3f}, {s['cos_range'][1]:+.3f}]; "

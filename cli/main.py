@@ -130,6 +130,32 @@ def _ci(c: Any) -> str:
     return "—" if not c else f"[{_fmt(c[0], '.3g')}, {_fmt(c[1], '.3g')}]"
 
 
+def _change_cell(score: dict[str, Any]) -> str:
+    """``first → last  change [CI]`` of one per-type score (see ``gradprobe.train.evaluate.type_changes``)."""
+    c = score.get("change")
+    tail = f"  {c['diff']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]" if c else ""
+    return f"{score['first']:.2f} → {score['last']:.2f}{tail}"
+
+
+def type_table(rows: list[tuple[str, dict[str, Any]]], title: str) -> Table | None:
+    """Per question type: restricted and free accuracy first → last with the paired change and its 95% CI.
+
+    ``rows``: (label, ``type_changes`` result) pairs, e.g. one per budget; video types are split into the
+    records the budget can answer (m ≥ m_min) and those it cannot."""
+    table = Table(title=title)
+    for col in ("", "question type", "n", "restricted: first → last, change [95% CI]", "free: first → last"):
+        table.add_column(col, justify="right")
+    added = False
+    for label, types in rows:
+        for q, parts in types.items():
+            for reach, e in parts.items():
+                name = q if reach == "answerable" else f"{q} (m < m_min)"
+                table.add_row(label, name, str(e["n"]), _change_cell(e["restricted"]),
+                              f"{e['free']['first']:.2f} → {e['free']['last']:.2f}")
+                added = True
+    return table if added else None
+
+
 def uncertainty_line(budgets: list[dict[str, Any]], image_batches: int | None) -> str | None:
     """Which sampling uncertainty dominates the intervals, and what narrows them."""
     shares = [b["var_share_image"] for b in budgets if b.get("var_share_image") is not None]
@@ -555,6 +581,7 @@ def sft(
     out: Annotated[str, typer.Option(help="Output directory: checkpoints, trajectory, final model.")] = "gradprobe-sft",
     frames: Annotated[int, typer.Option(help="Frame budget m (with --manifest: for clips it does not list).")] = 8,
     manifest: Annotated[str | None, typer.Option(help='Per-sample budgets: JSONL lines {"id", "frames"}.')] = None,
+    sampler: SamplerOpt = "uniform",
     model: Annotated[str | None, typer.Option(help="Model checkpoint directory (default: the toy).")] = None,
     video_data: Annotated[str | None, typer.Option(help="JSONL of video training records.")] = None,
     image_probe: Annotated[str | None, typer.Option(help="JSONL of held-out image records for the probe.")] = None,
@@ -588,7 +615,13 @@ def sft(
     opts = _options(SFTOptions, locals())
     with _working() as progress:
         summary = run_sft(opts, log=_log, progress=progress)
-    Console().print(
+    console = Console()
+    for kind in ("video", "image"):
+        table = type_table([(kind, summary.get("types", {}).get(kind, {}))],
+                           f"Held-out {kind} accuracy per question type, first → last evaluation")
+        if table is not None:
+            console.print(table)
+    console.print(
         f"trained {summary['steps']} steps (loss {summary['train_loss']:.4g}); {summary['probes']} alignment probes "
         f"in {summary['trajectory']}; guard {summary['guard']['action']} fired {summary['guard']['fired']}"
     )
@@ -604,6 +637,7 @@ def trap(
     probe_every: Annotated[int, typer.Option(help="Probe alignment and evaluate every N steps.")] = 10,
     eval_images: Annotated[int, typer.Option(help="Held-out images scored.")] = 300,
     eval_videos: Annotated[int, typer.Option(help="Held-out videos scored.")] = 100,
+    samplers: Annotated[str, typer.Option(help="Frame samplers, one run per budget each: uniform, and the controls static (one frame copied m times) and shuffled.")] = "uniform",
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     cache_dir: Annotated[str | None, typer.Option(help="Toy cache directory.")] = None,
 ) -> None:
@@ -614,10 +648,10 @@ def trap(
     with _working() as progress:
         summary = run_trap(opts, log=_log, progress=progress)
     table = Table(title=f"Video-SFT at each budget ({steps} steps): accuracy first → last, change with 95% CI")
-    for col in ("m", "image (free)", "image (restricted)", "video (free)", "video (restricted)", "mean cos"):
+    for col in ("m", "sampler", "image (free)", "image (restricted)", "video (free)", "video (restricted)", "mean cos"):
         table.add_column(col, justify="right")
     for b in summary["budgets"]:
-        cells = [str(b["frames"])]
+        cells = [str(b["frames"]), b["sampler"]]
         for k in ("image_free", "image_restricted", "video_free", "video_restricted"):
             v, c = b[k], b[k].get("change")
             ci = f" [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]" if c else ""
@@ -626,6 +660,11 @@ def trap(
         cells.append(f"{a['mean_cos']:+.3f}" if a else "-")
         table.add_row(*cells)
     Console().print(table)
+    per_type = type_table([(f"m={b['frames']}" + ("" if b["sampler"] == "uniform" else f" {b['sampler']}"),
+                            b.get("video_types", {})) for b in summary["budgets"]],
+                          "Video accuracy per question type at each budget, first → last evaluation")
+    if per_type is not None:
+        Console().print(per_type)
     Console().print(f"wrote {Path(out) / 'trap_summary.json'}")
 
 

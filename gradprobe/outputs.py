@@ -222,21 +222,37 @@ def _check_rows(path: Path, batches: pd.DataFrame, summary: Mapping[str, Any]) -
                             "the file is truncated or from another run")
 
 
-def budget_dir(out: str | os.PathLike[str], m: int) -> Path:
-    """The run directory of budget m in a trap experiment's output directory."""
-    return Path(out) / f"frames-{m}"
+def budget_dir(out: str | os.PathLike[str], m: int, sampler: str = "uniform") -> Path:
+    """The run directory of budget m (frame sampler ``sampler``) in a trap experiment's output directory:
+    ``frames-<m>`` for the uniform sampler, ``<sampler>-frames-<m>`` for a control."""
+    return Path(out) / (f"frames-{m}" if sampler == "uniform" else f"{sampler}-frames-{m}")
 
 
-def load_trap(out: str | os.PathLike[str], grid: list[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Evaluation rows and alignment rows of every budget's run, each with a ``frames`` column."""
+def trap_runs(out: str | os.PathLike[str]) -> list[tuple[str, int]]:
+    """The (sampler, budget) runs present in a trap experiment's output directory, uniform first."""
+    runs = []
+    for p in Path(out).iterdir() if Path(out).is_dir() else []:
+        head, _, m = p.name.rpartition("frames-")
+        sampler = head[:-1] if head.endswith("-") else "uniform" if not head else None
+        if p.is_dir() and m.isdigit() and sampler is not None:
+            runs.append((sampler, int(m)))
+    return sorted(runs, key=lambda r: (r[0] != "uniform", r[0], r[1]))
+
+
+def load_trap(out: str | os.PathLike[str], grid: list[int] | None = None,
+              samplers: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Evaluation rows and alignment rows of every run, each with ``frames`` and ``sampler`` columns
+    (by default every run in ``out``; ``grid`` and ``samplers`` select)."""
     out = Path(out)
-    if grid is None:
-        grid = sorted(int(p.name.split("-", 1)[1]) for p in out.glob("frames-*") if p.name.split("-", 1)[1].isdigit())
-    if not grid:
+    runs = [(s, m) for s, m in trap_runs(out)
+            if (grid is None or m in grid) and (samplers is None or s in samplers)]
+    if grid is not None and samplers is not None:
+        runs = [(s, m) for s in samplers for m in grid]
+    if not runs:
         raise DataError(f"{out}: no frames-<m> run directories")
     evals, traj = [], []
-    for m in grid:
-        d = budget_dir(out, m)
-        evals += [{"frames": m, **r} for r in read_jsonl(d / EVAL_FILE)]
-        traj += [{"frames": m, **r} for r in read_jsonl(d / TRAJECTORY)]
+    for sampler, m in runs:
+        d = budget_dir(out, m, sampler)
+        evals += [{"frames": m, "sampler": sampler, **r} for r in read_jsonl(d / EVAL_FILE)]
+        traj += [{"frames": m, "sampler": sampler, **r} for r in read_jsonl(d / TRAJECTORY)]
     return pd.DataFrame(evals), pd.DataFrame(traj)

@@ -32,6 +32,7 @@ class SFTOptions:
     out: str
     frames: int | None = 8
     manifest: str | None = None
+    sampler: str = "uniform"
     model: str | None = None
     video_data: str | None = None
     image_probe: str | None = None
@@ -114,6 +115,15 @@ def _MarkToyCheckpoints() -> Any:
     return MarkToyCheckpoints()
 
 
+def _type_summary(rows: list[dict[str, Any]], m: int) -> dict[str, Any]:
+    """Per question type: first and last evaluation of the run and their paired change."""
+    from gradprobe.train.evaluate import type_changes
+
+    if not rows:
+        return {}
+    return {kind: type_changes(rows[0], rows[-1], kind, m if kind == "video" else None) for kind in ("image", "video")}
+
+
 def run_sft(opts: SFTOptions, log: Any = None, progress: Any = None) -> dict[str, Any]:
     """Run Video-SFT with the alignment callback; return the run summary (also in ``<out>/sft_summary.json``).
 
@@ -135,6 +145,9 @@ def run_sft(opts: SFTOptions, log: Any = None, progress: Any = None) -> dict[str
     for name in ("steps", "batch_size", "grad_accum", "probe_every", "probe_batches", "probe_batch_size",
                  "save_steps", "lora_rank"):
         check_positive_int(name.replace("_", "-"), getattr(opts, name))
+    from gradprobe.data.sampling import check_sampler
+
+    check_sampler(opts.sampler)
     if opts.guard not in GUARDS:
         raise InputError(f"guard: unknown action {opts.guard!r}; use one of {', '.join(GUARDS)}")
     frames_of = read_manifest(opts.manifest) if opts.manifest else {}
@@ -204,7 +217,8 @@ def run_sft(opts: SFTOptions, log: Any = None, progress: Any = None) -> dict[str
     def root_of(path: Path) -> Path:
         return Path(opts.data_root) if opts.data_root else Path(path).parent
 
-    collator = SampleCollator(adapter, root_of(video_path), frames=opts.frames, frames_of=frames_of)
+    collator = SampleCollator(adapter, root_of(video_path), frames=opts.frames, frames_of=frames_of,
+                              sampler=opts.sampler)
     probe_collate = SampleCollator(adapter, root_of(image_path))
     probe = [probe_collate(chunk) for chunk in image_chunks]
     args = training_args(
@@ -219,7 +233,8 @@ def run_sft(opts: SFTOptions, log: Any = None, progress: Any = None) -> dict[str
         eval_budget = opts.frames if opts.frames is not None else max(frames_of.values())
         callbacks.append(AccuracyCallback(
             eval_sets[0], eval_sets[1], SampleCollator(adapter, root_of(eval_paths[0])),
-            SampleCollator(adapter, root_of(eval_paths[1]), frames=eval_budget, keep_clips=True),
+            SampleCollator(adapter, root_of(eval_paths[1]), frames=eval_budget, sampler=opts.sampler,
+                           keep_clips=True),
             every=opts.eval_every or opts.probe_every,
         ))
     if family.name == "toy":
@@ -229,7 +244,8 @@ def run_sft(opts: SFTOptions, log: Any = None, progress: Any = None) -> dict[str
     video_probe = None
     if clips is not None:
         video_probe = {
-            m: [SampleCollator(adapter, root_of(video_probe_path), frames=m)(c) for c in clips] for m in grid
+            m: [SampleCollator(adapter, root_of(video_probe_path), frames=m, sampler=opts.sampler)(c) for c in clips]
+            for m in grid
         }
     cb = watch(trainer, probe, every=opts.probe_every, guard=opts.guard, role_of=cls.role_of,
                module_of=cls.module_of, video_probe=video_probe)
@@ -252,6 +268,7 @@ def run_sft(opts: SFTOptions, log: Any = None, progress: Any = None) -> dict[str
         "guard": {"action": opts.guard, "fired": cb.monitor.fired, "stop_reason": cb.monitor.stop_reason},
         "probes": len(cb.monitor.rows),
         "evaluations": callbacks[0].rows if eval_sets is not None else [],
+        "types": _type_summary(callbacks[0].rows, eval_budget) if eval_sets is not None else {},
         "trajectory": str(out / TRAJECTORY),
     }
     (out / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

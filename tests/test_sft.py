@@ -93,6 +93,12 @@ def test_sft_evaluates_and_plots(tiny_toy, tmp_path):
         assert x["n_image"] == 24 and x["n_video"] == 4
         for k in ("image_free", "image_restricted", "video_free", "video_restricted"):
             assert x[k] == x[f"{k}_items"].count("1") / len(x[f"{k}_items"])
+        # each record's question type and m_min travel with the row (per-type changes are computed from them)
+        assert len(x["video_qtypes"]) == len(x["video_m_min"]) == 4 and len(x["image_qtypes"]) == 24
+    types = json.loads((out / "sft_summary.json").read_text())["types"]
+    assert sum(e["n"] for q in types["video"].values() for e in q.values()) == 4
+    assert set(types["image"]) <= {"colour", "exist", "count", "position"}
+    assert "Held-out video accuracy per question type" in r.output
     r = runner.invoke(app, ["plot", str(out)])
     assert r.exit_code == 0, r.output
     assert (out / "trajectory.png").read_bytes()[:4] == b"\x89PNG"

@@ -27,6 +27,28 @@ def test_paired_difference_by_hand():
         paired_difference("101", "10")
 
 
+def test_type_changes_split_by_type_and_m_min():
+    from gradprobe.train.evaluate import type_changes
+
+    # records: two motion (m_min 2), three blink (m_min 4, 4, 16), one without m_min
+    meta = {"video_qtypes": ["motion", "motion", "blink", "blink", "blink", "static"],
+            "video_m_min": [2, 2, 4, 4, 16, None]}
+    first = {**meta, "video_free_items": "000000", "video_restricted_items": "010001"}
+    last = {**meta, "video_free_items": "110010", "video_restricted_items": "111011"}
+    t = type_changes(first, last, "video", 8)
+    assert set(t) == {"blink", "motion", "static"}
+    assert set(t["blink"]) == {"answerable", "unanswerable"}
+    blink = t["blink"]["answerable"]
+    assert blink["n"] == 2 and blink["restricted"]["first"] == 0.0 and blink["restricted"]["last"] == 0.5
+    assert blink["restricted"]["change"] == paired_difference("10", "00")
+    assert t["blink"]["unanswerable"]["n"] == 1 and t["blink"]["unanswerable"]["free"]["change"] is None
+    assert t["motion"]["answerable"]["restricted"]["change"]["diff"] == 0.5  # "11" after "01"
+    assert t["static"]["answerable"]["restricted"]["last"] == 1.0
+    # at a budget reaching every m_min, nothing is unanswerable
+    assert all(set(v) == {"answerable"} for v in type_changes(first, last, "video", 16).values())
+    assert type_changes({}, {}, "video", 8) == {}  # rows written before per-type fields existed
+
+
 def test_trap_runs_each_budget_and_resumes(tiny_toy, tmp_path, monkeypatch):
     monkeypatch.setattr(gradprobe.run, "DEFAULT_TOY", ToySpec(**tiny_toy.spec.__dict__))
     out = tmp_path / "trap"
@@ -41,6 +63,13 @@ def test_trap_runs_each_budget_and_resumes(tiny_toy, tmp_path, monkeypatch):
         for k in ("image_free", "image_restricted", "video_free", "video_restricted"):
             # the paired mean difference is the difference of the two accuracies
             assert b[k]["change"]["diff"] == pytest.approx(b[k]["last"] - b[k]["first"])
+        # per question type: the record-weighted mean of the parts is the whole
+        parts = [e for q in b["video_types"].values() for e in q.values()]
+        assert sum(e["n"] for e in parts) == b["n_video"]
+        for how in ("free", "restricted"):
+            whole = sum(e["n"] * e[how]["last"] for e in parts) / b["n_video"]
+            assert whole == pytest.approx(b[f"video_{how}"]["last"])
+    assert "Video accuracy per question type" in r.output
     # the image set and the starting model are shared, so the first image accuracy is the same at every budget
     assert s["budgets"][0]["image_free"]["first"] == s["budgets"][1]["image_free"]["first"]
     vs = s["budgets"][1]["image_vs_smallest"]["image_free"]["diff"]
@@ -56,6 +85,32 @@ def test_trap_runs_each_budget_and_resumes(tiny_toy, tmp_path, monkeypatch):
     r = runner.invoke(app, ["plot", str(out)])
     assert r.exit_code == 0, r.output
     assert (out / "trap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_trap_controls_run_beside_uniform(tiny_toy, tmp_path, monkeypatch):
+    monkeypatch.setattr(gradprobe.run, "DEFAULT_TOY", ToySpec(**tiny_toy.spec.__dict__))
+    out = tmp_path / "trap"
+    r = runner.invoke(app, ["trap", "--frames", "2", "--samplers", "static,uniform", "--steps", "1",
+                            "--probe-every", "1", "--batch-size", "2", "--eval-images", "24", "--eval-videos", "4",
+                            "--cache-dir", str(tiny_toy.root.parent), "--out", str(out)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert (out / "frames-2" / "sft_summary.json").is_file() and (out / "static-frames-2" / "sft_summary.json").is_file()
+    assert json.loads((out / "static-frames-2" / "sft_summary.json").read_text())["options"]["sampler"] == "static"
+    s = json.loads((out / "trap_summary.json").read_text())
+    assert [(b["sampler"], b["frames"]) for b in s["budgets"]] == [("uniform", 2), ("static", 2)]
+    uni, static = s["budgets"]
+    assert "image_vs_uniform" not in uni
+    vs = static["image_vs_uniform"]["image_free"]["diff"]
+    assert vs == pytest.approx(static["image_free"]["last"] - uni["image_free"]["last"])
+    # the same model and records before training: the first evaluation agrees on images
+    assert static["image_free"]["first"] == uni["image_free"]["first"]
+
+
+@pytest.mark.parametrize("samplers, message", [("uniform,blurred", "unknown sampler"), ("static,static", "twice"),
+                                               (",", "at least one")])
+def test_trap_bad_samplers(tmp_path, samplers, message):
+    r = runner.invoke(app, ["trap", "--samplers", samplers, "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and message in r.output, r.output
 
 
 def test_trap_bad_budget(tmp_path):

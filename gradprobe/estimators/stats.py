@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from scipy import stats as _st
 
+from gradprobe.errors import DataError
+
 
 @dataclass(frozen=True)
 class MeanCI:
@@ -258,3 +260,16 @@ def weighted_mean_ci(x: Sequence[float], w: Sequence[float] | None = None,
     se = math.sqrt(n / (n - 1) * float((w**2 * (x - mean) ** 2).sum()))
     q = float(_st.t.ppf(0.5 + confidence / 2, n - 1))
     return mean, se, (mean - q * se, mean + q * se)
+
+
+def paired_difference(after: str, before: str) -> dict[str, Any]:
+    """Mean of per-record differences of two 0/1 strings over the same records, with a 95% t interval."""
+    a = np.frombuffer(after.encode(), dtype=np.uint8) - ord("0")
+    b = np.frombuffer(before.encode(), dtype=np.uint8) - ord("0")
+    if len(a) != len(b) or len(a) < 2:
+        raise DataError("paired difference needs the same records (at least 2) in both evaluations")
+    d = a.astype(float) - b.astype(float)
+    mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+    half = float(_st.t.ppf(0.975, len(d) - 1)) * se
+    lo, hi = mean - half, mean + half
+    return {"diff": mean, "stderr": se, "ci95": [lo, hi], "n": len(d), "excludes_zero": bool(lo > 0 or hi < 0)}

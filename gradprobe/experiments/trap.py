@@ -4,7 +4,9 @@ For each budget m of the grid, :func:`run_trap` runs :func:`gradprobe.sft.run_sf
 the same checkpoint with the same clips, seed, steps and learning rate, into
 ``<out>/frames-<m>/``, recording held-out image and video accuracy (free and answer-restricted)
 and the alignment of the run's update with the image probe along the run. Video accuracy is
-scored at the run's own budget. A run that is already complete is skipped; an interrupted one
+scored at the run's own budget. Controls (``samplers``) repeat each budget with another frame sampler
+(``static``: one frame copied m times; ``shuffled``: the uniform frames in a random order) into
+``<out>/<sampler>-frames-<m>/``. A run that is already complete is skipped; an interrupted one
 resumes from its last checkpoint, so an interrupted experiment loses at most the steps since a
 checkpoint.
 
@@ -22,11 +24,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from gradprobe._checks import check_positive_int, parse_frames
-from gradprobe.errors import DataError
+from gradprobe.errors import InputError
+from gradprobe.estimators.stats import paired_difference
 from gradprobe.outputs import TRAP_SUMMARY, budget_dir, load_trap, write_json
+from gradprobe.train.evaluate import type_changes
 
 SUMMARY = TRAP_SUMMARY
 METRICS = ("image_free", "image_restricted", "video_free", "video_restricted")
@@ -44,8 +46,21 @@ class TrapOptions:
     probe_every: int = 10
     eval_images: int = 300
     eval_videos: int = 100
+    samplers: str = "uniform"
     seed: int = 0
     cache_dir: str | None = None
+
+
+def parse_samplers(text: str) -> list[str]:
+    """``uniform,static`` → ``["uniform", "static"]`` (uniform first: the controls are compared with it)."""
+    from gradprobe.data.sampling import check_sampler
+
+    names = [check_sampler(t.strip()) for t in text.split(",") if t.strip()]
+    if not names:
+        raise InputError("samplers: give at least one of uniform, static, shuffled")
+    if len(set(names)) != len(names):
+        raise InputError(f"samplers: {text!r} names a sampler twice")
+    return sorted(names, key=lambda n: n != "uniform")
 
 
 def run_trap(opts: TrapOptions, log: Any = None, progress: Any = None) -> dict[str, Any]:
@@ -57,64 +72,62 @@ def run_trap(opts: TrapOptions, log: Any = None, progress: Any = None) -> dict[s
 
     log = log or (lambda s: None)
     grid = parse_frames(opts.frames)
+    samplers = parse_samplers(opts.samplers)
     for m in grid:
         ToyAdapter.check_budget(m)
     for name in ("steps", "batch_size", "probe_every", "eval_images", "eval_videos"):
         check_positive_int(name.replace("_", "-"), getattr(opts, name))
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    for m in grid:
-        d = budget_dir(out, m)
+    for sampler, m in [(sp, m) for sp in samplers for m in grid]:
+        d = budget_dir(out, m, sampler)
+        name = f"m={m}" + ("" if sampler == "uniform" else f" ({sampler})")
         if (d / "sft_summary.json").is_file():
-            log(f"m={m}: complete, kept")
+            log(f"{name}: complete, kept")
             continue
         last = get_last_checkpoint(str(d)) if d.is_dir() else None
         if d.is_dir() and last is None:
             shutil.rmtree(d)  # interrupted before its first checkpoint: nothing to keep
-        log(f"m={m}: {'resuming from ' + Path(last).name if last else 'training'} ({opts.steps} steps)")
+        log(f"{name}: {'resuming from ' + Path(last).name if last else 'training'} ({opts.steps} steps)")
         run_sft(SFTOptions(
-            out=str(d), frames=m, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr,
+            out=str(d), frames=m, sampler=sampler, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr,
             probe_every=opts.probe_every, eval_images=opts.eval_images, eval_videos=opts.eval_videos,
             save_steps=max(opts.probe_every, opts.steps // 4), seed=opts.seed, resume=last is not None,
             cache_dir=opts.cache_dir,
         ), log=log, progress=progress)
-    summary = summarize(out, grid)
+    summary = summarize(out, grid, samplers)
     summary["options"] = asdict(opts)
 
     write_json(out / SUMMARY, summary)
     return summary
 
 
-def paired_difference(after: str, before: str) -> dict[str, Any]:
-    """Mean of per-record differences of two 0/1 strings over the same records, with a 95% t interval."""
-    from scipy import stats as st
+def summarize(out: str | os.PathLike[str], grid: list[int] | None = None,
+              samplers: list[str] | None = None) -> dict[str, Any]:
+    """Per run (sampler, budget): first and last accuracies, their paired change, and the alignment along the run.
 
-    a = np.frombuffer(after.encode(), dtype=np.uint8) - ord("0")
-    b = np.frombuffer(before.encode(), dtype=np.uint8) - ord("0")
-    if len(a) != len(b) or len(a) < 2:
-        raise DataError("paired difference needs the same records (at least 2) in both evaluations")
-    d = a.astype(float) - b.astype(float)
-    mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
-    half = float(st.t.ppf(0.975, len(d) - 1)) * se
-    lo, hi = mean - half, mean + half
-    return {"diff": mean, "stderr": se, "ci95": [lo, hi], "n": len(d), "excludes_zero": bool(lo > 0 or hi < 0)}
-
-
-def summarize(out: str | os.PathLike[str], grid: list[int] | None = None) -> dict[str, Any]:
-    """Per budget: first and last accuracies, their paired change, and the alignment along the run."""
-    evals, traj = load_trap(out, grid)
+    Image accuracy is also compared, paired on records, with the smallest budget of the same sampler
+    (``image_vs_smallest``) and, for a control sampler, with the uniform run at the same budget
+    (``image_vs_uniform``)."""
+    evals, traj = load_trap(out, grid, samplers)
     budgets = []
-    smallest = None
-    for m, ev in evals.groupby("frames", sort=True):
+    lasts: dict[tuple[str, int], Any] = {}
+    for (sampler, m), ev in sorted(evals.groupby(["sampler", "frames"], sort=False),
+                                   key=lambda kv: (kv[0][0] != "uniform", kv[0][0], kv[0][1])):
         ev = ev.sort_values("step")
         first, last = ev.iloc[0], ev.iloc[-1]
-        row: dict[str, Any] = {"frames": int(m), "steps": int(last["step"]), "n_image": int(last["n_image"]),
-                               "n_video": int(last["n_video"])}
+        lasts[(sampler, int(m))] = last
+        row: dict[str, Any] = {"frames": int(m), "sampler": sampler, "steps": int(last["step"]),
+                               "n_image": int(last["n_image"]), "n_video": int(last["n_video"])}
         for k in METRICS:
             row[k] = {"first": float(first[k]), "last": float(last[k])}
             if f"{k}_items" in ev:
                 row[k]["change"] = paired_difference(last[f"{k}_items"], first[f"{k}_items"])
-        tr = traj[(traj["frames"] == m) & traj["finite"].astype(bool)] if len(traj) else traj
+        for kind in ("image", "video"):
+            if f"{kind}_qtypes" in ev:
+                row[f"{kind}_types"] = type_changes(first.to_dict(), last.to_dict(), kind, int(m))
+        tr = (traj[(traj["frames"] == m) & (traj["sampler"] == sampler) & traj["finite"].astype(bool)]
+              if len(traj) else traj)
         if len(tr):
             cos = tr["cos"].to_numpy(float)
             row["alignment"] = {
@@ -123,14 +136,23 @@ def summarize(out: str | os.PathLike[str], grid: list[int] | None = None) -> dic
                 "stderr_cos": float(cos.std(ddof=1) / math.sqrt(len(cos))) if len(cos) > 1 else None,
                 "frac_negative": float((tr["alignment"] < 0).mean()),
             }
-        if smallest is None:
-            smallest = last
-        elif "image_free_items" in ev:
-            row["image_vs_smallest"] = {
-                k: paired_difference(last[f"{k}_items"], smallest[f"{k}_items"]) for k in METRICS[:2]
-            }
+        if "image_free_items" in ev:
+            smallest = min(mm for sp, mm in lasts if sp == sampler)
+            if smallest != m:
+                row["image_vs_smallest"] = {
+                    k: paired_difference(last[f"{k}_items"], lasts[(sampler, smallest)][f"{k}_items"])
+                    for k in METRICS[:2]
+                }
+            if sampler != "uniform" and ("uniform", int(m)) in lasts:
+                row["image_vs_uniform"] = {
+                    k: paired_difference(last[f"{k}_items"], lasts[("uniform", int(m))][f"{k}_items"])
+                    for k in METRICS[:2]
+                }
         budgets.append(row)
-    return {"schema": "gradprobe.trap/1", "budgets": budgets,
+    return {"schema": "gradprobe.trap/2", "budgets": budgets,
             "note": "change: last minus first evaluation, paired on records (95% t interval); "
-                    "image_vs_smallest: last image accuracy minus that of the smallest budget, paired on records; "
-                    "stderr_cos treats probes along one run as independent, which they are not"}
+                    "image_vs_smallest: last image accuracy minus that of the smallest budget of the same sampler, "
+                    "paired on records; image_vs_uniform (controls): minus that of the uniform run at the same "
+                    "budget; video_types / image_types: changes per question type, video records split by "
+                    "whether m reaches their m_min (answerable) or not; video accuracy is scored with the run's "
+                    "own sampler and budget; stderr_cos treats probes along one run as independent, which they are not"}

@@ -152,7 +152,8 @@ def budget_trajectory(budgets: pd.DataFrame, ax: Any = None) -> Any:
 def trap_curves(evals: pd.DataFrame, traj: pd.DataFrame, axes: Any = None) -> Any:
     """The temporal-trap experiment: image accuracy, video accuracy and cos(g_update, ḡ_img) against step, per budget.
 
-    Solid lines: free exact match; dashed: restricted to each question's valid answers.
+    Solid lines: free exact match; dashed: restricted to each question's valid answers. Colour: the budget;
+    marker: the frame sampler (circles uniform, squares static, triangles shuffled; controls drawn fainter).
     """
     import seaborn as sns
 
@@ -160,21 +161,38 @@ def trap_curves(evals: pd.DataFrame, traj: pd.DataFrame, axes: Any = None) -> An
     sns.set_theme(style="whitegrid", context="notebook")
     if axes is None:
         _, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharex=True)
-    grid = sorted(evals["frames"].unique()) if len(evals) else sorted(traj["frames"].unique())
+    frame = evals if len(evals) else traj
+    grid = sorted(frame["frames"].unique())
+    runs = sorted({(str(s), int(m)) for s, m in zip(frame.get("sampler", ["uniform"] * len(frame)), frame["frames"],
+                                                    strict=True)}, key=lambda r: (r[0] != "uniform", r[0], r[1]))
     colors = dict(zip(grid, sns.color_palette("viridis", len(grid)), strict=True))
+    markers = {"uniform": "o", "static": "s", "shuffled": "^"}
+
+    def select(df: pd.DataFrame, sampler: str, m: int) -> pd.DataFrame:
+        keep = df["frames"] == m
+        if "sampler" in df:
+            keep &= df["sampler"] == sampler
+        return df[keep].sort_values("step")
+
+    def label(sampler: str, m: int) -> str:
+        return f"m={m}" + ("" if sampler == "uniform" else f" {sampler}")
+
     for ax, kind in zip(axes[:2], ("image", "video"), strict=True):
-        for m in grid:
-            ev = evals[evals["frames"] == m].sort_values("step")
-            ax.plot(ev["step"], ev[f"{kind}_free"], "-", color=colors[m], marker="o", ms=3, label=f"m={m}")
-            ax.plot(ev["step"], ev[f"{kind}_restricted"], "--", color=colors[m])
+        for sampler, m in runs:
+            ev = select(evals, sampler, m)
+            ax.plot(ev["step"], ev[f"{kind}_free"], "-", color=colors[m], marker=markers.get(sampler, "o"), ms=3,
+                    alpha=1.0 if sampler == "uniform" else 0.6, label=label(sampler, m))
+            ax.plot(ev["step"], ev[f"{kind}_restricted"], "--", color=colors[m],
+                    alpha=1.0 if sampler == "uniform" else 0.6)
         ax.set_title(f"held-out {kind} accuracy (solid: free, dashed: restricted)", fontsize=10)
         ax.set_xlabel("optimizer step")
     axes[0].legend(fontsize=8)
     ax = axes[2]
     if len(traj):
-        for m in grid:
-            tr = traj[(traj["frames"] == m) & traj["finite"].astype(bool)].sort_values("step")
-            ax.plot(tr["step"], tr["cos"], "o-", ms=3, color=colors[m], label=f"m={m}")
+        for sampler, m in runs:
+            tr = select(traj[traj["finite"].astype(bool)], sampler, m)
+            ax.plot(tr["step"], tr["cos"], "-", marker=markers.get(sampler, "o"), ms=3, color=colors[m],
+                    alpha=1.0 if sampler == "uniform" else 0.6, label=label(sampler, m))
     ax.axhline(0.0, color="k", lw=0.8, ls="--")
     ax.set_title("cos(g_update, ḡ_img) along the run", fontsize=10)
     ax.set_xlabel("optimizer step")

@@ -2,7 +2,8 @@
 
 Rows go to ``<output_dir>/gradprobe_eval.jsonl``: ``{"step", "image_free", "image_restricted",
 "video_free", "video_restricted", "n_image", "n_video"}`` and the per-record correctness behind each
-accuracy (``image_free_items`` … as strings of ``0``/``1``, for paired comparisons). Step s is the model after s optimizer
+accuracy (``image_free_items`` … as strings of ``0``/``1``, for paired comparisons), and each record's question
+type and ``m_min`` (``image_qtypes``, ``video_qtypes``, ``image_m_min``, ``video_m_min``). Step s is the model after s optimizer
 steps, as in the alignment trajectory (whose row s probes the update applied after s steps).
 Evaluation runs in eval mode with the RNG state restored, so it does not change the run.
 """
@@ -18,7 +19,7 @@ from transformers import TrainerCallback
 
 from gradprobe.outputs import EVAL_FILE
 from gradprobe.train._common import truncate_jsonl
-from gradprobe.train.evaluate import accuracy
+from gradprobe.train.evaluate import accuracy, record_types
 from gradprobe.train.monitor import _isolated
 
 
@@ -36,6 +37,8 @@ class AccuracyCallback(TrainerCallback):
         self.images, self.videos = list(image_records), list(video_records)
         self.image_collator, self.video_collator = image_collator, video_collator
         self.every = every
+        #: each record's question type and m_min, for per-type changes (:func:`~gradprobe.train.evaluate.type_changes`)
+        self.types = {kind: record_types(records) for kind, records in (("image", self.images), ("video", self.videos))}
         self.rows: list[dict[str, Any]] = []
 
     def _evaluate(self, args: Any, step: int, model: Any) -> None:
@@ -48,6 +51,7 @@ class AccuracyCallback(TrainerCallback):
             "video_free": vid["free"], "video_restricted": vid["restricted"], "n_video": vid["n"],
             **{f"{kind}_{how}_items": acc[f"{how}_items"] for kind, acc in (("image", img), ("video", vid))
                for how in ("free", "restricted")},
+            **{f"{kind}_{field}": values for kind, types in self.types.items() for field, values in types.items()},
         }
         self.rows.append(row)
         with open(Path(args.output_dir) / EVAL_FILE, "a") as fh:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from gradprobe.data.records import Sample
+from gradprobe.estimators.stats import paired_difference
 
 
 def choice_ids(tokenizer: Any, choices: Sequence[str]) -> list[int]:
@@ -86,3 +87,45 @@ def accuracy(
         "free_items": "".join("01"[c] for c in free_items),
         "restricted_items": "".join("01"[c] for c in restricted_items),
     }
+
+
+def record_types(records: Sequence[Sample]) -> dict[str, list[Any]]:
+    """What :func:`type_changes` needs of each record: its question type and ``m_min`` (None where absent)."""
+    return {"qtypes": [str(r.extra.get("qtype", "all")) for r in records],
+            "m_min": [r.extra.get("m_min") for r in records]}
+
+
+def type_changes(first: dict[str, Any], last: dict[str, Any], kind: str, m: int | None) -> dict[str, Any]:
+    """Accuracy per question type between two evaluations of the same records, split by whether the budget
+    ``m`` reaches each record's ``m_min`` (``answerable``: m ≥ m_min, or no m_min; ``unanswerable``: the
+    sampled frames miss the evidence).
+
+    Args:
+        first, last: evaluation rows holding ``{kind}_free_items``, ``{kind}_restricted_items``,
+            ``{kind}_qtypes`` and ``{kind}_m_min``.
+        kind: ``image`` or ``video``.
+        m: the budget the records were scored at (None: every record counts as answerable).
+
+    Returns:
+        ``{qtype: {"answerable"|"unanswerable": {"n", "free", "restricted"}}}``, each score
+        ``{"first", "last", "change"}`` with ``change`` from :func:`paired_difference` (None below 2 records).
+    """
+    qtypes, m_min = last.get(f"{kind}_qtypes"), last.get(f"{kind}_m_min")
+    if qtypes is None:
+        return {}
+    groups: dict[str, dict[str, list[int]]] = {}
+    for i, (q, mm) in enumerate(zip(qtypes, m_min, strict=True)):
+        reach = "answerable" if m is None or mm is None or m >= mm else "unanswerable"
+        groups.setdefault(q, {}).setdefault(reach, []).append(i)
+    out: dict[str, Any] = {}
+    for q in sorted(groups):
+        out[q] = {}
+        for reach, idx in sorted(groups[q].items()):
+            entry: dict[str, Any] = {"n": len(idx)}
+            for how in ("free", "restricted"):
+                a = "".join(last[f"{kind}_{how}_items"][i] for i in idx)
+                b = "".join(first[f"{kind}_{how}_items"][i] for i in idx)
+                entry[how] = {"first": b.count("1") / len(b), "last": a.count("1") / len(a),
+                              "change": paired_difference(a, b) if len(idx) > 1 else None}
+            out[q][reach] = entry
+    return out
