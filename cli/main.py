@@ -582,6 +582,7 @@ def sft(
     frames: Annotated[int, typer.Option(help="Frame budget m (with --manifest: for clips it does not list).")] = 8,
     manifest: Annotated[str | None, typer.Option(help='Per-sample budgets: JSONL lines {"id", "frames"}.')] = None,
     sampler: SamplerOpt = "uniform",
+    keep_clips: Annotated[bool, typer.Option(help="Keep decoded training clips in memory (faster from the second epoch; memory: clips × m × frame bytes).")] = False,
     model: Annotated[str | None, typer.Option(help="Model checkpoint directory (default: the toy).")] = None,
     video_data: Annotated[str | None, typer.Option(help="JSONL of video training records.")] = None,
     image_probe: Annotated[str | None, typer.Option(help="JSONL of held-out image records for the probe.")] = None,

@@ -33,6 +33,7 @@ class SFTOptions:
     frames: int | None = 8
     manifest: str | None = None
     sampler: str = "uniform"
+    keep_clips: bool = False
     model: str | None = None
     video_data: str | None = None
     image_probe: str | None = None
@@ -218,7 +219,7 @@ def run_sft(opts: SFTOptions, log: Any = None, progress: Any = None) -> dict[str
         return Path(opts.data_root) if opts.data_root else Path(path).parent
 
     collator = SampleCollator(adapter, root_of(video_path), frames=opts.frames, frames_of=frames_of,
-                              sampler=opts.sampler)
+                              sampler=opts.sampler, keep_clips=opts.keep_clips)
     probe_collate = SampleCollator(adapter, root_of(image_path))
     probe = [probe_collate(chunk) for chunk in image_chunks]
     args = training_args(

@@ -122,6 +122,24 @@ def test_evaluation_does_not_change_the_run(tiny_toy, tmp_path):
         assert ka == kb and torch.equal(va, vb), ka
 
 
+def test_kept_clips_train_the_same_weights(tiny_toy, tmp_path):
+    """Clips decoded once and kept (--keep-clips) give the run that decoding each time gives, into a second epoch."""
+    import torch
+
+    from gradprobe.models.toy import ToyAdapter
+
+    n = len(tiny_toy.samples("probe", "videos"))
+    steps = n // 2 + 2  # batch 2: past the first epoch, so kept clips are read again
+    for name, extra in (("x", []), ("y", ["--keep-clips"])):
+        r = runner.invoke(app, _args(tiny_toy, tmp_path / name, "--steps", str(steps), "--probe-every", str(steps),
+                                     "--save-steps", str(steps), *extra))
+        assert r.exit_code == 0, r.output
+    a, _ = ToyAdapter.load(tmp_path / "x" / "final")
+    b, _ = ToyAdapter.load(tmp_path / "y" / "final")
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb), ka
+
+
 @pytest.mark.slow
 def test_sft_lora_resumes(tiny_toy, tmp_path):
     """A LoRA run resumes from its adapter checkpoint: the same rows as an uninterrupted run."""

@@ -93,7 +93,7 @@ def run_trap(opts: TrapOptions, log: Any = None, progress: Any = None) -> dict[s
             out=str(d), frames=m, sampler=sampler, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr,
             probe_every=opts.probe_every, eval_images=opts.eval_images, eval_videos=opts.eval_videos,
             save_steps=max(opts.probe_every, opts.steps // 4), seed=opts.seed, resume=last is not None,
-            cache_dir=opts.cache_dir,
+            cache_dir=opts.cache_dir, keep_clips=True,
         ), log=log, progress=progress)
     summary = summarize(out, grid, samplers)
     summary["options"] = asdict(opts)
