@@ -211,6 +211,7 @@ def run_sft(opts: SFTOptions, log: Any = None, progress: Any = None) -> dict[str
 
             model = PeftModel.from_pretrained(model, last, is_trainable=True)
         else:
+            torch.manual_seed(opts.seed)  # the adapters' initialisation follows the run's seed, not earlier draws
             model = _lora(model, opts.lora_rank)
     else:
         model, adapter = cls.load(last or model_dir)
