@@ -244,10 +244,11 @@ def load_trap(out: str | os.PathLike[str], grid: list[int] | None = None,
     """Evaluation rows and alignment rows of every run, each with ``frames`` and ``sampler`` columns
     (by default every run in ``out``; ``grid`` and ``samplers`` select)."""
     out = Path(out)
-    runs = [(s, m) for s, m in trap_runs(out)
-            if (grid is None or m in grid) and (samplers is None or s in samplers)]
     if grid is not None and samplers is not None:
         runs = [(s, m) for s in samplers for m in grid]
+    else:
+        runs = [(s, m) for s, m in trap_runs(out)
+                if (grid is None or m in grid) and (samplers is None or s in samplers)]
     if not runs:
         raise DataError(f"{out}: no frames-<m> run directories")
     evals, traj = [], []

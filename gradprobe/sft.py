@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from gradprobe._checks import check_positive_int
+from gradprobe.data.sampling import check_sampler
 from gradprobe.errors import DataError, InputError
 from gradprobe.outputs import TRAJECTORY, check_out_dir
 from gradprobe.train.monitor import GUARDS
@@ -146,8 +147,6 @@ def run_sft(opts: SFTOptions, log: Any = None, progress: Any = None) -> dict[str
     for name in ("steps", "batch_size", "grad_accum", "probe_every", "probe_batches", "probe_batch_size",
                  "save_steps", "lora_rank"):
         check_positive_int(name.replace("_", "-"), getattr(opts, name))
-    from gradprobe.data.sampling import check_sampler
-
     check_sampler(opts.sampler)
     if opts.guard not in GUARDS:
         raise InputError(f"guard: unknown action {opts.guard!r}; use one of {', '.join(GUARDS)}")
