@@ -616,7 +616,7 @@ def sft(
     opts = _options(SFTOptions, locals())
     with _working() as progress:
         summary = run_sft(opts, log=_log, progress=progress)
-    console = Console()
+    console = _wide_console()
     for kind in ("video", "image"):
         table = type_table([(kind, summary.get("types", {}).get(kind, {}))],
                            f"Held-out {kind} accuracy per question type, first → last evaluation")
@@ -660,13 +660,14 @@ def trap(
         a = b.get("alignment")
         cells.append(f"{a['mean_cos']:+.3f}" if a else "-")
         table.add_row(*cells)
-    Console().print(table)
+    console = _wide_console(140)
+    console.print(table)
     per_type = type_table([(f"m={b['frames']}" + ("" if b["sampler"] == "uniform" else f" {b['sampler']}"),
                             b.get("video_types", {})) for b in summary["budgets"]],
                           "Video accuracy per question type at each budget, first → last evaluation")
     if per_type is not None:
-        Console().print(per_type)
-    Console().print(f"wrote {Path(out) / 'trap_summary.json'}")
+        console.print(per_type)
+    console.print(f"wrote {Path(out) / 'trap_summary.json'}")
 
 
 @command
