@@ -228,6 +228,12 @@ def budget_dir(out: str | os.PathLike[str], m: int, sampler: str = "uniform") ->
     return Path(out) / (f"frames-{m}" if sampler == "uniform" else f"{sampler}-frames-{m}")
 
 
+def run_order(run: tuple[str, int]) -> tuple[bool, str, int]:
+    """Sort key of a trap run (sampler, budget): the uniform sampler first, then the controls; budgets ascending."""
+    sampler, m = run
+    return sampler != "uniform", sampler, m
+
+
 def trap_runs(out: str | os.PathLike[str]) -> list[tuple[str, int]]:
     """The (sampler, budget) runs present in a trap experiment's output directory, uniform first."""
     runs = []
@@ -236,7 +242,7 @@ def trap_runs(out: str | os.PathLike[str]) -> list[tuple[str, int]]:
         sampler = head[:-1] if head.endswith("-") else "uniform" if not head else None
         if p.is_dir() and m.isdigit() and sampler is not None:
             runs.append((sampler, int(m)))
-    return sorted(runs, key=lambda r: (r[0] != "uniform", r[0], r[1]))
+    return sorted(runs, key=run_order)
 
 
 def load_trap(out: str | os.PathLike[str], grid: list[int] | None = None,

@@ -27,7 +27,7 @@ from typing import Any
 from gradprobe._checks import check_positive_int, parse_frames
 from gradprobe.errors import InputError
 from gradprobe.estimators.stats import paired_difference
-from gradprobe.outputs import TRAP_SUMMARY, budget_dir, load_trap, write_json
+from gradprobe.outputs import TRAP_SUMMARY, budget_dir, load_trap, run_order, write_json
 from gradprobe.train.evaluate import type_changes
 
 SUMMARY = TRAP_SUMMARY
@@ -112,8 +112,7 @@ def summarize(out: str | os.PathLike[str], grid: list[int] | None = None,
     evals, traj = load_trap(out, grid, samplers)
     budgets = []
     lasts: dict[tuple[str, int], Any] = {}
-    for (sampler, m), ev in sorted(evals.groupby(["sampler", "frames"], sort=False),
-                                   key=lambda kv: (kv[0][0] != "uniform", kv[0][0], kv[0][1])):
+    for (sampler, m), ev in sorted(evals.groupby(["sampler", "frames"], sort=False), key=lambda kv: run_order(kv[0])):
         ev = ev.sort_values("step")
         first, last = ev.iloc[0], ev.iloc[-1]
         lasts[(sampler, int(m))] = last

@@ -164,7 +164,7 @@ def trap_curves(evals: pd.DataFrame, traj: pd.DataFrame, axes: Any = None) -> An
     frame = evals if len(evals) else traj
     grid = sorted(frame["frames"].unique())
     runs = sorted({(str(s), int(m)) for s, m in zip(frame.get("sampler", ["uniform"] * len(frame)), frame["frames"],
-                                                    strict=True)}, key=lambda r: (r[0] != "uniform", r[0], r[1]))
+                                                    strict=True)}, key=io.run_order)
     colors = dict(zip(grid, sns.color_palette("viridis", len(grid)), strict=True))
     markers = {"uniform": "o", "static": "s", "shuffled": "^"}
 
