@@ -490,8 +490,10 @@ def render_decompose(summary: dict[str, Any], console: Console) -> None:
     sh, tm, td = summary["rho_sh"], summary["rho_tmp"], summary["tmp_direction"]
     console.print(f"ρ_sh = {_fmt(sh['value'])} 95% CI {_ci(sh['ci95'])}   ({summary['shared']['label']})")
     if td["resolved"]:
+        share = (f"ĝ_tmp explains {td['explained']:.0%} of Σ‖d_m‖²" if td["explained"] is not None
+                 else "its share of Σ‖d_m‖² is undefined (the estimated Σ‖d_m‖² is not positive)")
         console.print(f"ρ_tmp = {_fmt(tm['value'])} 95% CI {_ci(tm['ci95'])}   cos(g_img, ĝ_tmp) = "
-                      f"{_fmt(tm['cos_img_tmp'], '.3f')}   ĝ_tmp explains {td['explained']:.0%} of Σ‖d_m‖²")
+                      f"{_fmt(tm['cos_img_tmp'], '.3f')}   {share}")
     else:
         console.print("ρ_tmp undefined: no temporal direction (the budgets' mean gradients equal the shared one)")
     ct = Table(title="assumption checks", title_justify="left")

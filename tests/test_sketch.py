@@ -28,8 +28,12 @@ def _sketch(values, name, k, seed=0, offset=0, dtype=torch.float64, add=_add_tor
 
 def test_spec_partitions_buckets_in_proportion():
     spec = SketchSpec.build([("a", 3000), ("b", 1000), ("c", 0)], k=1003)
-    assert spec.widths == (751, 251, 1)
-    assert sum(spec.widths) == spec.k and spec.starts == (0, 751, 1002)
+    # 32 + 32 + 1 first (an empty module gets one bucket), the other 938 as 3000 : 1000 (703.5, 234.5: the
+    # tied remainder goes to the first)
+    assert spec.widths == (32 + 704, 32 + 234, 1)
+    assert sum(spec.widths) == spec.k and spec.starts == (0, 736, 1002)
+    # 32 + 10 > 40: one each first, the other 38 in proportion (37.87, 0.13)
+    assert SketchSpec.build([("a", 3000), ("b", 10)], k=40).widths == (39, 1)
     assert SketchSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     assert spec.fingerprint == SketchSpec.build([("a", 3000), ("b", 1000), ("c", 0)], k=1003).fingerprint
     assert spec.fingerprint != SketchSpec.build([("a", 3000), ("b", 1000), ("c", 0)], k=1003, seed=1).fingerprint
