@@ -61,24 +61,39 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def make_data(work: Path, side: int, n_images: int, n_videos: int) -> tuple[Path, Path]:
-    """ShapesWorld probe data with every image and frame upscaled to side × side."""
+def make_data(work: Path, side: int, n_images: int, n_videos: int, video_format: str = "auto") -> tuple[Path, Path]:
+    """ShapesWorld probe data with every image and frame upscaled to side × side; videos as MP4 files or, with
+    ``video_format="frames"`` (the default where PyAV is missing), as folders of PNG frames."""
     from PIL import Image
 
     from gradprobe.data import shapesworld as sw
-    from gradprobe.data.video import read_frames, write_mp4
 
-    d = work / f"data-{side}-{n_images}-{n_videos}"
+    if video_format == "auto":
+        try:
+            import av  # noqa: F401
+            video_format = "mp4"
+        except ImportError:
+            video_format = "frames"
+    d = work / f"data-{side}-{n_images}-{n_videos}-{video_format}"
     if (d / "done").is_file():
         return d / "probe_images.jsonl", d / "probe_videos.jsonl"
-    imgs, vids = sw.generate(d, n_images=n_images, n_videos=n_videos, seed=0, split="probe")
+    imgs, vids = sw.generate(d, n_images=n_images, n_videos=n_videos, seed=0, split="probe", video_format=video_format)
+
+    def up(frame: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(frame).resize((side, side), Image.BICUBIC))
+
     for line in imgs.read_text().splitlines():
         p = d / json.loads(line)["image"]
-        Image.open(p).convert("RGB").resize((side, side), Image.BICUBIC).save(p)
+        Image.fromarray(up(np.asarray(Image.open(p).convert("RGB")))).save(p)
     for line in vids.read_text().splitlines():
         p = d / json.loads(line)["video"]
-        frames = read_frames(p)
-        write_mp4(p, np.stack([np.asarray(Image.fromarray(f).resize((side, side), Image.BICUBIC)) for f in frames]))
+        if video_format == "frames":
+            for f in sorted(p.iterdir()):
+                Image.fromarray(up(np.asarray(Image.open(f).convert("RGB")))).save(f)
+        else:
+            from gradprobe.data.video import read_frames, write_mp4
+
+            write_mp4(p, np.stack([up(f) for f in read_frames(p)]))
     (d / "done").write_text("")
     return imgs, vids
 
@@ -122,6 +137,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sketch", default="auto", help="auto, exact or k buckets (gradprobe align --sketch)")
     ap.add_argument("--work", default="/tmp/gradprobe-bench")
+    ap.add_argument("--video-format", default="auto", choices=["auto", "mp4", "frames"],
+                    help="videos as MP4 files or PNG frame folders (auto: frames where PyAV is missing)")
+    ap.add_argument("--decompose", action="store_true",
+                    help="also run the code path of gradprobe decompose at the largest budget (time, peak memory)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
@@ -139,7 +158,8 @@ def main() -> None:
     if not (ckpt / "config.json").is_file():
         create_tiny(a.family, ckpt, sw.vocabulary(), shape=a.shape, side=a.side, device=str(device), dtype=dtype)
     build_s = time.perf_counter() - t0
-    imgs, vids = make_data(work, a.side, n_images=a.image_batches, n_videos=a.video_batches)
+    imgs, vids = make_data(work, a.side, n_images=a.image_batches, n_videos=a.video_batches,
+                           video_format=a.video_format)
     opts = AlignOptions(frames=a.frames, model=str(ckpt), image_data=str(imgs), video_data=str(vids),
                         image_batches=a.image_batches, video_batches=a.video_batches, batch_size=1,
                         video_batch_size=1, device=a.device, dtype=str(dtype).removeprefix("torch."),
@@ -196,8 +216,25 @@ def main() -> None:
             row.update(mean=b["mean"], ci95_t=b["ci95_t"])
         rows.append(row)
         print(json.dumps(row))
+    decompose = None
+    if a.decompose:
+        from gradprobe.run import DecomposeOptions, run_decompose
+
+        big = max(prep.frames)
+        dopts = DecomposeOptions(**{**opts.__dict__, "frames": str(big), "out": str(work / "decompose-out")})
+        _reset_peak(device)
+        t = time.perf_counter()
+        try:
+            rep = run_decompose(dopts, log=print)
+            _sync(device)
+            decompose = {"frames": big, "seconds": time.perf_counter() - t, "peak_gib": _peak_gib(device),
+                         "sketch": rep.summary["settings"]["sketch"]}
+        except torch.OutOfMemoryError:
+            decompose = {"frames": big, "error": "out of memory"}
+        print(json.dumps({"decompose": decompose}))
     result = {
         "command": " ".join(sys.argv),
+        "decompose": decompose,
         "family": a.family, "shape": a.shape, "parameters": params, "side": a.side,
         "dtype": str(dtype).removeprefix("torch."), "attn_implementation": a.attn_implementation,
         "image_batches": a.image_batches, "video_batches": a.video_batches, "batch_size": 1,

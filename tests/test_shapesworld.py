@@ -100,3 +100,30 @@ def test_missing_and_broken_video(tmp_path):
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
     with pytest.raises(DataError, match="cannot decode video"):
         read_frames(tmp_path / "bad.mp4")
+
+
+def test_frame_folders_need_no_pyav(tmp_path, monkeypatch):
+    """`video_format="frames"` writes a PNG folder per clip; writing and reading them works without PyAV, and
+    the frames equal those of the MP4 world up to the codec."""
+    import sys
+
+    from gradprobe.data.clips import ClipStore
+    from gradprobe.data.records import read_samples
+
+    _, mp4 = sw.generate(tmp_path / "mp4", n_images=0, n_videos=2, seed=5)
+    monkeypatch.setitem(sys.modules, "av", None)  # import av now fails
+    _, folders = sw.generate(tmp_path / "frames", n_images=0, n_videos=2, seed=5, video_format="frames")
+    a = read_samples(folders).samples
+    store = ClipStore(folders.parent, [8])
+    clip = store.clip(a[0], 8)
+    assert clip.frames.shape[0] == 8 and store.info(a[0]).total == sw.VIDEO_FRAMES
+    b = read_samples(mp4).samples
+    from gradprobe.errors import DataError
+
+    with pytest.raises(DataError, match="needs PyAV"):
+        ClipStore(mp4.parent, [8]).clip(b[0], 8)
+    monkeypatch.delitem(sys.modules, "av")
+    ref = ClipStore(mp4.parent, [8]).clip(b[0], 8)
+    assert np.abs(ref.frames.astype(int) - clip.frames.astype(int)).mean() < 8  # lossy codec against PNG
+    with pytest.raises(ValueError, match="video_format"):
+        sw.generate(tmp_path / "x", n_images=0, n_videos=1, video_format="gif")

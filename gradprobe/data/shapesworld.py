@@ -209,13 +209,17 @@ def generate(
     n_videos: int,
     seed: int = 0,
     split: str = "train",
+    video_format: str = "mp4",
     tick: Callable[[], None] | None = None,
 ) -> tuple[Path, Path]:
     """Write ShapesWorld files under ``root`` and return the image and video JSONL paths.
 
-    Files: ``root/{split}_images/*.png``, ``root/{split}_videos/*.mp4``,
+    Files: ``root/{split}_images/*.png``, ``root/{split}_videos/*.mp4`` (``video_format="frames"``: a folder
+    of PNG frames per clip, ``root/{split}_videos/<n>/000.png …``, which needs no PyAV to write or read),
     ``root/{split}_images.jsonl``, ``root/{split}_videos.jsonl``. ``tick`` is called after each file.
     """
+    if video_format not in ("mp4", "frames"):
+        raise ValueError(f"video_format: expected mp4 or frames, got {video_format!r}")
     tick = tick or (lambda: None)
     root = Path(root)
     rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
@@ -233,8 +237,14 @@ def generate(
     with open(vid_jsonl, "w") as fh:
         for i in range(n_videos):
             frames, q, a, qt, ch, m_min = video_sample(rng, VIDEO_QTYPES[i % len(VIDEO_QTYPES)])
-            rel = f"{split}_videos/{i:06d}.mp4"
-            write_mp4(root / rel, frames)
+            if video_format == "mp4":
+                rel = f"{split}_videos/{i:06d}.mp4"
+                write_mp4(root / rel, frames)
+            else:
+                rel = f"{split}_videos/{i:06d}"
+                (root / rel).mkdir(exist_ok=True)
+                for k, frame in enumerate(frames):
+                    Image.fromarray(frame).save(root / rel / f"{k:03d}.png")
             fh.write(json.dumps(_record(f"{split}-vid-{i:06d}", "video", rel, q, a, qt, ch, m_min=m_min)) + "\n")
             tick()
     return img_jsonl, vid_jsonl

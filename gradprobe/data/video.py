@@ -14,6 +14,16 @@ import numpy as np
 from gradprobe.errors import DataError
 
 
+def _av(path: Path) -> Any:
+    """PyAV, or a one-line error: video files need it, frame folders do not."""
+    try:
+        import av
+    except ImportError:
+        raise DataError(f"{path}: reading a video file needs PyAV (pip install av); "
+                        "frame folders (one image per frame) need nothing more") from None
+    return av
+
+
 def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: int = 8) -> None:
     """Write ``frames`` (T, H, W, 3) uint8 RGB as an H.264 (or MPEG-4) MP4 file."""
     import av
@@ -84,10 +94,8 @@ def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
     Raises:
         DataError: missing path, undecodable file, or no frames.
     """
-    import av
-
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir():  # frame folders need no PyAV
         files = frame_files(p)
         if not files:
             raise DataError(f"{p}: frame folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -101,6 +109,7 @@ def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
         return VideoInfo(total=len(files), fps=None, height=h, width=w)
     if not p.is_file():
         raise DataError(f"{p}: video file not found")
+    av = _av(p)
     try:
         with av.open(str(p)) as container:
             if not container.streams.video:
@@ -131,8 +140,6 @@ def read_video_frames(path: str | os.PathLike[str], indices: Sequence[int],
     Raises:
         DataError: missing or undecodable file, or fewer frames than an index asks for.
     """
-    import av
-
     p = Path(path)
     want = sorted({int(i) for i in indices})
     out: dict[int, np.ndarray] = {}
@@ -151,6 +158,7 @@ def read_video_frames(path: str | os.PathLike[str], indices: Sequence[int],
     else:
         if not p.is_file():
             raise DataError(f"{p}: video file not found")
+        av = _av(p)
         wanted = set(want)
         last = want[-1] if want else -1
         try:
