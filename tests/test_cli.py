@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -525,3 +526,15 @@ def test_heatmap_colour_bar_and_rows_are_labelled(align_out):
     ax = module_heatmap(modules)
     assert ax.collections[0].colorbar.ax.get_ylabel() == "cosine with ḡ_img; < 0 = conflict"
     assert ax.get_ylabel().startswith("module")
+
+
+def test_device_map_auto_gives_the_same_numbers(tiny_toy, tmp_path):
+    """`--device-map auto` (accelerate places the model; here every part lands on the CPU) goes through the same
+    measurement as `--device cpu`: the same per-batch rows."""
+    for name, extra in (("plain", ["--device", "cpu"]), ("mapped", ["--device-map", "auto"])):
+        r = runner.invoke(app, ["align", "--frames", "2,4", *_paths(tiny_toy), *SMALL, *extra,
+                                "--out", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+    a, b = (pd.read_csv(tmp_path / n / "alignment.csv") for n in ("plain", "mapped"))
+    assert len(a) == len(b) == 6
+    assert np.allclose(a["value"], b["value"], rtol=1e-6, atol=1e-9)
