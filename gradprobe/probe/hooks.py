@@ -33,6 +33,7 @@ import torch
 
 from gradprobe.errors import InputError
 from gradprobe.probe.select import Selection
+from gradprobe.probe.shard import ShardGroup, local
 from gradprobe.probe.sketch import SketchSpec, sketch_add
 from gradprobe.probe.store import ReferenceStore, SketchStore
 
@@ -89,7 +90,7 @@ class GradientProbe:
     """
 
     def __init__(self, model: torch.nn.Module, selection: Selection, *, sketch: SketchSpec | None = None,
-                 sketch_backend: str = "auto") -> None:
+                 sketch_backend: str = "auto", group: ShardGroup | None = None) -> None:
         self.model = model
         self.selection = selection
         self.params = list(selection.params)
@@ -99,10 +100,13 @@ class GradientProbe:
         self.acc_dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
         self.sketch = sketch
         self.sketch_backend = sketch_backend
+        #: the ranks holding pieces of sharded parameters (FSDP2): statistics are summed across them
+        self.group = group if group is not None else ShardGroup(self.params)
         if sketch is not None:
             if list(sketch.modules) != self.module_names:
                 raise InputError("sketch: the map's modules are not this selection's modules")
-            self._sk = sketch.plan(selection.names, selection.modules)  # per parameter: key, offset, bucket range
+            # per parameter: key, global offset of this rank's piece, bucket range
+            self._sk = sketch.plan(selection.names, selection.modules, self.group.offsets)
         self._job: _Job | None = None
         self._handles: list[Any] = []
 
@@ -135,7 +139,7 @@ class GradientProbe:
             job = self._job
             if job is None or p.grad is None:
                 return
-            g = p.grad.reshape(-1)
+            g = local(p.grad).reshape(-1)
             acc = self.acc_dtype
             ga = g if g.dtype == acc else g.to(acc)
             dots = None
@@ -167,17 +171,19 @@ class GradientProbe:
     def _make_sketch_hook(self, i: int) -> Callable[[torch.Tensor], None]:
         key, offset, start, width = self._sk[i]
         k = self.sketch.k
+        owned = bool(self.group.owned[i])
 
         def hook(p: torch.Tensor) -> None:
             job = self._job
             if job is None or p.grad is None:
                 return
-            g = p.grad.reshape(-1)
+            g = local(p.grad).reshape(-1)
             ga = g if g.dtype == self.acc_dtype else g.to(self.acc_dtype)
             buf = job.sketches.get(ga.device)
             if buf is None:
                 buf = job.sketches[ga.device] = torch.zeros(k, dtype=self.acc_dtype, device=ga.device)
-            sketch_add(buf, ga, key, offset, start, width, self.sketch_backend)
+            if owned:  # a whole parameter on every rank enters the sum over ranks once
+                sketch_add(buf, ga, key, offset, start, width, self.sketch_backend)
             job.results[i] = (None, torch.dot(ga, ga), None)
             if job.free_grads:
                 p.grad = None
@@ -259,10 +265,28 @@ class GradientProbe:
             out[idx] = torch.stack([job.results[i][slot] for i in idx]).to("cpu", torch.float64).numpy()
         return out
 
+    def _reduce(self, *per_param: np.ndarray | None) -> list[np.ndarray | None]:
+        """Per-parameter arrays summed across ranks (one collective): each rank's pieces of the sharded
+        parameters, the whole ones once."""
+        if not self.group.active:
+            return list(per_param)
+        mask = self.group.owned.astype(np.float64)
+        parts = [a * mask.reshape(-1, *([1] * (a.ndim - 1))) for a in per_param if a is not None]
+        flat = self.group.all_reduce(np.concatenate([a.reshape(-1) for a in parts]))
+        out, pos = [], 0
+        for a in per_param:
+            if a is None:
+                out.append(None)
+                continue
+            out.append(flat[pos:pos + a.size].reshape(a.shape))
+            pos += a.size
+        return out
+
     def _collect(self, job: _Job, loss: float, n_refs: int, has_pair: bool) -> BatchGrad:
         sq = self._gather(job, 1)
         dots = self._gather(job, 0, (n_refs,)) if n_refs else np.zeros((len(self.params), 0))
         pair = self._gather(job, 2) if has_pair else None
+        sq, dots, pair = self._reduce(sq, dots, pair)
         # the pair column is not part of this batch's own finiteness (a poisoned running sum is the caller's)
         finite = bool(np.isfinite(dots).all() and np.isfinite(sq).all()) and math.isfinite(loss)
         return BatchGrad(loss=loss, dots=self._by_module(dots), sqnorm=self._by_module(sq),
@@ -270,7 +294,7 @@ class GradientProbe:
 
     def _collect_sketch(self, job: _Job, loss: float, keep: bool) -> BatchGrad:
         """Sketch space: the batch's sketch is the sum of the per-device pieces; then dots, pair and accumulation."""
-        sq = self._by_module(self._gather(job, 1))
+        sq = self._by_module(self._reduce(self._gather(job, 1))[0])
         home = next((s.device for s in (job.refs, job.pair_sum, job.accumulate) if s is not None), None)
         parts = list(job.sketches.values())
         if not parts:
@@ -279,6 +303,7 @@ class GradientProbe:
         sk = parts[0].to(home)
         for extra in parts[1:]:
             sk = sk + extra.to(home)
+        sk = self.group.sum_tensor(sk)  # the sketch of the whole gradient: the sum of the pieces' sketches
         n_mod = len(self.module_names)
         dots = (job.refs.module_dots(sk).to("cpu", torch.float64).numpy() if job.refs is not None
                 else np.zeros((n_mod, 0)))

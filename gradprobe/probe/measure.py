@@ -242,7 +242,12 @@ class Measurement:
         return s
 
     def gram(self, store: ReferenceStore | SketchStore) -> np.ndarray:
-        """Per-module Gram matrices of a store's rows, ``(modules, rows, rows)``."""
+        """Per-module Gram matrices of a store's rows, ``(modules, rows, rows)`` (summed across the ranks of a
+        sharded model: exact rows hold each rank's pieces; sketched rows are already whole)."""
+        if isinstance(store, ReferenceStore) and self.probe.group.active:
+            part = store.module_gram(self.module_index, len(self.module_names), self.acc_dtype,
+                                     owned=self.probe.group.owned)
+            return self.probe.group.all_reduce(part)
         return store.module_gram(self.module_index, len(self.module_names), self.acc_dtype)
 
     def sketch_widths(self) -> np.ndarray | None:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from gradprobe.errors import InputError
+from gradprobe.probe.shard import local
 from gradprobe.probe.sketch import SketchSpec
 
 _DTYPES = {
@@ -93,8 +94,9 @@ class ReferenceStore:
         pin = device == "cpu" and torch.cuda.is_available()
         self.tensors: list[torch.Tensor] = []
         for p in params:
-            dev = p.device if device == "model" else torch.device("cpu")
-            t = torch.zeros(rows, p.numel(), dtype=dtype, device=dev)
+            piece = local(p)  # this rank's piece of a sharded (FSDP2) parameter
+            dev = piece.device if device == "model" else torch.device("cpu")
+            t = torch.zeros(rows, piece.numel(), dtype=dtype, device=dev)
             if pin:
                 t = t.pin_memory()
             self.tensors.append(t)
@@ -129,11 +131,14 @@ class ReferenceStore:
             out.append((a @ a.T).cpu())
         return out
 
-    def module_gram(self, module_index: np.ndarray, n_modules: int, acc_dtype: torch.dtype) -> np.ndarray:
-        """Gram matrices of the stored vectors per module, ``(n_modules, rows, rows)`` float64."""
+    def module_gram(self, module_index: np.ndarray, n_modules: int, acc_dtype: torch.dtype,
+                    owned: np.ndarray | None = None) -> np.ndarray:
+        """Gram matrices of the stored vectors per module, ``(n_modules, rows, rows)`` float64 (with ``owned``:
+        only those parameters, this rank's share of a sum across ranks)."""
         out = np.zeros((n_modules, self.rows, self.rows))
         for i, gm in enumerate(self.gram(acc_dtype)):
-            out[module_index[i]] += gm.to(torch.float64).numpy()
+            if owned is None or owned[i]:
+                out[module_index[i]] += gm.to(torch.float64).numpy()
         return out
 
 

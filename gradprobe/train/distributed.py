@@ -33,6 +33,9 @@ import numpy as np
 import torch
 
 from gradprobe.errors import InputError
+from gradprobe.probe.shard import global_offset, is_sharded, local
+
+__all__ = ["Layout", "is_sharded", "local", "unwrap"]
 
 
 def unwrap(model: Any) -> torch.nn.Module:
@@ -44,20 +47,6 @@ def unwrap(model: Any) -> torch.nn.Module:
 
 def _is_deepspeed(model: Any) -> bool:
     return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
-
-
-def is_sharded(t: torch.Tensor) -> bool:
-    """A DTensor with a ``Shard`` placement (its local piece is part of the whole)."""
-    placements = getattr(t, "placements", None)
-    return placements is not None and any(type(pl).__name__ in ("Shard", "_StridedShard") for pl in placements)
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The rank's own piece of a (possibly DTensor) tensor; it shares storage with ``t``."""
-    if hasattr(t, "to_local"):
-        with torch.no_grad():
-            return t.to_local()
-    return t
 
 
 class Layout:
@@ -117,18 +106,7 @@ class Layout:
         if self.deepspeed:
             part = getattr(p.ds_tensor, "ds_numel", None) or p.ds_tensor.numel()
             return self.rank * int(part)
-        if not is_sharded(p):
-            return 0
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        placements = [type(pl).__name__ for pl in p.placements]
-        dims = [pl.dim for pl in p.placements if hasattr(pl, "dim")]
-        if placements.count("Shard") + placements.count("_StridedShard") != 1 or dims != [0]:
-            raise InputError(f"sketch: a parameter sharded as {p.placements} is not one contiguous piece per rank; "
-                             "the sketch supports dim-0 sharding (FSDP2's default)")
-        _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-        row = int(np.prod(p.shape[1:])) if len(p.shape) > 1 else 1
-        return int(global_offset[0]) * row
+        return global_offset(p)
 
     def grad(self, p: torch.nn.Parameter) -> torch.Tensor | None:
         """This rank's piece of ``p``'s gradient (ZeRO-3: its fp32 gradient partition), or None."""
