@@ -55,32 +55,27 @@ def global_offset(p: torch.Tensor) -> int:
     return int(offset[0]) * row
 
 
-class ShardGroup:
-    """The ranks a probe sums over, and which parameters this rank counts.
+class Ranks:
+    """A process group: its size, this rank, and sums across it (identity in a single process).
 
     Args:
-        params: the selected parameters.
         group: the process group (default: the default group when one is initialized; otherwise inactive).
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], group: Any = None) -> None:
+    def __init__(self, group: Any = None) -> None:
         import torch.distributed as dist
 
-        self.sharded = np.array([is_sharded(p) for p in params], dtype=bool)
         ready = dist.is_available() and dist.is_initialized()
         self.group = group if group is not None else (dist.group.WORLD if ready else None)
         self.world = dist.get_world_size(self.group) if ready else 1
         self.rank = dist.get_rank(self.group) if ready else 0
         self.active = self.world > 1
-        #: what this rank adds to a sum over ranks: its piece of a sharded parameter; a whole one on rank 0 only
-        self.owned = self.sharded | (self.rank == 0) if self.active else np.ones(len(params), dtype=bool)
-        self.offsets = [global_offset(p) for p in params]
         self._device = torch.device("cpu")
         if self.active and dist.get_backend(self.group) == "nccl":
             self._device = torch.device("cuda", torch.cuda.current_device())
 
     def all_reduce(self, x: np.ndarray) -> np.ndarray:
-        """Sum a float64 array across ranks (identity in a single process)."""
+        """Sum a float64 array across ranks (one collective; ``x`` itself is left alone)."""
         x = np.asarray(x, dtype=np.float64)
         if not self.active:
             return x
@@ -91,7 +86,7 @@ class ShardGroup:
         return t.cpu().numpy()
 
     def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        """The sum over ranks of a tensor, on ``t``'s device (``t`` itself in a single process)."""
+        """The sum over ranks of a tensor, a new one on ``t``'s device (``t`` itself in a single process)."""
         if not self.active:
             return t
         import torch.distributed as dist
@@ -99,3 +94,19 @@ class ShardGroup:
         out = t.detach().to(self._device, copy=True)
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
         return out.to(t.device)
+
+
+class ShardGroup(Ranks):
+    """The ranks a probe sums over, and which parameters this rank counts.
+
+    Args:
+        params: the selected parameters.
+        group: the process group (default: the default group when one is initialized; otherwise inactive).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], group: Any = None) -> None:
+        super().__init__(group)
+        self.sharded = np.array([is_sharded(p) for p in params], dtype=bool)
+        #: what this rank adds to a sum over ranks: its piece of a sharded parameter; a whole one on rank 0 only
+        self.owned = self.sharded | (self.rank == 0) if self.active else np.ones(len(params), dtype=bool)
+        self.offsets = [global_offset(p) for p in params]

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from gradprobe.errors import InputError
-from gradprobe.probe.shard import global_offset, is_sharded, local
+from gradprobe.probe.shard import Ranks, global_offset, is_sharded, local
 
 __all__ = ["Layout", "is_sharded", "local", "unwrap"]
 
@@ -49,7 +49,7 @@ def _is_deepspeed(model: Any) -> bool:
     return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
 
 
-class Layout:
+class Layout(Ranks):
     """How the run is distributed: the process group, whether it is active, which parameters are sharded.
 
     Args:
@@ -59,7 +59,6 @@ class Layout:
     """
 
     def __init__(self, model: Any, params: Sequence[torch.nn.Parameter], process_group: Any = None) -> None:
-        import torch.distributed as dist
 
         self.deepspeed = _is_deepspeed(model)
         if self.deepspeed:
@@ -72,11 +71,7 @@ class Layout:
             if model.fp16_enabled():
                 raise InputError("DeepSpeed fp16 (loss-scaled gradients) is not supported; use bf16 or fp32")
         self.sharded = np.array([self.deepspeed or is_sharded(p) for p in params], dtype=bool)
-        ready = dist.is_available() and dist.is_initialized()
-        self.group = process_group if process_group is not None else (dist.group.WORLD if ready else None)
-        self.world = dist.get_world_size(self.group) if ready else 1
-        self.rank = dist.get_rank(self.group) if ready else 0
-        self.active = self.world > 1
+        super().__init__(process_group)
         wrapped = model is not unwrap(model)
         # the image probe: through the run's own backward (each rank its share of the batches) when the
         # model is wrapped or sharded; otherwise every rank computes it whole with autograd.grad
@@ -85,9 +80,6 @@ class Layout:
         if self.active and isinstance(model, torch.nn.DataParallel):
             raise InputError("torch.nn.DataParallel is not supported in a distributed run; use DDP")
         self.clone_stash = bool(getattr(model, "gradient_as_bucket_view", False))
-        self._device = torch.device("cpu")
-        if self.active and dist.get_backend(self.group) == "nccl":
-            self._device = torch.device("cuda", torch.cuda.current_device())
 
     # ------------------------------------------------------------------ gradient pieces
     def piece(self, p: torch.nn.Parameter) -> torch.Tensor:
@@ -193,24 +185,3 @@ class Layout:
 
     def mean_over_ranks(self, x: np.ndarray) -> np.ndarray:
         return self.all_reduce(x) / self.world if self.active else np.asarray(x, dtype=np.float64)
-
-    def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        """The sum over ranks of a tensor (a new tensor on ``t``'s device; ``t`` itself in a single process)."""
-        if not self.active:
-            return t
-        import torch.distributed as dist
-
-        out = t.detach().to(self._device, copy=True)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
-        return out.to(t.device)
-
-    def all_reduce(self, x: np.ndarray) -> np.ndarray:
-        """Sum a float64 array across ranks (one collective; identity in a single process)."""
-        x = np.asarray(x, dtype=np.float64)
-        if not self.active:
-            return x
-        import torch.distributed as dist
-
-        t = torch.tensor(x, dtype=torch.float64, device=self._device)  # a copy: x itself is left alone
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
-        return t.cpu().numpy()
