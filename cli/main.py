@@ -313,9 +313,16 @@ def align(
         with _working() as progress:
             reports = run_align_checkpoints(opts, progress=progress, log=_log)
     except AlignInterrupted as e:
-        render_align(e.report.summary, out_console)
-        err.print(f"[yellow]interrupted:[/] partial results written to {out}")
+        from gradprobe.run import distributed_rank
+
+        if distributed_rank() == 0:
+            render_align(e.report.summary, out_console)
+            err.print(f"[yellow]interrupted:[/] partial results written to {out}")
         raise typer.Exit(130) from None
+    from gradprobe.run import distributed_rank
+
+    if distributed_rank() != 0:  # under torchrun every rank holds the same results: rank 0 prints them
+        return
     several = len(reports) > 1
     if json_out:
         doc = {lab: r.summary for lab, r in reports} if several else reports[0][1].summary

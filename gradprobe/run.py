@@ -340,6 +340,43 @@ def _load(opts: RunOptions, prep: _Prepared, model_dir: Path,
     return model, adapter, images, videos
 
 
+def distributed_rank() -> int:
+    """This process's rank under torchrun (0 in a single process)."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
+def _init_distributed(device: torch.device) -> bool:
+    """Under torchrun (``WORLD_SIZE`` > 1): the default process group (NCCL on CUDA, else gloo); True then."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def _single_process_only(command: str) -> None:
+    """Refuse a command under torchrun until its sharded path is tested (``gradprobe align`` has one)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError(f"{command} runs in one process for now (--device-map auto spreads a large model over "
+                         "the GPUs); gradprobe align runs under torchrun")
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 ``fully_shard`` on each member of the model's ``layers`` and ``blocks`` lists (its decoder and
+    vision blocks), then on the root, as the training stacks do. Every rank must then run the same batches."""
+    from torch.distributed.fsdp import fully_shard
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "blocks"):
+            for block in mod:
+                fully_shard(block)
+    return fully_shard(model)
+
+
 def _fresh_out(out: str | os.PathLike[str] | None, log: Callable[[str], None]) -> None:
     """Before a run writes into ``out``: the files of an earlier run there are removed (gradprobe's own only)."""
     from gradprobe.outputs import clear_run_files
@@ -353,8 +390,15 @@ def _align_one(opts: AlignOptions, prep: _Prepared, model_dir: Path, out: str | 
     from gradprobe.models.base import batch_info, loss_fn
 
     model, adapter, images, videos = _load(opts, prep, model_dir, log)
-    _fresh_out(out, log)
     meta = dict(prep.meta, model=str(model_dir))
+    if _init_distributed(prep.device):  # torchrun: the model sharded across ranks, outputs from rank 0
+        import torch.distributed as dist
+
+        model = shard_model(model)
+        meta["ranks"] = dist.get_world_size()
+        if dist.get_rank() != 0:
+            out = None
+    _fresh_out(out, log)
     torch.manual_seed(opts.seed)
     return align(
         model,
@@ -437,13 +481,13 @@ def run_align_checkpoints(
 
     log = log or (lambda s: None)
     prep = _prepare(opts, log, progress=progress)
-    if len(prep.model_dirs) > 1:
+    if len(prep.model_dirs) > 1 and distributed_rank() == 0:
         _fresh_out(opts.out, log)
     if len(prep.model_dirs) == 1:
         return [(checkpoint_label(prep.model_dirs[0], 0),
                  _align_one(opts, prep, prep.model_dirs[0], opts.out, progress, log))]
     reports: list[tuple[str, AlignReport]] = []
-    out = Path(opts.out) if opts.out else None
+    out = Path(opts.out) if opts.out and distributed_rank() == 0 else None  # torchrun: rank 0 writes
     for i, d in enumerate(prep.model_dirs):
         label = checkpoint_label(d, i)
         reports.append((label, _align_one(opts, prep, d, str(out / label) if out else None, progress, log)))
@@ -503,6 +547,7 @@ def run_curvature(
                         opts.fd_step, sep="-")
     if len(model_list(opts.model)) > 1:
         raise InputError("model: curvature measures one checkpoint; give one --model")
+    _single_process_only("curvature")
     prep = _prepare(opts, log, progress=progress)
     model, adapter, images, videos = _load(opts, prep, prep.model_dirs[0], log)
     _fresh_out(opts.out, log)
@@ -568,6 +613,7 @@ def run_decompose(
         check_positive_int("video-groups", opts.video_groups, 2)
     if len(model_list(opts.model)) > 1:
         raise InputError("model: decompose measures one checkpoint; give one --model")
+    _single_process_only("decompose")
     grid = parse_frames(opts.frames) if isinstance(opts.frames, str) else parse_frames(list(opts.frames))
     if opts.redundant_from is not None and not any(m >= opts.redundant_from for m in grid):
         raise InputError(f"redundant-from: no budget is >= {opts.redundant_from} (budgets: {grid})")

@@ -47,3 +47,42 @@ def test_two_sharded_ranks_equal_one_process(sketch, tmp_path):
         assert x == y or math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12), (x, y)
     # the statistics are not trivially zero: the pair of the last batch is its dot with the one before
     assert any(abs(v) > 1e-3 for v in one["rows"][-1]["pair"])
+
+
+def test_align_under_torchrun_equals_one_process(tiny_toy, tmp_path):
+    """`torchrun --nproc-per-node 2 … gradprobe align`: the toy sharded with FSDP2 across two gloo ranks (its
+    decoder and vision blocks, then the root), rank 0 writing; the same rows as one process (float64)."""
+    import csv
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    args = ["-m", "cli.main", "align", "--frames", "2,4", "--model", str(tiny_toy.model_dir),
+            "--image-data", str(tiny_toy.data("probe", "images")), "--video-data", str(tiny_toy.data("probe", "videos")),
+            "--image-batches", "4", "--batch-size", "4", "--video-batches", "3", "--video-batch-size", "2",
+            "--n-boot", "200", "--dtype", "float64", "--device", "cpu"]
+    env = {**os.environ, "COLUMNS": "200"}
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *args, "--out", str(tmp_path / "two")], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("m*") == one.stdout.count("m*") >= 1  # one table: rank 0 prints, the other is silent
+    s = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s["meta"]["ranks"] == 2
+    ra, rb = (list(csv.DictReader((tmp_path / n / "alignment.csv").open())) for n in ("one", "two"))
+    assert len(ra) == len(rb) == 6
+    for x, y in zip(ra, rb, strict=True):
+        assert math.isclose(float(x["value"]), float(y["value"]), rel_tol=1e-9, abs_tol=1e-12), (x, y)
+
+
+@pytest.mark.parametrize("command", ["decompose", "curvature"])
+def test_commands_without_a_sharded_path_refuse_torchrun(command, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = CliRunner().invoke(app, [command, "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "runs in one process for now" in r.output, r.output
