@@ -305,7 +305,7 @@ def align(
 ) -> None:
     """Measure A(m) = ⟨ḡ_img, g_vid^(m)⟩ per frame budget, with 95% CIs and the threshold m*."""
     from gradprobe import AlignInterrupted
-    from gradprobe.run import AlignOptions, run_align_checkpoints
+    from gradprobe.run import AlignOptions, distributed_rank, run_align_checkpoints
 
     opts = _options(AlignOptions, locals())
     out_console = _wide_console() if not json_out else err
@@ -313,14 +313,10 @@ def align(
         with _working() as progress:
             reports = run_align_checkpoints(opts, progress=progress, log=_log)
     except AlignInterrupted as e:
-        from gradprobe.run import distributed_rank
-
         if distributed_rank() == 0:
             render_align(e.report.summary, out_console)
             err.print(f"[yellow]interrupted:[/] partial results written to {out}")
         raise typer.Exit(130) from None
-    from gradprobe.run import distributed_rank
-
     if distributed_rank() != 0:  # under torchrun every rank holds the same results: rank 0 prints them
         return
     several = len(reports) > 1

@@ -340,16 +340,21 @@ def _load(opts: RunOptions, prep: _Prepared, model_dir: Path,
     return model, adapter, images, videos
 
 
+def _torchrun() -> bool:
+    """Whether this process is one of several started by torchrun (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def distributed_rank() -> int:
     """This process's rank under torchrun (0 in a single process)."""
-    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    return int(os.environ.get("RANK", "0")) if _torchrun() else 0
 
 
 def _init_distributed(device: torch.device) -> bool:
     """Under torchrun (``WORLD_SIZE`` > 1): the default process group (NCCL on CUDA, else gloo); True then."""
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not _torchrun():
         return False
     if not dist.is_initialized():
         if device.type == "cuda":
@@ -360,7 +365,7 @@ def _init_distributed(device: torch.device) -> bool:
 
 def _single_process_only(command: str) -> None:
     """Refuse a command under torchrun until its sharded path is tested (``gradprobe align`` has one)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _torchrun():
         raise InputError(f"{command} runs in one process for now (--device-map auto spreads a large model over "
                          "the GPUs); gradprobe align runs under torchrun")
 

@@ -19,15 +19,14 @@ def _av(path: Path) -> Any:
     try:
         import av
     except ImportError:
-        raise DataError(f"{path}: reading a video file needs PyAV (pip install av); "
+        raise DataError(f"{path}: a video file needs PyAV (pip install av); "
                         "frame folders (one image per frame) need nothing more") from None
     return av
 
 
 def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: int = 8) -> None:
     """Write ``frames`` (T, H, W, 3) uint8 RGB as an H.264 (or MPEG-4) MP4 file."""
-    import av
-
+    av = _av(Path(path))
     frames = np.asarray(frames, dtype=np.uint8)
     T, H, W, _ = frames.shape
     with av.open(str(path), mode="w") as container:
@@ -51,11 +50,10 @@ def read_frames(path: str | os.PathLike[str]) -> np.ndarray:
     Raises:
         DataError: if the file is missing or cannot be decoded.
     """
-    import av
-
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: video file not found")
+    av = _av(p)
     try:
         with av.open(str(p)) as container:
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]

@@ -59,7 +59,6 @@ class Layout(Ranks):
     """
 
     def __init__(self, model: Any, params: Sequence[torch.nn.Parameter], process_group: Any = None) -> None:
-
         self.deepspeed = _is_deepspeed(model)
         if self.deepspeed:
             stage = model.zero_optimization_stage()
