@@ -98,6 +98,17 @@ def make_data(work: Path, side: int, n_images: int, n_videos: int, video_format:
     return imgs, vids
 
 
+def checkpoint(work: Path, family: str, shape: str, side: int, device: torch.device, dtype: torch.dtype) -> Path:
+    """The random-weight checkpoint of a family at a shape, built with ``create_tiny`` once per work directory."""
+    from gradprobe.data import shapesworld as sw
+    from gradprobe.models.tiny import create_tiny
+
+    ckpt = work / f"{family}-{shape}-{str(dtype).removeprefix('torch.')}"
+    if not (ckpt / "config.json").is_file():
+        create_tiny(family, ckpt, sw.vocabulary(), shape=shape, side=side, device=str(device), dtype=dtype)
+    return ckpt
+
+
 class _Timer:
     """A gradprobe Progress that times each step of each phase and reads peak memory per phase."""
 
@@ -139,37 +150,64 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/gradprobe-bench")
     ap.add_argument("--video-format", default="auto", choices=["auto", "mp4", "frames"],
                     help="videos as MP4 files or PNG frame folders (auto: frames where PyAV is missing)")
+    ap.add_argument("--include", action="append", default=[], help="regex of parameters to probe (repeatable)")
     ap.add_argument("--decompose", action="store_true",
                     help="also run the code path of gradprobe decompose at the largest budget (time, peak memory)")
+    ap.add_argument("--build-only", action="store_true",
+                    help="only build the checkpoint and the data (and write the seconds each took)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
-    from gradprobe.data import shapesworld as sw
     from gradprobe.models.base import loss_fn, strip_info
-    from gradprobe.models.tiny import create_tiny
     from gradprobe.probe.store import resolve_dtype
     from gradprobe.run import AlignOptions, _align_one, _prepare
 
     device = torch.device(a.device)
     dtype = resolve_dtype(a.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     work = Path(a.work)
-    ckpt = work / f"{a.family}-{a.shape}-{str(dtype).removeprefix('torch.')}"
     t0 = time.perf_counter()
-    if not (ckpt / "config.json").is_file():
-        create_tiny(a.family, ckpt, sw.vocabulary(), shape=a.shape, side=a.side, device=str(device), dtype=dtype)
+    ckpt = checkpoint(work, a.family, a.shape, a.side, device, dtype)
     build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     imgs, vids = make_data(work, a.side, n_images=a.image_batches, n_videos=a.video_batches,
                            video_format=a.video_format)
+    if a.build_only:
+        done = {"command": " ".join(sys.argv), "checkpoint": str(ckpt), "build_seconds": build_s,
+                "data_seconds": time.perf_counter() - t0, "checkpoint_bytes": sum(
+                    f.stat().st_size for f in ckpt.iterdir() if f.is_file())}
+        print(json.dumps(done))
+        if a.out:
+            Path(a.out).write_text(json.dumps(done, indent=2) + "\n")
+        return
     opts = AlignOptions(frames=a.frames, model=str(ckpt), image_data=str(imgs), video_data=str(vids),
                         image_batches=a.image_batches, video_batches=a.video_batches, batch_size=1,
                         video_batch_size=1, device=a.device, dtype=str(dtype).removeprefix("torch."),
-                        attn_implementation=a.attn_implementation, n_boot=200, sketch=a.sketch)
+                        attn_implementation=a.attn_implementation, n_boot=200, sketch=a.sketch,
+                        include=a.include)
     prep = _prepare(opts, log=print)
 
     # plain forward+backward of the first video batch at each budget
     adapter_cls = prep.family.adapter_class()
     model, adapter = adapter_cls.load(ckpt, dtype=dtype, device=str(device), attn_implementation=a.attn_implementation)
     params = sum(p.numel() for p in model.parameters())
+    import transformers
+
+    result: dict[str, Any] = {
+        "command": " ".join(sys.argv), "stage": "plain",
+        "family": a.family, "shape": a.shape, "parameters": params, "side": a.side,
+        "dtype": str(dtype).removeprefix("torch."), "attn_implementation": a.attn_implementation,
+        "image_batches": a.image_batches, "video_batches": a.video_batches, "batch_size": 1,
+        "include": a.include, "build_seconds": build_s,
+        "env": {"torch": torch.__version__, "transformers": transformers.__version__,
+                "python": platform.python_version(),
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()},
+    }
+
+    def save(result: dict[str, Any]) -> None:  # after each phase: a run cut short keeps what it measured
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+
     plain: dict[int, dict[str, Any]] = {}
 
     def collated(m: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -195,6 +233,8 @@ def main() -> None:
         except torch.OutOfMemoryError:
             plain[m] = dict(info, plain_s=None, plain_peak_gib=None, plain_error="out of memory")
         model.zero_grad(set_to_none=True)
+    result.update(plain=[dict(frames=m, **plain[m]) for m in prep.frames])
+    save(result)
     del model, batch
     _reset_peak(device)
 
@@ -216,6 +256,11 @@ def main() -> None:
             row.update(mean=b["mean"], ci95_t=b["ci95_t"])
         rows.append(row)
         print(json.dumps(row))
+    result.update(stage="align", align_error=error, budgets=rows,
+                  sketch=summary["settings"]["sketch"] if summary is not None else None,
+                  image_phase_s=sum(timer.steps.get("image", [])), image_peak_gib=timer.peak.get("image"))
+    result.pop("plain")
+    save(result)
     decompose = None
     if a.decompose:
         from gradprobe.run import DecomposeOptions, run_decompose
@@ -232,25 +277,9 @@ def main() -> None:
         except torch.OutOfMemoryError:
             decompose = {"frames": big, "error": "out of memory"}
         print(json.dumps({"decompose": decompose}))
-    result = {
-        "command": " ".join(sys.argv),
-        "decompose": decompose,
-        "family": a.family, "shape": a.shape, "parameters": params, "side": a.side,
-        "dtype": str(dtype).removeprefix("torch."), "attn_implementation": a.attn_implementation,
-        "image_batches": a.image_batches, "video_batches": a.video_batches, "batch_size": 1,
-        "build_seconds": build_s, "align_error": error,
-        "sketch": summary["settings"]["sketch"] if summary is not None else None,
-        "image_phase_s": sum(timer.steps.get("image", [])), "image_peak_gib": timer.peak.get("image"),
-        "budgets": rows,
-        "env": {"torch": torch.__version__, "python": platform.python_version(),
-                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()},
-    }
-    import transformers
-
-    result["env"]["transformers"] = transformers.__version__
+    result.update(stage="done", decompose=decompose)
+    save(result)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {a.out}")
 
 

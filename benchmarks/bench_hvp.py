@@ -71,16 +71,10 @@ def _load(a: argparse.Namespace) -> tuple[Any, Any, list[Any], list[Any], torch.
                      video_data=str(toy.data("probe", "videos")))
         sizes = dict(batch_size=16, video_batch_size=4)
     else:
-        from bench_families import make_data
-
-        from gradprobe.data import shapesworld as sw
-        from gradprobe.models.tiny import create_tiny
+        from bench_families import checkpoint, make_data
 
         work = Path(a.work)
-        ckpt = work / f"qwen2_5_vl-{a.shape}-{str(dtype).removeprefix('torch.')}"
-        if not (ckpt / "config.json").is_file():
-            create_tiny("qwen2_5_vl", ckpt, sw.vocabulary(), shape=a.shape, side=a.side, device=str(device),
-                        dtype=dtype)
+        ckpt = checkpoint(work, "qwen2_5_vl", a.shape, a.side, device, dtype)
         imgs, vids = make_data(work, a.side, n_images=max(2, a.beta_batches), n_videos=2)
         paths = dict(model=str(ckpt), image_data=str(imgs), video_data=str(vids))
         sizes = dict(batch_size=1, video_batch_size=1)

@@ -25,7 +25,8 @@ def test_gpu_suite_runs_at_the_tiny_shape(tmp_path):
     r = _suite(out, "--shape", "tiny", work=tmp_path / "work")
     assert r.returncode == 0, r.stderr + "".join((out / f).read_text()[-2000:] for f in os.listdir(out) if f.endswith(".log"))
     suite = json.loads((out / "suite.json").read_text())
-    assert [s["step"] for s in suite["steps"]] == ["families_exact", "families_sketch", "hvp"]
+    assert [s["step"] for s in suite["steps"]] == ["build", "sketch", "families_sketch", "families_exact", "trainstep",
+                                                   "hvp"]
     assert all(s["rc"] == 0 for s in suite["steps"])
     exact = json.loads((out / "families_exact.json").read_text())
     assert [b["frames"] for b in exact["budgets"]] == [8, 16]
@@ -33,6 +34,12 @@ def test_gpu_suite_runs_at_the_tiny_shape(tmp_path):
     assert exact["decompose"]["frames"] == 16 and exact["decompose"]["seconds"] > 0
     sketch = json.loads((out / "families_sketch.json").read_text())
     assert sketch["sketch"]["mode"] == "sketch" and sketch["sketch"]["k"] == 4194304
+    assert exact["stage"] == "done" and exact["include"] == ["language_model.layers.1\\."]
+    assert json.loads((out / "build.json").read_text())["checkpoint_bytes"] > 0
+    assert json.loads((out / "sketch.json").read_text())["k"] == 4194304
+    train = json.loads((out / "trainstep.json").read_text())
+    assert train["runs"]["observe"]["probe_steps"] == [0, 3]  # every 3 of 6 steps
+    assert len(train["runs"]["plain"]["step_s"]) == 6 and train["share_of_training"] is not None
     cost = json.loads((out / "hvp.json").read_text())["cost"]
     for batch in ("image", "video_m8"):  # every backend timed against a plain gradient of the same batch
         assert set(cost[batch]["ratio"]) == {"double_backward", "forward_over_reverse", "finite_difference"}
