@@ -69,7 +69,7 @@ run families_exact 150 "$PY" benchmarks/bench_families.py --family qwen2_5_vl "$
     --repeats "$REPEATS" --sketch auto --include "$EXACT" --decompose --out "$OUT/families_exact.json"
 run trainstep 120 "$PY" benchmarks/bench_trainstep.py --family qwen2_5_vl "${common[@]}" --frames 8 --steps "$STEPS" \
     --every "$EVERY" --sketch 4194304 --out "$OUT/trainstep.json"
-run hvp 120 "$PY" benchmarks/bench_hvp.py "${common[@]}" --repeats "$REPEATS" --no-beta --include "$INCLUDE" \
+run hvp 240 "$PY" benchmarks/bench_hvp.py "${common[@]}" --repeats "$REPEATS" --no-beta --include "$INCLUDE" \
     --out "$OUT/hvp.json"
 
 {
