@@ -382,6 +382,18 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     return fully_shard(model)
 
 
+def _distribute(model: torch.nn.Module, prep: _Prepared, meta: dict[str, Any], out: str | None,
+                ) -> tuple[torch.nn.Module, str | None]:
+    """Under torchrun: the model sharded across ranks (:func:`shard_model`), ``meta["ranks"]`` set, and the
+    output directory kept for rank 0 alone (None on the others). In one process: both as given."""
+    if not _init_distributed(prep.device):
+        return model, out
+    import torch.distributed as dist
+
+    meta["ranks"] = dist.get_world_size()
+    return shard_model(model), (out if dist.get_rank() == 0 else None)
+
+
 def _fresh_out(out: str | os.PathLike[str] | None, log: Callable[[str], None]) -> None:
     """Before a run writes into ``out``: the files of an earlier run there are removed (gradprobe's own only)."""
     from gradprobe.outputs import clear_run_files
@@ -396,13 +408,7 @@ def _align_one(opts: AlignOptions, prep: _Prepared, model_dir: Path, out: str | 
 
     model, adapter, images, videos = _load(opts, prep, model_dir, log)
     meta = dict(prep.meta, model=str(model_dir))
-    if _init_distributed(prep.device):  # torchrun: the model sharded across ranks, outputs from rank 0
-        import torch.distributed as dist
-
-        model = shard_model(model)
-        meta["ranks"] = dist.get_world_size()
-        if dist.get_rank() != 0:
-            out = None
+    model, out = _distribute(model, prep, meta, out)
     _fresh_out(out, log)
     torch.manual_seed(opts.seed)
     return align(
@@ -618,7 +624,6 @@ def run_decompose(
         check_positive_int("video-groups", opts.video_groups, 2)
     if len(model_list(opts.model)) > 1:
         raise InputError("model: decompose measures one checkpoint; give one --model")
-    _single_process_only("decompose")
     grid = parse_frames(opts.frames) if isinstance(opts.frames, str) else parse_frames(list(opts.frames))
     if opts.redundant_from is not None and not any(m >= opts.redundant_from for m in grid):
         raise InputError(f"redundant-from: no budget is >= {opts.redundant_from} (budgets: {grid})")
@@ -627,7 +632,10 @@ def run_decompose(
     m0 = prep.family.adapter_class().min_budget()
     extra = m0 if opts.shared == "smallest" and m0 not in grid else None
     model, adapter, images, videos = _load(opts, prep, prep.model_dirs[0], log)
-    _fresh_out(opts.out, log)
+    meta = dict(prep.meta, model=str(prep.model_dirs[0]), shared=opts.shared, shared_frames=m0
+                if opts.shared == "smallest" else None)
+    model, out = _distribute(model, prep, meta, opts.out)
+    _fresh_out(out, log)
     shared: Any
     if opts.shared == "smallest":
         shared = videos.pop(extra) if extra is not None else None
@@ -637,8 +645,6 @@ def run_decompose(
         shared = {m: _LazyBatches(prep.vid_chunks, (lambda c, m=m: adapter.collate(c, store=st, m=m)),
                                   videos[m].device, prep.dtype) for m in grid}
         label = SHARED_LABELS[opts.shared]
-    meta = dict(prep.meta, model=str(prep.model_dirs[0]), shared=opts.shared, shared_frames=m0
-                if opts.shared == "smallest" else None)
     torch.manual_seed(opts.seed)
     return decompose(
         model, images, videos, loss_fn, shared=shared, shared_label=label,
@@ -647,5 +653,5 @@ def run_decompose(
         video_groups=opts.video_groups, sketch=opts.sketch, sketch_seed=opts.sketch_seed,
         reference_device=opts.reference_device,
         reference_dtype=opts.reference_dtype, tolerance=opts.tolerance, redundant_from=opts.redundant_from,
-        n_boot=opts.n_boot, seed=opts.seed, batch_info=batch_info, out_dir=opts.out, progress=progress, meta=meta,
+        n_boot=opts.n_boot, seed=opts.seed, batch_info=batch_info, out_dir=out, progress=progress, meta=meta,
     )

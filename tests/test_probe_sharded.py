@@ -49,17 +49,10 @@ def test_two_sharded_ranks_equal_one_process(sketch, tmp_path):
     assert any(abs(v) > 1e-3 for v in one["rows"][-1]["pair"])
 
 
-def test_align_under_torchrun_equals_one_process(tiny_toy, tmp_path):
-    """`torchrun --nproc-per-node 2 … gradprobe align`: the toy sharded with FSDP2 across two gloo ranks (its
-    decoder and vision blocks, then the root), rank 0 writing; the same rows as one process (float64)."""
-    import csv
+def _one_and_two(root, args, tmp_path):
+    """The command in one process (out ``one``) and under ``torchrun --nproc-per-node 2`` (out ``two``)."""
     import os
 
-    root = Path(__file__).resolve().parents[1]
-    args = ["-m", "cli.main", "align", "--frames", "2,4", "--model", str(tiny_toy.model_dir),
-            "--image-data", str(tiny_toy.data("probe", "images")), "--video-data", str(tiny_toy.data("probe", "videos")),
-            "--image-batches", "4", "--batch-size", "4", "--video-batches", "3", "--video-batch-size", "2",
-            "--n-boot", "200", "--dtype", "float64", "--device", "cpu"]
     env = {**os.environ, "COLUMNS": "200"}
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=root, env=env,
                          capture_output=True, text=True, timeout=300)
@@ -68,16 +61,73 @@ def test_align_under_torchrun_equals_one_process(tiny_toy, tmp_path):
                           *args, "--out", str(tmp_path / "two")], cwd=root, env=env, capture_output=True, text=True,
                          timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
+    return one, two
+
+
+def _close_rows(a, b, columns):
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        for c in columns:
+            if x[c] in ("", "nan") and y[c] == x[c]:
+                continue
+            assert math.isclose(float(x[c]), float(y[c]), rel_tol=1e-9, abs_tol=1e-12), (c, x, y)
+
+
+def _toy_args(toy, command, frames):
+    return ["-m", "cli.main", command, "--frames", frames, "--model", str(toy.model_dir),
+            "--image-data", str(toy.data("probe", "images")), "--video-data", str(toy.data("probe", "videos")),
+            "--image-batches", "4", "--batch-size", "4", "--n-boot", "200", "--dtype", "float64", "--device", "cpu"]
+
+
+def test_align_under_torchrun_equals_one_process(tiny_toy, tmp_path):
+    """`torchrun --nproc-per-node 2 … gradprobe align`: the toy sharded with FSDP2 across two gloo ranks (its
+    decoder and vision blocks, then the root), rank 0 writing; the same rows as one process (float64)."""
+    import csv
+
+    root = Path(__file__).resolve().parents[1]
+    args = _toy_args(tiny_toy, "align", "2,4") + ["--video-batches", "3", "--video-batch-size", "2"]
+    one, two = _one_and_two(root, args, tmp_path)
     assert two.stdout.count("m*") == one.stdout.count("m*") >= 1  # one table: rank 0 prints, the other is silent
     s = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert s["meta"]["ranks"] == 2
     ra, rb = (list(csv.DictReader((tmp_path / n / "alignment.csv").open())) for n in ("one", "two"))
-    assert len(ra) == len(rb) == 6
-    for x, y in zip(ra, rb, strict=True):
-        assert math.isclose(float(x["value"]), float(y["value"]), rel_tol=1e-9, abs_tol=1e-12), (x, y)
+    assert len(ra) == 6
+    _close_rows(ra, rb, ["value"])
 
 
-@pytest.mark.parametrize("command", ["decompose", "curvature"])
+@pytest.mark.parametrize("shared, sketch", [("smallest", "exact"), ("static", "exact"), ("static", "512")])
+def test_decompose_under_torchrun_equals_one_process(tiny_toy, tmp_path, shared, sketch):
+    """`torchrun --nproc-per-node 2 … gradprobe decompose`: α(m), ρ and the per-batch rows of the sharded toy
+    equal one process's (float64), with the shared variant at the smallest budget and with static copies,
+    exact and sketched."""
+    import csv
+
+    root = Path(__file__).resolve().parents[1]
+    args = _toy_args(tiny_toy, "decompose", "4,6") + ["--video-batches", "4", "--video-batch-size", "2",
+                                                       "--shared", shared, "--sketch", sketch]
+    one, two = _one_and_two(root, args, tmp_path)
+    assert two.stdout.count("α(m)") == one.stdout.count("α(m)") >= 1
+    sa, sb = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("one", "two"))
+    assert sb["meta"]["ranks"] == 2 and "ranks" not in sa["meta"]
+    assert sa["settings"]["sketch"]["mode"] == sb["settings"]["sketch"]["mode"] == ("exact" if sketch == "exact"
+                                                                                   else "sketch")
+    for name in ("decompose.csv", "decompose_batches.csv"):
+        ra, rb = (list(csv.DictReader((tmp_path / n / name).open())) for n in ("one", "two"))
+        numeric = [c for c in ra[0] if all(_number(r[c]) for r in ra)]
+        assert len(numeric) >= 3, numeric
+        _close_rows(ra, rb, numeric)
+    assert [b["alpha"] for b in sa["budgets"]] != [0.0, 0.0]
+
+
+def _number(text):
+    try:
+        float(text)
+        return text not in ("True", "False")
+    except ValueError:
+        return text in ("", "nan")
+
+
+@pytest.mark.parametrize("command", ["curvature"])
 def test_commands_without_a_sharded_path_refuse_torchrun(command, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
