@@ -363,13 +363,6 @@ def _init_distributed(device: torch.device) -> bool:
     return True
 
 
-def _single_process_only(command: str) -> None:
-    """Refuse a command under torchrun until its sharded path is tested (``gradprobe align`` has one)."""
-    if _torchrun():
-        raise InputError(f"{command} runs in one process for now (--device-map auto spreads a large model over "
-                         "the GPUs); gradprobe align runs under torchrun")
-
-
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     """FSDP2 ``fully_shard`` on each member of the model's ``layers`` and ``blocks`` lists (its decoder and
     vision blocks), then on the root, as the training stacks do. Every rank must then run the same batches."""
@@ -558,10 +551,14 @@ def run_curvature(
                         opts.fd_step, sep="-")
     if len(model_list(opts.model)) > 1:
         raise InputError("model: curvature measures one checkpoint; give one --model")
-    _single_process_only("curvature")
+    if _torchrun() and opts.backend in ("double_backward", "forward_over_reverse"):
+        raise InputError(f"backend: {opts.backend} has no path on a sharded model under torchrun (FSDP2 has no "
+                         "double backward); use finite_difference or auto")
     prep = _prepare(opts, log, progress=progress)
     model, adapter, images, videos = _load(opts, prep, prep.model_dirs[0], log)
-    _fresh_out(opts.out, log)
+    meta = dict(prep.meta, model=str(prep.model_dirs[0]))
+    model, out = _distribute(model, prep, meta, opts.out)
+    _fresh_out(out, log)
     torch.manual_seed(opts.seed)
     return curvature(
         model, images, videos, loss_fn,
@@ -569,7 +566,7 @@ def run_curvature(
         beta_vid=opts.beta_vid, trace_samples=opts.trace_samples, per_module=opts.per_module,
         include=opts.include or None, exclude=opts.exclude or None, roles=opts.roles,
         role_of=adapter.role_of, module_of=adapter.module_of, fd_step=opts.fd_step, seed=opts.seed,
-        out_dir=opts.out, progress=progress, meta=dict(prep.meta, model=str(prep.model_dirs[0])),
+        out_dir=out, progress=progress, meta=meta,
     )
 
 

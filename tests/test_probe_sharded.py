@@ -76,7 +76,7 @@ def _close_rows(a, b, columns):
 def _toy_args(toy, command, frames):
     return ["-m", "cli.main", command, "--frames", frames, "--model", str(toy.model_dir),
             "--image-data", str(toy.data("probe", "images")), "--video-data", str(toy.data("probe", "videos")),
-            "--image-batches", "4", "--batch-size", "4", "--n-boot", "200", "--dtype", "float64", "--device", "cpu"]
+            "--image-batches", "4", "--batch-size", "4", "--dtype", "float64", "--device", "cpu"]
 
 
 def test_align_under_torchrun_equals_one_process(tiny_toy, tmp_path):
@@ -85,7 +85,7 @@ def test_align_under_torchrun_equals_one_process(tiny_toy, tmp_path):
     import csv
 
     root = Path(__file__).resolve().parents[1]
-    args = _toy_args(tiny_toy, "align", "2,4") + ["--video-batches", "3", "--video-batch-size", "2"]
+    args = _toy_args(tiny_toy, "align", "2,4") + ["--video-batches", "3", "--video-batch-size", "2", "--n-boot", "200"]
     one, two = _one_and_two(root, args, tmp_path)
     assert two.stdout.count("m*") == one.stdout.count("m*") >= 1  # one table: rank 0 prints, the other is silent
     s = json.loads((tmp_path / "two" / "summary.json").read_text())
@@ -103,7 +103,7 @@ def test_decompose_under_torchrun_equals_one_process(tiny_toy, tmp_path, shared,
     import csv
 
     root = Path(__file__).resolve().parents[1]
-    args = _toy_args(tiny_toy, "decompose", "4,6") + ["--video-batches", "4", "--video-batch-size", "2",
+    args = _toy_args(tiny_toy, "decompose", "4,6") + ["--video-batches", "4", "--video-batch-size", "2", "--n-boot", "200",
                                                        "--shared", shared, "--sketch", sketch]
     one, two = _one_and_two(root, args, tmp_path)
     assert two.stdout.count("α(m)") == one.stdout.count("α(m)") >= 1
@@ -127,12 +127,48 @@ def _number(text):
         return text in ("", "nan")
 
 
-@pytest.mark.parametrize("command", ["curvature"])
-def test_commands_without_a_sharded_path_refuse_torchrun(command, tmp_path, monkeypatch):
+def test_curvature_under_torchrun_equals_one_process(tiny_toy, tmp_path):
+    """`torchrun --nproc-per-node 2 … gradprobe curvature`: on the sharded toy auto falls to finite differences
+    (two sharded gradients per product) and β, gᵀHg, η0 and the one-step lookahead equal one process's
+    finite-difference run (float64, 1e-9), with random start vectors drawn whole and cut into pieces."""
+    import csv
+
+    root = Path(__file__).resolve().parents[1]
+    args = _toy_args(tiny_toy, "curvature", "2,4") + ["--video-batches", "2", "--video-batch-size", "2",
+                                                       "--lr", "1e-4,1e-3", "--trace-samples", "2",
+                                                       "--max-iter", "12"]
+    import os
+
+    env = {**os.environ, "COLUMNS": "200"}
+    one = subprocess.run([sys.executable, *args, "--backend", "finite_difference", "--out", str(tmp_path / "one")],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *args, "--out", str(tmp_path / "two")], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("β_img") == one.stdout.count("β_img") >= 1
+    sa, sb = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("one", "two"))
+    assert sb["meta"]["ranks"] == 2 and sa["settings"]["backend"] == sb["settings"]["backend"] == "finite_difference"
+    a, b = list(_flat([sa["image"], sa["budgets"]])), list(_flat([sb["image"], sb["budgets"]]))
+    assert len(a) == len(b) > 40
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, float) and isinstance(y, float):
+            assert x == y or math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12), (x, y)
+        else:
+            assert x == y
+    assert sa["image"]["beta"]["beta"] > 0 and abs(sa["budgets"][0]["q"]) > 0
+    ra, rb = (list(csv.DictReader((tmp_path / n / "lookahead.csv").open())) for n in ("one", "two"))
+    numeric = [c for c in ra[0] if all(_number(r[c]) for r in ra)]
+    assert "d_img" in numeric
+    _close_rows(ra, rb, numeric)
+
+
+def test_curvature_refuses_double_backward_under_torchrun(tiny_toy, monkeypatch):
     from typer.testing import CliRunner
 
     from cli.main import app
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    r = CliRunner().invoke(app, [command, "--out", str(tmp_path / "x")])
-    assert r.exit_code == 2 and "runs in one process for now" in r.output, r.output
+    r = CliRunner().invoke(app, ["curvature", "--backend", "double_backward", "--model", str(tiny_toy.model_dir)])
+    assert r.exit_code == 2 and "no path on a sharded model" in r.output, r.output

@@ -42,7 +42,7 @@ from gradprobe._version import __version__
 from gradprobe.errors import DataError, InputError, RunInterrupted
 from gradprobe.estimators import stats
 from gradprobe.estimators.align import Progress
-from gradprobe.estimators.hvp import BACKENDS, HessianOperator, LossFn, Vec, vdot, vrandom
+from gradprobe.estimators.hvp import BACKENDS, HessianOperator, LossFn, Vec, vdot, vdots, vrandom
 from gradprobe.estimators.spectrum import METHODS, Spectrum, extreme_eigenvalues, hutchinson_trace, lanczos
 from gradprobe.probe.select import ModuleOf, RoleOf, select_parameters
 
@@ -231,8 +231,7 @@ def curvature(
 
     def per_mod(a: Vec, b: Vec) -> np.ndarray:
         out = np.zeros(len(mods))
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            out[pmod[i]] += vdot([x], [y])
+        np.add.at(out, pmod, vdots(a, b))
         return out
 
     step_rows: list[dict[str, Any]] = []

@@ -34,21 +34,31 @@ Backends:
     ``double_backward``, else ``forward_over_reverse``, else ``finite_difference``: the
     first product tries them in that order and keeps the first that works; ``backend``
     says which and ``tried`` why the others were passed over.
+
+On a model sharded with FSDP2 (``fully_shard``; every rank feeding the same batches) vectors are lists of this
+rank's pieces of the parameters: dots and norms are summed across ranks (a parameter every rank holds whole
+is counted on rank 0), random vectors are the single process's (each part drawn whole, then this rank's
+piece taken), and gradients come from ordinary backward passes (FSDP2 reduce-scatters them into the pieces).
+Only ``finite_difference`` runs there (FSDP2 has no double backward); the results equal the single
+process's whatever the number of ranks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from gradprobe.errors import InputError, ModelError
 from gradprobe.probe.context import measurement_mode
 from gradprobe.probe.select import Selection
+from gradprobe.probe.shard import ShardGroup, local
 
 Vec = list[torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
@@ -58,14 +68,53 @@ _EXACT_ORDER = ("double_backward", "forward_over_reverse", "finite_difference")
 
 
 # ---------------------------------------------------------------- vectors
-def vdot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    """``Σ_i ⟨a_i, b_i⟩``: per-tensor dots in the vectors' dtype, summed in float64, one transfer per device."""
-    parts: dict[torch.device, list[torch.Tensor]] = {}
-    for x, y in zip(a, b, strict=True):
+class Pieces:
+    """The selected parameters of an FSDP2-sharded model, as vectors see them: global shapes, this rank's
+    piece of each, and the sums across ranks. :class:`HessianOperator` makes it the current one inside its
+    block, where :func:`vdot`, :func:`vdots` and :func:`vrandom` use it."""
+
+    def __init__(self, params: Sequence[torch.Tensor], group: ShardGroup) -> None:
+        self.group = group
+        self.shapes = [tuple(p.shape) for p in params]
+        self.local_shapes = [tuple(local(p).shape) for p in params]
+
+    def piece(self, i: int, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of part ``i`` drawn whole (its global shape)."""
+        if not self.group.sharded[i]:
+            return whole
+        n = math.prod(self.local_shapes[i])
+        off = self.group.offsets[i]
+        return whole.reshape(-1)[off : off + n].reshape(self.local_shapes[i])
+
+    def reduce(self, per_part: np.ndarray) -> np.ndarray:
+        if len(per_part) != len(self.shapes):
+            raise ModelError(f"a vector of {len(per_part)} parts on {len(self.shapes)} sharded parameters")
+        return self.group.all_reduce(np.where(self.group.owned, per_part, 0.0))
+
+
+_PIECES: contextvars.ContextVar[Pieces | None] = contextvars.ContextVar("gradprobe_hvp_pieces", default=None)
+
+
+def vdots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> np.ndarray:
+    """``⟨a_i, b_i⟩`` per part in float64 (each dot in the vectors' dtype; one transfer per device), summed
+    across ranks inside a sharded operator's block."""
+    parts: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
-        parts.setdefault(x.device, []).append(torch.dot(x.reshape(-1), y.reshape(-1)))
-    return float(sum(torch.stack(d).to(torch.float64).sum().item() for d in parts.values()))
+        parts.setdefault(x.device, []).append((i, torch.dot(x.reshape(-1), y.reshape(-1))))
+    out = np.zeros(len(a))
+    for items in parts.values():
+        vals = torch.stack([d for _, d in items]).to(torch.float64).cpu().numpy()
+        out[[i for i, _ in items]] = vals
+    pieces = _PIECES.get()
+    return out if pieces is None else pieces.reduce(out)
+
+
+def vdot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """``Σ_i ⟨a_i, b_i⟩``: per-tensor dots in the vectors' dtype, summed in float64 (across ranks inside a
+    sharded operator's block)."""
+    return float(vdots(a, b).sum())
 
 
 def vnorm(a: Sequence[torch.Tensor]) -> float:
@@ -82,15 +131,22 @@ def vscale(a: Sequence[torch.Tensor], alpha: float) -> Vec:
 
 
 def vrandom(like: Sequence[torch.Tensor], generator: torch.Generator, kind: str = "gaussian") -> Vec:
-    """Gaussian or Rademacher entries, drawn on the CPU from ``generator`` (device-independent)."""
+    """Gaussian or Rademacher entries, drawn on the CPU from ``generator`` (device-independent; inside a sharded
+    operator's block each part is drawn whole and this rank's piece kept, so the vector is the single process's)."""
+    if kind not in ("gaussian", "rademacher"):
+        raise InputError(f"random vector kind: expected gaussian or rademacher, got {kind!r}")
+    pieces = _PIECES.get()
+    if pieces is not None and len(like) != len(pieces.shapes):
+        raise ModelError(f"a vector of {len(like)} parts on {len(pieces.shapes)} sharded parameters")
     out = []
-    for x in like:
+    for i, x in enumerate(like):
+        shape = x.shape if pieces is None else pieces.shapes[i]
         if kind == "gaussian":
-            r = torch.randn(x.shape, generator=generator, dtype=torch.float64)
-        elif kind == "rademacher":
-            r = torch.randint(0, 2, x.shape, generator=generator).to(torch.float64) * 2 - 1
+            r = torch.randn(shape, generator=generator, dtype=torch.float64)
         else:
-            raise InputError(f"random vector kind: expected gaussian or rademacher, got {kind!r}")
+            r = torch.randint(0, 2, shape, generator=generator).to(torch.float64) * 2 - 1
+        if pieces is not None:
+            r = pieces.piece(i, r)
         out.append(r.to(device=x.device, dtype=x.dtype))
     return out
 
@@ -277,12 +333,20 @@ class HessianOperator:
         self._stack: contextlib.ExitStack | None = None
         self._backup: Vec | None = None
         self._theta_norm: float | None = None
+        group = ShardGroup(self.params)
+        #: this rank's pieces of a sharded model's parameters (None in one process or when nothing is sharded)
+        self.pieces = Pieces(self.params, group) if group.active and bool(group.sharded.any()) else None
+        if self.pieces is not None and backend in ("double_backward", "forward_over_reverse"):
+            raise InputError(f"backend: {backend} has no path on a sharded model (FSDP2 has no double backward); "
+                             "use finite_difference or auto")
 
     # ---------------------------------------------------------- lifetime
     def __enter__(self) -> HessianOperator:
         stack = contextlib.ExitStack()
         try:
             stack.enter_context(measurement_mode(self.model, self.selection, eval_mode=self.eval_mode))
+            if self.pieces is not None:
+                stack.callback(_PIECES.reset, _PIECES.set(self.pieces))
             stack.enter_context(self.parameters_kept())
         except BaseException:
             stack.close()
@@ -301,7 +365,7 @@ class HessianOperator:
         if self._backup is not None:
             yield
             return
-        self._backup = [p.detach().clone() for p in self.params]
+        self._backup = [local(p).detach().clone() for p in self.params]
         try:
             yield
         finally:
@@ -314,13 +378,26 @@ class HessianOperator:
             return
         with torch.no_grad():
             for p, b in zip(self.params, self._backup, strict=True):
-                p.copy_(b)
+                local(p).copy_(b)
+        self._changed()
+
+    def _changed(self) -> None:
+        """After the pieces were written: a sharded model drops the whole parameters it still holds gathered
+        (FSDP2 keeps the root's after a forward without backward), so the next forward gathers the new ones."""
+        if self.pieces is None:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in self.model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
     def on(self, batches: Sequence[Any], weights: Sequence[float] | None = None) -> HessianOperator:
         """The same operator over other batches (e.g. the video loss), sharing this one's lifetime,
         parameter copy and backend choice. Use it inside this operator's block."""
         other = HessianOperator(self.model, self.loss_fn, batches, self.selection, backend=self.backend or self.requested,
                                 weights=weights, fd_step=self.fd_step, eval_mode=self.eval_mode)
+        other.pieces = self.pieces
         other._stack, other._backup, other._theta_norm = self._stack, self._backup, self._theta_norm
         other.tried = dict(self.tried)
         return other
@@ -334,7 +411,8 @@ class HessianOperator:
         try:
             with torch.no_grad():
                 for p, b, d in zip(self.params, self._backup, direction, strict=True):
-                    p.copy_(b.to(torch.float64) + scale * d.to(device=b.device, dtype=torch.float64))
+                    local(p).copy_(b.to(torch.float64) + scale * d.to(device=b.device, dtype=torch.float64))
+            self._changed()
             yield
         finally:
             self.restore()
@@ -350,10 +428,13 @@ class HessianOperator:
         for _ in range(repeats):
             try:
                 with torch.no_grad():
-                    for p, b in zip(self.params, self._backup, strict=True):
+                    for i, (p, b) in enumerate(zip(self.params, self._backup, strict=True)):
                         eps = torch.finfo(p.dtype).eps
                         sign = torch.randint(0, 2, p.shape, generator=gen).to(torch.float64) * 2 - 1
-                        p.copy_(b.to(torch.float64) * (1 + eps * sign.to(b.device)))
+                        if self.pieces is not None:
+                            sign = self.pieces.piece(i, sign)
+                        local(p).copy_(b.to(torch.float64) * (1 + eps * sign.to(b.device)))
+                self._changed()
                 worst = max(worst, abs(self.loss() - base))
             finally:
                 self.restore()
@@ -365,7 +446,7 @@ class HessianOperator:
 
     # ---------------------------------------------------------- vectors
     def zeros(self) -> Vec:
-        return [torch.zeros(p.shape, dtype=self.vec_dtype, device=p.device) for p in self.params]
+        return [torch.zeros(local(p).shape, dtype=self.vec_dtype, device=p.device) for p in self.params]
 
     def random(self, generator: torch.Generator, kind: str = "gaussian") -> Vec:
         return vrandom(self.zeros(), generator, kind)
@@ -411,6 +492,14 @@ class HessianOperator:
             raise InputError("loss_fn must return a scalar tensor")
         if not loss.requires_grad:
             raise InputError("loss_fn returned a tensor that does not require grad: no selected parameter is in its graph")
+        if self.pieces is not None:  # FSDP2: an ordinary backward, which reduce-scatters into the pieces' .grad
+            for p in self.params:
+                p.grad = None
+            loss.backward()
+            grads = tuple(None if p.grad is None else local(p.grad) for p in self.params)
+            for p in self.params:
+                p.grad = None
+            return float(loss.detach()), grads
         grads = torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True)
         return float(loss.detach()), grads
 
@@ -432,6 +521,9 @@ class HessianOperator:
 
     def _auto(self, v: Vec) -> Vec:
         for name in _EXACT_ORDER:
+            if self.pieces is not None and name != "finite_difference":
+                self.tried[name] = "no path on a sharded model (FSDP2 has no double backward)"
+                continue
             try:
                 out = self._products[name](self, v)
             except (RuntimeError, NotImplementedError, TypeError) as e:
@@ -509,7 +601,8 @@ class HessianOperator:
             for sign in (1.0, -1.0):
                 with torch.no_grad():
                     for p, b, x in zip(self.params, backup, v, strict=True):
-                        p.copy_(torch.add(b, x, alpha=sign * t))
+                        local(p).copy_(torch.add(b, x, alpha=sign * t))
+                self._changed()
                 dots = []
                 for w, b in zip(self.weights, self.batches, strict=True):
                     _, grads = self._grad(b)
