@@ -103,13 +103,22 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
     return app.command()(run)
 
 
+def _rank0() -> bool:
+    """This process speaks for the run: always in one process, rank 0 alone under torchrun."""
+    from gradprobe.run import distributed_rank
+
+    return distributed_rank() == 0
+
+
 def _log(msg: str) -> None:
-    """A progress line on stderr, never wrapped (paths stay whole)."""
-    err.print(f"[dim]{msg}[/]", highlight=False, soft_wrap=True)
+    """A progress line on stderr, never wrapped (paths stay whole); under torchrun from rank 0 only."""
+    if _rank0():
+        err.print(f"[dim]{msg}[/]", highlight=False, soft_wrap=True)
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    if _rank0():  # under torchrun every rank meets the same bad input: one line, not one per rank
+        err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -735,7 +744,7 @@ def toy(
 def _one_line_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
                       line: str | None = None) -> None:
     """Warnings as one line on stderr; gradprobe's own are part of the results (table, summary.json)."""
-    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parents[1] / "gradprobe"):
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parents[1] / "gradprobe") or not _rank0():
         return
     text = str(message).strip().splitlines()
     err.print(f"[yellow]warning:[/] {text[0] if text else category.__name__}", highlight=False, soft_wrap=True)

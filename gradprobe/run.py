@@ -366,8 +366,12 @@ def _init_distributed(device: torch.device) -> bool:
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     """FSDP2 ``fully_shard`` on each member of the model's ``layers`` and ``blocks`` lists (its decoder and
     vision blocks), then on the root, as the training stacks do. Every rank must then run the same batches."""
+    import warnings
+
     from torch.distributed.fsdp import fully_shard
 
+    # torch warns at every forward that the root returns a view (a ModelOutput field); nothing here writes into it
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "blocks"):
             for block in mod:

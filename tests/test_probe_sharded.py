@@ -95,6 +95,43 @@ def test_align_under_torchrun_equals_one_process(tiny_toy, tmp_path):
     _close_rows(ra, rb, ["value"])
 
 
+def test_interrupted_torchrun_align_keeps_what_it_measured(tiny_toy, tmp_path):
+    """Ctrl-C to `torchrun … gradprobe align` mid-run: torchrun passes SIGINT to both ranks, rank 0 writes the
+    partial summary and every row measured so far, and those rows are one process's first rows (float64)."""
+    import csv
+    import os
+    import signal
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    args = _toy_args(tiny_toy, "align", "2,4,6,8") + ["--video-batches", "6", "--video-batch-size", "2",
+                                                       "--n-boot", "100"]
+    env = {**os.environ, "COLUMNS": "200"}
+    out = tmp_path / "two"
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *args, "--out", str(out)], cwd=root, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    rows = out / "alignment.csv"
+    t0 = time.time()
+    while not (rows.is_file() and len(rows.read_text().splitlines()) > 8):  # header + m=2's 6 rows + some of m=4
+        assert p.poll() is None and time.time() - t0 < 240, "the run ended before it could be interrupted"
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGINT)
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode != 0 and "interrupted: partial results written" in stderr, stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["complete"] is False and s["meta"]["ranks"] == 2
+    part = list(csv.DictReader(rows.open()))
+    assert 8 <= len(part) < 24
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    whole = list(csv.DictReader((tmp_path / "one" / "alignment.csv").open()))
+    assert len(whole) == 24
+    _close_rows(part, whole[: len(part)], ["value"])
+    assert [r["frames"] for r in part] == [r["frames"] for r in whole[: len(part)]]
+
+
 @pytest.mark.parametrize("shared, sketch", [("smallest", "exact"), ("static", "exact"), ("static", "512")])
 def test_decompose_under_torchrun_equals_one_process(tiny_toy, tmp_path, shared, sketch):
     """`torchrun --nproc-per-node 2 … gradprobe decompose`: α(m), ρ and the per-batch rows of the sharded toy
