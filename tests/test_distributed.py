@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) give the single-process numbers: DDP and FSDP2, monitor with the project guard.
+"""Two CPU processes (gloo) give the single-process numbers: DDP, FSDP2 and ZeRO-3, the monitor with the project guard
+and the Trainer callback.
 
 Each distributed run is launched with torchrun (``torch.distributed.run --standalone``) in a subprocess."""
 
@@ -108,6 +109,7 @@ TRAINER_WORKER = Path(__file__).with_name("dist_trainer_worker.py")
 def _trainer_run(how, out, ranks):
     launch = [sys.executable] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    out.mkdir(parents=True, exist_ok=True)
     res = subprocess.run([*launch, str(TRAINER_WORKER), str(out), how], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads((out / "result.json").read_text())
@@ -129,3 +131,26 @@ def test_trainer_callback_under_ddp_equals_single_process(how, trainer_single, t
     _close(single["rows"], ddp["rows"])
     assert ddp["fired"] == single["fired"]
     _close(single["params"], ddp["params"])
+
+
+def test_trainer_callback_under_accelerate_fsdp2_equals_single_process(trainer_single, tmp_path):
+    """Trainer with accelerate's FSDP2 (`fsdp=True`, `fsdp_config={"version": 2}`; gloo, 2 ranks): the callback
+    reads its pieces of the sharded gradients; rows and final weights equal one process's (float64)."""
+    got = _trainer_run("fsdp2", tmp_path, 2)
+    assert got["by_backward"] and got["fired"] == trainer_single["fired"]
+    _close(trainer_single["rows"], got["rows"])
+    _close(trainer_single["params"], got["params"])
+
+
+def test_trainer_callback_under_deepspeed_zero3_equals_single_process(tmp_path):
+    """Trainer with DeepSpeed ZeRO-3 (2 gloo ranks). accelerate runs DeepSpeed's whole step inside
+    `accelerator.backward`, before `on_pre_optimizer_step`; the callback measures (and projects) right before
+    that step, so its rows and the final weights equal one float32 process's without clipping (DeepSpeed would
+    clip after the callback, the Trainer before it)."""
+    pytest.importorskip("deepspeed")
+    ref = _trainer_run("single32", tmp_path / "one", 1)
+    got = _trainer_run("zero3", tmp_path / "two", 2)
+    assert ref["fired"]["project"] >= 1 and got["fired"] == ref["fired"]
+    _close(ref["rows"], got["rows"], rel=2e-5)
+    for name, values in ref["params"].items():
+        assert got["params"][name] == pytest.approx(values, abs=1e-6), name

@@ -101,6 +101,8 @@ class AlignmentCallback(TrainerCallback):
         self.monitor: AlignmentMonitor | None = None
         self._trainer: Any = None
         self._pending: dict[str, float] | None = None
+        self._state: Any = None
+        self._control: Any = None
 
     def bind(self, trainer: Any) -> AlignmentCallback:
         """Log through ``trainer.log`` (reaches every logging integration)."""
@@ -152,7 +154,31 @@ class AlignmentCallback(TrainerCallback):
         with open(Path(args.output_dir) / BUDGETS, "a") as fh:
             fh.write(json.dumps(row) + "\n")
 
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._state, self._control = state, control
+        engine = self._deepspeed_engine()
+        if engine is not None and "step" not in vars(engine):
+            # accelerate runs DeepSpeed's whole step (clip, update, zero_grad) inside accelerator.backward, before
+            # on_pre_optimizer_step: measure (and guard) right before it instead
+            original = engine.step
+
+            def step(*a: Any, **kw: Any) -> Any:
+                self._before_step(self._state, self._control)
+                return original(*a, **kw)
+
+            engine.step = step
+
+    def _deepspeed_engine(self) -> Any:
+        """The DeepSpeed engine the Trainer steps (None for any other run)."""
+        if self.monitor is None or not self.monitor.layout.deepspeed:
+            return None
+        return getattr(self._trainer, "model_wrapped", None) if self._trainer is not None else None
+
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._deepspeed_engine() is None:
+            self._before_step(state, control)
+
+    def _before_step(self, state: Any, control: Any) -> None:
         row = self.monitor.before_step(state.global_step)
         if row is not None and row.get("finite"):
             self._pending = {
@@ -181,6 +207,9 @@ class AlignmentCallback(TrainerCallback):
             self._pending = None
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        engine = self._deepspeed_engine()
+        if engine is not None:
+            vars(engine).pop("step", None)  # the engine's own step again
         m = self.monitor
         if m.layout.rank != 0:
             return
