@@ -154,3 +154,33 @@ def test_trainer_callback_under_deepspeed_zero3_equals_single_process(tmp_path):
     _close(ref["rows"], got["rows"], rel=2e-5)
     for name, values in ref["params"].items():
         assert got["params"][name] == pytest.approx(values, abs=1e-6), name
+
+
+TOY_WORKER = Path(__file__).with_name("dist_toy_trainer_worker.py")
+
+
+def _toy_run(how, out, ranks, toy):
+    launch = [sys.executable] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    out.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run([*launch, str(TOY_WORKER), str(out), how, str(toy.root)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.mark.parametrize("how, reference, rel, weights", [("fsdp2", "single", 1e-6, 1e-12),
+                                                          ("zero3", "single32", 2e-5, 1e-6)])
+def test_trainer_callback_on_the_toy_sharded_equals_single_process(tiny_toy, tmp_path, how, reference, rel, weights):
+    """The toy end to end (its processor, collator and Trainer) under accelerate's FSDP2 (float64) and DeepSpeed
+    ZeRO-3 (float32, no clipping) on two gloo ranks: the callback's rows and the final weights equal one
+    process's."""
+    if how == "zero3":
+        pytest.importorskip("deepspeed")
+    ref = _toy_run(reference, tmp_path / "one", 1, tiny_toy)
+    got = _toy_run(how, tmp_path / "two", 2, tiny_toy)
+    assert got["by_backward"] and len(ref["rows"]) == 2 and got["fired"] == ref["fired"]
+    assert all(r["finite"] and r["reference_norm"] > 0 for r in ref["rows"])
+    _close(ref["rows"], got["rows"], rel=rel)
+    for name, values in ref["params"].items():
+        assert got["params"][name] == pytest.approx(values, rel=rel, abs=weights), name
