@@ -16,7 +16,7 @@
 #                         most a quarter of the free memory), and the decompose code path at the largest budget
 #   trainstep.json        the alignment callback's share of a Trainer Video-SFT step (AdamW, 8 frames)
 #   hvp.json              each Hessian-vector-product backend against a plain gradient (last 8 decoder layers)
-# The whole suite keeps to a deadline (DEADLINE seconds, 570 on the GPU): each step gets its own limit or what is
+# The whole suite keeps to a deadline (DEADLINE seconds, 480 on the GPU): each step gets its own limit or what is
 # left, whichever is smaller. Videos are written as PNG frame folders when PyAV is missing. The checkpoint and
 # data are cached in WORK (default /tmp/gradprobe-bench; the 7B checkpoint takes about 16 GB of disk).
 set -uo pipefail
@@ -31,7 +31,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$SHAPE" in
-    7b) DEVICE=cuda; SIDE=448; FRAMES=8,16,32,64; REPEATS=3; DEADLINE=${DEADLINE:-570}
+    7b) DEVICE=cuda; SIDE=448; FRAMES=8,16,32,64; REPEATS=3; DEADLINE=${DEADLINE:-480}
         INCLUDE='language_model.layers.(2[0-7])\.'; EXACT='language_model.layers.(2[4-7])\.'; STEPS=12; EVERY=4 ;;
     tiny) DEVICE=cpu; SIDE=64; FRAMES=8,16; REPEATS=2; DEADLINE=${DEADLINE:-900}
         INCLUDE='language_model.layers.1\.'; EXACT=$INCLUDE; STEPS=6; EVERY=3 ;;
