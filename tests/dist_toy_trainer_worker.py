@@ -8,7 +8,6 @@ step, after the callback). The global batch is 4 clips at 2 frames (4 per device
 ranks); the probe has 4 image groups of 2 batches of 2 images, rank r taking batch r of each group.
 """
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_trainer_worker import _whole
+from dist_trainer_worker import stack_options, train_and_report
 from dist_worker import exit_now
 
 from gradprobe.models.toy import ToyAdapter
@@ -41,13 +40,7 @@ def main(out: str, how: str, toy_root: str) -> None:
     batches = [{k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in b.items()}
                for b in batches]
     mine = batches if world == 1 else [batches[2 * g + rank] for g in range(4)]
-    extra: dict = {}
-    if how == "fsdp2":  # each decoder and vision block (the model's _no_split_modules), then the root
-        extra = {"fsdp": True, "fsdp_config": {"version": 2}}
-    elif how == "zero3":
-        extra = {"deepspeed": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                               "gradient_clipping": "auto", "zero_optimization": {"stage": 3},
-                               "zero_allow_untested_optimizer": True}}
+    extra = stack_options(how)  # FSDP2 wraps each decoder and vision block (_no_split_modules), then the root
     args = TrainingArguments(
         output_dir=out, max_steps=4, per_device_train_batch_size=4 // world, learning_rate=0.05,
         lr_scheduler_type="constant", max_grad_norm=0.0 if how in ("zero3", "single32") else 1.0,
@@ -58,15 +51,7 @@ def main(out: str, how: str, toy_root: str) -> None:
                       data_collator=SampleCollator(adapter, root / "data", frames=2))
     cb = watch(trainer, mine, every=2, guard="project", image_groups=4, role_of=ToyAdapter.role_of,
                module_of=ToyAdapter.module_of)
-    trainer.train()
-    params = {n: _whole(p) for n, p in model.named_parameters()}  # collective under FSDP2 and ZeRO-3
-    if rank == 0:
-        Path(out, "result.json").write_text(json.dumps({"rows": cb.monitor.rows, "fired": cb.monitor.fired,
-                                                         "params": params,
-                                                         "by_backward": cb.monitor.layout.by_backward}))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    train_and_report(trainer, cb, model, out, rank)
 
 
 if __name__ == "__main__":

@@ -58,14 +58,9 @@ def main(out: str, how: str) -> None:
     probe = [(px, (py + 1) % 3) for px, py in make_batches(8, seed=2, shift=1.5, dtype=dtype)]
     mine = probe if world == 1 or how == "unbound" else [probe[2 * g + rank] for g in range(4)]
     mine = [{"x": a, "labels": b} for a, b in mine]
-    extra = {}
-    if how == "fsdp2":
-        extra = {"fsdp": True, "fsdp_config": {"version": 2, "auto_wrap_policy": "SIZE_BASED_WRAP",
-                                               "min_num_params": 100}}
-    elif how == "zero3":
-        extra = {"deepspeed": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                               "gradient_clipping": "auto", "zero_optimization": {"stage": 3},
-                               "zero_allow_untested_optimizer": True}}
+    extra = stack_options(how)
+    if how == "fsdp2":  # a plain network has no _no_split_modules: wrap by size instead
+        extra["fsdp_config"].update(auto_wrap_policy="SIZE_BASED_WRAP", min_num_params=100)
     # DeepSpeed clips inside its own step, after the callback, where the Trainer clips before it: the ZeRO-3
     # pair does not clip, so both see the same gradients in the same order
     clip = 0.0 if how in ("zero3", "single32") else 0.5
@@ -89,6 +84,22 @@ def main(out: str, how: str) -> None:
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
         trainer.add_callback(cb)
         assert cb._trainer is None
+    train_and_report(trainer, cb, model, out, rank)
+
+
+def stack_options(how: str) -> dict:
+    """TrainingArguments for accelerate's FSDP2 (``fsdp2``) or DeepSpeed ZeRO-3 (``zero3``); none otherwise."""
+    if how == "fsdp2":
+        return {"fsdp": True, "fsdp_config": {"version": 2}}
+    if how == "zero3":
+        return {"deepspeed": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                              "gradient_clipping": "auto", "zero_optimization": {"stage": 3},
+                              "zero_allow_untested_optimizer": True}}
+    return {}
+
+
+def train_and_report(trainer, cb, model, out: str, rank: int) -> None:
+    """Train, then write the callback's rows, the guard's counts and the whole final weights from rank 0."""
     trainer.train()
     params = {n: _whole(p) for n, p in model.named_parameters()}  # collective under FSDP2 and ZeRO-3
     if rank == 0:
