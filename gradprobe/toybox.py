@@ -145,10 +145,43 @@ def ensure_toy(
     target = root / spec.key
     done = target / "toy.json"
     if done.is_file() and not rebuild:
-        from gradprobe.models.toy import mark
+        return _cached(target, spec)
+    root.mkdir(parents=True, exist_ok=True)
+    # several processes at once (torchrun's ranks, two runs on one cache): one builds, the others wait for it
+    with _exclusive(root / (spec.key + ".lock"), log):
+        if done.is_file() and not rebuild:
+            return _cached(target, spec)
+        return _build_into(spec, root, target, log, progress)
 
-        mark(target / "model")  # toys cached before the marker existed
-        return Toy(target, spec, json.loads(done.read_text()))
+
+def _cached(target: Path, spec: ToySpec) -> Toy:
+    from gradprobe.models.toy import mark
+
+    mark(target / "model")  # toys cached before the marker existed
+    return Toy(target, spec, json.loads((target / "toy.json").read_text()))
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, log: Callable[[str], None]) -> Any:
+    """Hold an exclusive lock on ``path`` (POSIX ``flock``; no lock where there is none)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log("another process is building this toy; waiting for it")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_into(spec: ToySpec, root: Path, target: Path, log: Callable[[str], None], progress: Any) -> Toy:
     tmp = root / (spec.key + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)

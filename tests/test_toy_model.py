@@ -89,3 +89,25 @@ def test_cache_files_follow_the_umask(tiny_toy):
     assert (tiny_toy.root / "model" / "model.safetensors").exists()
     bad = {p: oct(m) for p, m in modes.items() if m != ((0o777 if (tiny_toy.root / p).is_dir() else 0o666) & ~umask)}
     assert not bad, bad
+
+
+@pytest.mark.slow
+def test_two_processes_on_a_fresh_cache_build_the_toy_once(tmp_path):
+    """torchrun's ranks (or two runs) on an empty cache: one builds the toy, the other waits and reads it."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import json, sys; sys.path.insert(0, sys.argv[2]); from conftest import TINY_TOY; "
+            "from gradprobe.toybox import ToySpec, ensure_toy; "
+            "t = ensure_toy(ToySpec(**TINY_TOY), sys.argv[1], log=lambda s: print(s, file=sys.stderr)); "
+            "print(json.dumps(t.info))")
+    here = str(Path(__file__).parent)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), here], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    assert sum("building the toy once" in e for _, e in outs) == 1, [e[-500:] for _, e in outs]
+    assert json.loads(outs[0][0]) == json.loads(outs[1][0])
+    assert not list(tmp_path.glob("*.partial"))
