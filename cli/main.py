@@ -250,7 +250,7 @@ class _RichProgress:
 
         self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True,
-                          disable=not console.is_terminal)  # a bar only where someone watches
+                          disable=not console.is_terminal or not _rank0())  # one bar, where someone watches
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> _RichProgress:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,6 +212,10 @@ def _prepare(opts: RunOptions, log: Callable[[str], None],
     adapter_cls.check_policy(policy)
     meta: dict[str, Any] = {}
     if not models:
+        if distributed_rank() > 0:
+            # torchrun on a fresh cache: rank 0 takes the build lock first, so the build's log and progress are
+            # the ones shown; the other ranks wait on the lock (losing this race is only cosmetic)
+            time.sleep(2.0)
         toy = ensure_toy(DEFAULT_TOY, opts.cache_dir, log=log, progress=progress)
         model_dirs, image_path, video_path = [toy.model_dir], toy.data("probe", "images"), toy.data("probe", "videos")
         meta["source"] = "toy"
