@@ -181,12 +181,29 @@ def _exclusive(path: Path, log: Callable[[str], None]) -> Any:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+#: what torchrun (and other launchers) set to make a Trainer distributed
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                 "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+@contextlib.contextmanager
+def _one_process() -> Any:
+    """The launcher's variables hidden: the toy is built by one process alone, whose image-stage Trainer must
+    not wait for the other ranks (they wait on the build lock)."""
+    saved = {k: os.environ.pop(k) for k in _LAUNCHER_ENV if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def _build_into(spec: ToySpec, root: Path, target: Path, log: Callable[[str], None], progress: Any) -> Toy:
     tmp = root / (spec.key + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout carries results only
+    # the Trainer prints its logs (stdout carries results only); one process, even under torchrun
+    with contextlib.redirect_stdout(sys.stderr), _one_process():
         info = _build(spec, tmp, log, progress)
     (tmp / "toy.json").write_text(json.dumps(info, indent=2) + "\n")
     share_modes(tmp)

@@ -111,3 +111,27 @@ def test_two_processes_on_a_fresh_cache_build_the_toy_once(tmp_path):
     assert sum("building the toy once" in e for _, e in outs) == 1, [e[-500:] for _, e in outs]
     assert json.loads(outs[0][0]) == json.loads(outs[1][0])
     assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.slow
+def test_a_rank_under_torchrun_builds_the_toy_alone(tmp_path):
+    """One torchrun rank building the toy on a fresh cache while the others wait on the lock: its image-stage
+    Trainer runs as one process (with the launcher's variables it would wait for ranks that never come)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    code = ("import os, sys; sys.path.insert(0, sys.argv[2]); from conftest import TINY_TOY; "
+            "from gradprobe.toybox import ToySpec, ensure_toy; t = ensure_toy(ToySpec(**TINY_TOY), sys.argv[1]); "
+            "assert os.environ['WORLD_SIZE'] == '2'; print(t.model_dir)")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(Path(__file__).parent)], env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert Path(r.stdout.strip(), "config.json").is_file()
