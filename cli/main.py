@@ -424,18 +424,17 @@ def _execute(run: Any, opts: Any, render: Any, json_out: bool, width: int = 150)
     """Run one command with a progress bar: one-line errors (exit 2), the partial table on Ctrl-C (exit 130),
     then the table, or summary.json on stdout with ``--json``."""
     from gradprobe.errors import RunInterrupted
-    from gradprobe.run import distributed_rank
 
     out_console = _wide_console(width) if not json_out else err
     try:
         with _working() as progress:
             report = run(opts, progress=progress, log=_log)
     except RunInterrupted as e:
-        if distributed_rank() == 0:
+        if _rank0():
             render(e.report.summary, out_console)
             err.print(f"[yellow]interrupted:[/] partial results written to {opts.out}")
         raise typer.Exit(130) from None
-    if distributed_rank() != 0:  # under torchrun every rank holds the same results: rank 0 prints them
+    if not _rank0():  # under torchrun every rank holds the same results: rank 0 prints them
         raise typer.Exit(0)
     if json_out:
         sys.stdout.write(json.dumps(report.summary, indent=2) + "\n")

@@ -48,7 +48,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -376,14 +376,15 @@ class HessianOperator:
         """Set the selected parameters back to the copy taken on entry."""
         if self._backup is None:
             return
-        with torch.no_grad():
-            for p, b in zip(self.params, self._backup, strict=True):
-                local(p).copy_(b)
-        self._changed()
+        self._write(self._backup)
 
-    def _changed(self) -> None:
-        """After the pieces were written: a sharded model drops the whole parameters it still holds gathered
-        (FSDP2 keeps the root's after a forward without backward), so the next forward gathers the new ones."""
+    def _write(self, values: Iterable[torch.Tensor]) -> None:
+        """Set the selected parameters (this rank's pieces) to ``values``, rounded to their dtype. A sharded
+        model then drops the whole parameters it still holds gathered (FSDP2 keeps the root's after a forward
+        without backward), so the next forward gathers the new ones."""
+        with torch.no_grad():
+            for p, v in zip(self.params, values, strict=True):
+                local(p).copy_(v)
         if self.pieces is None:
             return
         from torch.distributed.fsdp import FSDPModule
@@ -409,10 +410,8 @@ class HessianOperator:
         self._need_entered()
         assert self._backup is not None
         try:
-            with torch.no_grad():
-                for p, b, d in zip(self.params, self._backup, direction, strict=True):
-                    local(p).copy_(b.to(torch.float64) + scale * d.to(device=b.device, dtype=torch.float64))
-            self._changed()
+            self._write(b.to(torch.float64) + scale * d.to(device=b.device, dtype=torch.float64)
+                        for b, d in zip(self._backup, direction, strict=True))
             yield
         finally:
             self.restore()
@@ -427,14 +426,13 @@ class HessianOperator:
         worst = 0.0
         for _ in range(repeats):
             try:
-                with torch.no_grad():
-                    for i, (p, b) in enumerate(zip(self.params, self._backup, strict=True)):
-                        eps = torch.finfo(p.dtype).eps
-                        sign = torch.randint(0, 2, p.shape, generator=gen).to(torch.float64) * 2 - 1
-                        if self.pieces is not None:
-                            sign = self.pieces.piece(i, sign)
-                        local(p).copy_(b.to(torch.float64) * (1 + eps * sign.to(b.device)))
-                self._changed()
+                moved = []
+                for i, (p, b) in enumerate(zip(self.params, self._backup, strict=True)):
+                    sign = torch.randint(0, 2, p.shape, generator=gen).to(torch.float64) * 2 - 1
+                    if self.pieces is not None:
+                        sign = self.pieces.piece(i, sign)
+                    moved.append(b.to(torch.float64) * (1 + torch.finfo(p.dtype).eps * sign.to(b.device)))
+                self._write(moved)
                 worst = max(worst, abs(self.loss() - base))
             finally:
                 self.restore()
@@ -599,10 +597,7 @@ class HessianOperator:
         side: dict[float, list[float]] = {}
         try:
             for sign in (1.0, -1.0):
-                with torch.no_grad():
-                    for p, b, x in zip(self.params, backup, v, strict=True):
-                        local(p).copy_(torch.add(b, x, alpha=sign * t))
-                self._changed()
+                self._write(torch.add(b, x, alpha=sign * t) for b, x in zip(backup, v, strict=True))
                 dots = []
                 for w, b in zip(self.weights, self.batches, strict=True):
                     _, grads = self._grad(b)
