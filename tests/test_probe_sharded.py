@@ -49,12 +49,13 @@ def test_two_sharded_ranks_equal_one_process(sketch, tmp_path):
     assert any(abs(v) > 1e-3 for v in one["rows"][-1]["pair"])
 
 
-def _one_and_two(root, args, tmp_path):
-    """The command in one process (out ``one``) and under ``torchrun --nproc-per-node 2`` (out ``two``)."""
+def _one_and_two(root, args, tmp_path, one_only=()):
+    """The command in one process (out ``one``, with ``one_only`` added) and under ``torchrun --nproc-per-node 2``
+    (out ``two``)."""
     import os
 
     env = {**os.environ, "COLUMNS": "200"}
-    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=root, env=env,
+    one = subprocess.run([sys.executable, *args, *one_only, "--out", str(tmp_path / "one")], cwd=root, env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -174,16 +175,7 @@ def test_curvature_under_torchrun_equals_one_process(tiny_toy, tmp_path):
     args = _toy_args(tiny_toy, "curvature", "2,4") + ["--video-batches", "2", "--video-batch-size", "2",
                                                        "--lr", "1e-4,1e-3", "--trace-samples", "2",
                                                        "--max-iter", "12"]
-    import os
-
-    env = {**os.environ, "COLUMNS": "200"}
-    one = subprocess.run([sys.executable, *args, "--backend", "finite_difference", "--out", str(tmp_path / "one")],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          *args, "--out", str(tmp_path / "two")], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    one, two = _one_and_two(root, args, tmp_path, one_only=["--backend", "finite_difference"])
     assert two.stdout.count("β_img") == one.stdout.count("β_img") >= 1
     sa, sb = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("one", "two"))
     assert sb["meta"]["ranks"] == 2 and sa["settings"]["backend"] == sb["settings"]["backend"] == "finite_difference"
