@@ -9,7 +9,7 @@ from PIL import Image
 
 from gradprobe.data import shapesworld as sw
 from gradprobe.data.sampling import uniform_indices
-from gradprobe.data.video import read_frames, write_mp4
+from gradprobe.data.video import read_frames, read_video_frames, write_mp4
 
 
 def _digest(root):
@@ -56,6 +56,23 @@ def test_mp4_round_trip_is_close(tmp_path):
     back = read_frames(tmp_path / "v.mp4")
     assert back.shape == frames.shape
     assert np.abs(back.astype(int) - frames.astype(int)).mean() < 4  # lossy codec, near-lossless settings
+
+
+def test_decoding_matches_pyav_per_frame(tmp_path):
+    """One scaling context per file gives the bytes PyAV's own per-frame conversion gives, resized or not."""
+    import av
+
+    rng = np.random.default_rng(1)
+    frames, *_ = sw.video_sample(rng, "order")
+    write_mp4(tmp_path / "v.mp4", frames)
+    with av.open(str(tmp_path / "v.mp4")) as c:
+        decoded = list(c.decode(video=0))
+        plain = np.stack([f.to_ndarray(format="rgb24") for f in decoded])
+        resized = {i: decoded[i].to_ndarray(format="rgb24", width=20, height=12) for i in (0, 5, 17)}
+    assert np.array_equal(read_frames(tmp_path / "v.mp4"), plain)
+    got = read_video_frames(tmp_path / "v.mp4", [17, 0, 5], size=(12, 20))
+    assert sorted(got) == [0, 5, 17] and all(np.array_equal(got[i], resized[i]) for i in got)
+    assert got[0].shape == (12, 20, 3)
 
 
 def _light_on(frames):

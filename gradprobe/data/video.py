@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,24 @@ def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: int = 8) ->
             container.mux(packet)
 
 
+def _rgb24(av: Any) -> Callable[..., np.ndarray]:
+    """``to_rgb(frame, size=None)``: a decoded frame as (H, W, 3) uint8 RGB, resized to ``size`` = (height, width).
+
+    The same bytes as ``frame.to_ndarray(format="rgb24", width=…, height=…)``, which builds a new scaling
+    context for every frame (for small frames, 20 times the cost of decoding them); one context serves a
+    whole file here.
+    """
+    from av.video.reformatter import VideoReformatter
+
+    reformatter = VideoReformatter()
+
+    def to_rgb(frame: Any, size: tuple[int, int] | None = None) -> np.ndarray:
+        kw = {"width": size[1], "height": size[0]} if size else {}
+        return reformatter.reformat(frame, format="rgb24", **kw).to_ndarray()
+
+    return to_rgb
+
+
 def read_frames(path: str | os.PathLike[str]) -> np.ndarray:
     """Decode every frame of a video file as (T, H, W, 3) uint8 RGB.
 
@@ -54,9 +72,10 @@ def read_frames(path: str | os.PathLike[str]) -> np.ndarray:
     if not p.is_file():
         raise DataError(f"{p}: video file not found")
     av = _av(p)
+    to_rgb = _rgb24(av)
     try:
         with av.open(str(p)) as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            frames = [to_rgb(f) for f in container.decode(video=0)]
     except (av.error.FFmpegError, ValueError, IndexError) as e:
         raise DataError(f"{p}: cannot decode video ({e})") from None
     if not frames:
@@ -157,14 +176,14 @@ def read_video_frames(path: str | os.PathLike[str], indices: Sequence[int],
         if not p.is_file():
             raise DataError(f"{p}: video file not found")
         av = _av(p)
+        to_rgb = _rgb24(av)
         wanted = set(want)
         last = want[-1] if want else -1
         try:
             with av.open(str(p)) as container:
                 for i, f in enumerate(container.decode(video=0)):
                     if i in wanted:
-                        kw = {"width": size[1], "height": size[0]} if size else {}
-                        out[i] = f.to_ndarray(format="rgb24", **kw)
+                        out[i] = to_rgb(f, size)
                     if i >= last:
                         break
         except (av.error.FFmpegError, ValueError, IndexError) as e:
