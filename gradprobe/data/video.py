@@ -44,12 +44,12 @@ def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: int = 8) ->
             container.mux(packet)
 
 
-def _rgb24(av: Any) -> Callable[..., np.ndarray]:
+def _rgb24() -> Callable[..., np.ndarray]:
     """``to_rgb(frame, size=None)``: a decoded frame as (H, W, 3) uint8 RGB, resized to ``size`` = (height, width).
 
     The same bytes as ``frame.to_ndarray(format="rgb24", width=…, height=…)``, which builds a new scaling
     context for every frame (for small frames, 20 times the cost of decoding them); one context serves a
-    whole file here.
+    whole file here. Call it after :func:`_av`, which says when PyAV is missing.
     """
     from av.video.reformatter import VideoReformatter
 
@@ -72,7 +72,7 @@ def read_frames(path: str | os.PathLike[str]) -> np.ndarray:
     if not p.is_file():
         raise DataError(f"{p}: video file not found")
     av = _av(p)
-    to_rgb = _rgb24(av)
+    to_rgb = _rgb24()
     try:
         with av.open(str(p)) as container:
             frames = [to_rgb(f) for f in container.decode(video=0)]
@@ -176,7 +176,7 @@ def read_video_frames(path: str | os.PathLike[str], indices: Sequence[int],
         if not p.is_file():
             raise DataError(f"{p}: video file not found")
         av = _av(p)
-        to_rgb = _rgb24(av)
+        to_rgb = _rgb24()
         wanted = set(want)
         last = want[-1] if want else -1
         try:
