@@ -173,8 +173,8 @@ def test_curvature_under_torchrun_equals_one_process(tiny_toy, tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     args = _toy_args(tiny_toy, "curvature", "2,4") + ["--video-batches", "2", "--video-batch-size", "2",
-                                                       "--lr", "1e-4,1e-3", "--trace-samples", "2",
-                                                       "--max-iter", "12"]
+                                                       "--lr", "1e-4,1e-3", "--trace-samples", "1",
+                                                       "--max-iter", "6"]
     one, two = _one_and_two(root, args, tmp_path, one_only=["--backend", "finite_difference"])
     assert two.stdout.count("β_img") == one.stdout.count("β_img") >= 1
     sa, sb = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("one", "two"))
