@@ -25,7 +25,7 @@ import torch
 from gradprobe.errors import InputError
 
 #: Bump when the toy's data, model or training recipe changes, so stale caches are not reused.
-TOY_VERSION = 3
+TOY_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,8 @@ class ToySpec:
     n_train_images: int = 4000
     n_eval_images: int = 300
     n_probe_images: int = 256
-    n_train_videos: int = 400
-    n_eval_videos: int = 100
+    n_train_videos: int = 2000
+    n_eval_videos: int = 400
     n_probe_videos: int = 96
 
     def __post_init__(self) -> None:

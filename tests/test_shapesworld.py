@@ -79,34 +79,77 @@ def _light_on(frames):
     return frames[:, 2:6, 2:6].mean(axis=(1, 2, 3)) > 230
 
 
+def _runs(on):
+    """(start, length) of each run of True."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], on.astype(int), [0]])))
+    return list(zip(edges[::2], edges[1::2] - edges[::2], strict=True))
+
+
 def test_blink_m_min_matches_the_sampler():
     """At m_min the sampled frames show every blink as a separate run; at m_min - 1 they do not."""
     rng = np.random.default_rng(7)
-    checked = 0
     for _ in range(12):
         frames, q, ans, qtype, _, m_min = sw.video_sample(rng, "blink")
         on = _light_on(frames)
-        n = int(ans)
-        assert int(np.sum(on[1:] & ~on[:-1]) + on[0]) == n  # the rendered video has n blinks
+        blinks = _runs(on)
+        assert len(blinks) == int(ans)  # the rendered video has n blinks
 
-        starts = np.flatnonzero(on & ~np.concatenate([[False], on[:-1]]))
-
-        def countable(m, on=on, n=n, starts=starts):
+        def countable(m, on=on, blinks=blinks):
             idx = uniform_indices(len(on), m)
-            seen = on[idx]
-            runs = int(np.sum(seen[1:] & ~seen[:-1]) + seen[0])
-            return runs == n and all(np.any((idx >= s) & (idx < s + 2)) for s in starts)
+            return len(_runs(on[idx])) == len(blinks) and all(np.any((idx >= s) & (idx < s + n)) for s, n in blinks)
 
         assert countable(m_min)
         assert m_min == 1 or not countable(m_min - 1)
-        checked += 1
-    assert checked == 12
 
 
-def test_static_and_motion_budgets():
+def _colour_present(frames, colour):
+    c = np.array(sw.COLOURS[colour])
+    return (np.abs(frames.astype(int) - c).sum(axis=-1) < 30).sum(axis=(1, 2)) > 4
+
+
+def test_order_m_min_matches_the_sampler():
+    """m_min is the smallest budget whose sampled frames include one where the first colour is alone."""
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        frames, q, ans, qtype, choices, m_min = sw.video_sample(rng, "order")
+        assert qtype == "order" and ans in choices and q == "which colour appears first ?"
+        others = [c for c in sw.COLOURS if c != ans and _colour_present(frames, c).any()]
+        assert len(others) == 1  # two shapes: the answer's colour and one other, which comes later
+        alone = _colour_present(frames, ans) & ~_colour_present(frames, others[0])
+        assert alone.any() and not (_colour_present(frames, others[0]) & ~_colour_present(frames, ans)).any()
+
+        def answerable(m, alone=alone):
+            return bool(alone[uniform_indices(len(alone), m)].any())
+
+        assert answerable(m_min)
+        assert m_min == 1 or not answerable(m_min - 1)
+
+
+def test_motion_direction_is_in_the_frames_not_in_one_frame():
+    """The shape's centre moves the asked way between the first and the last frame; its start varies, so no
+    single position tells the direction (m_min = 2)."""
+    rng = np.random.default_rng(5)
+    starts = {}
+    for _ in range(40):
+        frames, q, ans, qtype, _, m_min = sw.video_sample(rng, "motion")
+        assert m_min == 2
+        fg = np.abs(frames.astype(int) - np.array(sw.BACKGROUND)).sum(axis=-1) > 30
+        ys, xs = [], []
+        for f in (fg[0], fg[-1]):
+            yy, xx = np.nonzero(f)
+            ys.append(yy.mean())
+            xs.append(xx.mean())
+        dx, dy = xs[1] - xs[0], ys[1] - ys[0]
+        moved = {"right": dx, "left": -dx, "down": dy, "up": -dy}
+        assert max(moved, key=moved.get) == ans and moved[ans] > 20
+        starts.setdefault(ans, []).append((xs[0], ys[0]))
+    for ans, pts in starts.items():
+        assert len(pts) < 2 or np.ptp(np.array(pts), axis=0).max() > 10  # starts spread out
+
+
+def test_static_budget():
     rng = np.random.default_rng(1)
     assert sw.video_sample(rng, "static")[-1] == 1
-    assert sw.video_sample(rng, "motion")[-1] == 2
 
 
 def test_missing_and_broken_video(tmp_path):

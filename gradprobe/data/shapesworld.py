@@ -6,9 +6,14 @@ MME's perception subtasks. Videos (MP4, 64 frames) mix four question kinds that
 need different temporal budgets:
 
 * ``static`` — an attribute visible in every frame (one frame suffices);
-* ``motion`` — the direction a shape moves (two frames);
-* ``order`` — which of two shapes appears first (a frame inside a short window);
-* ``blink`` — how many times a small light blinks (dense sampling).
+* ``motion`` — which way a shape crosses the canvas, of the two directions of the axis the question names
+  (two frames);
+* ``order`` — which of two colours appears first (a frame inside a window of 4–16 frames where the first
+  shape is alone);
+* ``blink`` — how many times a small light blinks, each blink 4 frames long (dense sampling).
+
+Every answer is a word the image questions also use (colours, shapes, numbers, yes/no, left/right) or, for
+vertical motion, up/down, so a model cannot gain accuracy on video questions by learning new answer words.
 
 Each video record carries ``m_min``, the smallest budget m for which the uniform
 sampler Φ_m (:func:`gradprobe.data.sampling.uniform_indices`) shows enough to
@@ -164,40 +169,49 @@ def video_sample(rng: np.random.Generator, qtype: str | None = None) -> tuple[np
         ans = "yes" if other == kind else "no"
         return frames, f"is there a {colour} {other} in the video ?", ans, qtype, YESNO, 1
     if qtype == "motion":
+        # a shape crosses the canvas edge to edge at a steady speed, along an axis the question names; where
+        # it crosses (the other coordinate) varies. One frame cannot tell the direction; two frames can.
         direction = str(rng.choice(DIRECTIONS))
         r = 6.0
-        lo, hi = r + 9, SIZE - r - 2
-        start = {"left": (hi, (lo + hi) / 2), "right": (lo, (lo + hi) / 2),
-                 "up": ((lo + hi) / 2, hi), "down": ((lo + hi) / 2, lo)}[direction]
-        step = (hi - lo) / (T - 1)
-        vx, vy = {"left": (-step, 0), "right": (step, 0), "up": (0, -step), "down": (0, step)}[direction]
-        frames = np.stack([draw([Shape(kind, colour, start[0] + vx * t, start[1] + vy * t, r)]) for t in range(T)])
-        return frames, f"which way does the {kind} move ?", direction, qtype, DIRECTIONS, 2
+        lo, hi = r + 2, SIZE - r - 2
+        across = float(rng.uniform(lo, hi))
+        sign = -1.0 if direction in ("left", "up") else 1.0
+        path = [(lo + hi) / 2 + sign * (hi - lo) * (t / (T - 1) - 0.5) for t in range(T)]
+        points = [(p, across) if direction in ("left", "right") else (across, p) for p in path]
+        frames = np.stack([draw([Shape(kind, colour, x, y, r)]) for x, y in points])
+        pair = ("left", "right") if direction in ("left", "right") else ("up", "down")
+        return frames, f"does the {kind} move {pair[0]} or {pair[1]} ?", direction, qtype, pair, 2
     if qtype == "order":
-        kinds = [str(k) for k in rng.choice(SHAPES, size=2, replace=False)]
-        t1 = int(rng.integers(4, 40))
-        t2 = t1 + int(rng.integers(2, 10))  # the first shape is alone for a short window
+        # two shapes of different colours; the first is alone on the canvas for a window of 4-16 frames
+        cols = [str(c) for c in rng.choice(list(COLOURS), size=2, replace=False)]
+        kinds = [str(k) for k in rng.choice(SHAPES, size=2)]
+        window = int(rng.integers(4, 17))
+        t1 = int(rng.integers(1, T - window - 8))
+        t2 = t1 + window
         spots = _place(rng, 2)
-        cols = [str(c) for c in rng.choice(list(COLOURS), size=2)]
         frames = np.stack([
             draw([Shape(kinds[i], cols[i], *spots[i]) for i, ti in enumerate((t1, t2)) if t >= ti])
             for t in range(T)
         ])
         m_min = _m_min(lambda idx: bool(np.any((idx >= t1) & (idx < t2))))
-        return frames, "which shape appears first ?", kinds[0], qtype, SHAPES, m_min
-    # blink: a light blinks n times, each for 2 frames, with gaps of at least 3 dark frames
+        return frames, "which colour appears first ?", cols[0], qtype, tuple(COLOURS), m_min
+    # blink: a light blinks n times, each for 4 frames, with at least 4 dark frames between blinks
     n = int(rng.integers(1, 4))
     (x, y, r), = _place(rng, 1)
-    starts = sorted(int(s) for s in rng.choice(np.arange(2, T - 3, 6), size=n, replace=False))
+    on_for, dark = 4, 4
+    while True:
+        starts = sorted(int(s) for s in rng.choice(np.arange(1, T - on_for), size=n, replace=False))
+        if all(b - a >= on_for + dark for a, b in zip(starts, starts[1:], strict=False)):
+            break
     on = np.zeros(T, dtype=bool)
     for s in starts:
-        on[s : s + 2] = True
+        on[s : s + on_for] = True
     frames = np.stack([draw([Shape(kind, colour, x, y, r)], light=bool(on[t])) for t in range(T)])
 
     def countable(idx: np.ndarray) -> bool:
         seen = on[idx]
         runs = int(np.sum(seen[1:] & ~seen[:-1]) + seen[0])
-        return runs == n and all(np.any((idx >= s) & (idx < s + 2)) for s in starts)
+        return runs == n and all(np.any((idx >= s) & (idx < s + on_for)) for s in starts)
 
     return frames, "how many times does the light blink ?", str(n), "blink", NUMBERS[:3], _m_min(countable)
 
@@ -263,6 +277,6 @@ def _question_templates() -> Iterator[str]:
     yield "is there a in the video ?"
     yield "how many shapes are there ?"
     yield "is the on the left or the right ?"
-    yield "which way does the move ?"
-    yield "which shape appears first ?"
+    yield "does the move or ?"
+    yield "which colour appears first ?"
     yield "how many times does the light blink ?"

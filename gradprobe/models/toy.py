@@ -42,32 +42,39 @@ CHAT_TEMPLATE = (
 PIXELS = 64
 
 
-def toy_config(vocab: Mapping[str, int], *, seed: int = 0) -> Any:
-    """A Qwen2.5-VL config: text hidden 128, 2 layers; vision depth 2, hidden 64, patch 8."""
+def toy_config(vocab: Mapping[str, int], *, seed: int = 0, text_layers: int = 2, vision_depth: int = 2,
+               rope_theta: float = 10.0) -> Any:
+    """A Qwen2.5-VL config: text hidden 128, 2 layers; vision depth 2, hidden 64, patch 8.
+
+    ``rope_theta`` 10 (the released models use 1e6): with head dimension 32, Qwen2.5-VL's multimodal RoPE gives
+    the height and width sections the lowest frequencies; at 1e6 they turn by under a milliradian across the
+    toy's 4 × 4 token grid, so the language model cannot tell where a visual token is. At 10 they turn by
+    0.1–0.6 rad per token, and the direction a shape moves can be learned (see the toy's notes in RESULTS.md).
+    """
     from transformers import Qwen2_5_VLConfig
 
     return Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=len(vocab),
             hidden_size=128,
-            num_hidden_layers=2,
+            num_hidden_layers=text_layers,
             num_attention_heads=4,
             num_key_value_heads=2,
             intermediate_size=512,
-            rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
+            rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6], "rope_theta": rope_theta},
             max_position_embeddings=4096,
             bos_token_id=vocab["<|im_start|>"],
             eos_token_id=vocab["<|im_end|>"],
             pad_token_id=vocab["<|pad|>"],
         ),
         vision_config=dict(
-            depth=2,
+            depth=vision_depth,
             hidden_size=64,
             intermediate_size=128,
             num_heads=4,
             patch_size=8,
             window_size=64,
-            fullatt_block_indexes=[1],
+            fullatt_block_indexes=[vision_depth - 1],
             out_hidden_size=128,
             spatial_merge_size=2,
             temporal_patch_size=2,
@@ -165,12 +172,6 @@ class ToyAdapter(Qwen2_5_VLAdapter):
 
     def frame_size(self, h: int, w: int, m: int) -> tuple[int, int] | None:
         return None
-
-    def media_kwargs(self, kind: str, media: list[Any], clips: list[Any]) -> dict[str, Any]:
-        # the toy was trained without video metadata (the processor's default frame rate): keep it so
-        kw = super().media_kwargs(kind, media, clips)
-        kw.pop("video_metadata", None)
-        return kw
 
     def labels(self, batch: Mapping[str, Any], texts: list[str], spans: list[list[tuple[int, int]]],
                samples: Sequence[Any]) -> torch.Tensor:
