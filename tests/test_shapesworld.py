@@ -46,7 +46,7 @@ def test_records_are_llava_style_with_real_files(tmp_path):
         assert r["conversations"][0]["value"].startswith("<video>\n")  # the tag LLaMA-Factory counts
         assert isinstance(r["m_min"], int) and r["m_min"] >= 1
         frames = read_frames(tmp_path / r["video"])
-        assert frames.shape == (sw.VIDEO_FRAMES, sw.SIZE, sw.SIZE, 3)
+        assert frames.shape == (sw.VIDEO_FRAMES, sw.VIDEO_SIZE, sw.VIDEO_SIZE, 3)
 
 
 def test_mp4_round_trip_is_close(tmp_path):
@@ -143,8 +143,15 @@ def test_motion_direction_is_in_the_frames_not_in_one_frame():
         moved = {"right": dx, "left": -dx, "down": dy, "up": -dy}
         assert max(moved, key=moved.get) == ans and moved[ans] > 20
         starts.setdefault(ans, []).append((xs[0], ys[0]))
-    for ans, pts in starts.items():
+    for pts in starts.values():
         assert len(pts) < 2 or np.ptp(np.array(pts), axis=0).max() > 10  # starts spread out
+
+
+def test_half_size_is_the_block_mean():
+    frames = np.random.default_rng(0).integers(0, 256, size=(2, 4, 6, 3), dtype=np.uint8)
+    half = sw.half_size(frames)
+    assert half.shape == (2, 2, 3, 3)
+    assert half[1, 1, 2, 0] == round(frames[1, 2:4, 4:6, 0].astype(float).mean())
 
 
 def test_static_budget():

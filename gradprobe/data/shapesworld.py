@@ -2,7 +2,8 @@
 
 Images (PNG) hold 1–4 small coloured shapes on a grey canvas; their questions need
 fine spatial detail (colour, shape, existence, count, left/right position), like
-MME's perception subtasks. Videos (MP4, 64 frames) mix four question kinds that
+MME's perception subtasks. Videos (MP4, 64 frames of 32 × 32 pixels: drawn at the images' scale and
+stored at half resolution) mix four question kinds that
 need different temporal budgets:
 
 * ``static`` — an attribute visible in every frame (one frame suffices);
@@ -42,6 +43,9 @@ from gradprobe.data.video import write_mp4
 
 SIZE = 64
 VIDEO_FRAMES = 64
+#: clips are drawn at the images' scale and stored at half resolution (a 2 × 2 box filter): 32 × 32 frames
+#: hold a quarter of the visual tokens, so Video-SFT at 64 frames fits the CPU budget
+VIDEO_SIZE = SIZE // 2
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -84,6 +88,13 @@ def draw(shapes: list[Shape], size: int = SIZE, light: bool = False) -> np.ndarr
     if light:
         d.rectangle([1, 1, 6, 6], fill=(255, 255, 255))
     return np.asarray(img, dtype=np.uint8)
+
+
+def half_size(frames: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames at half resolution, each output pixel the mean of a 2 × 2 block."""
+    T, H, W, C = frames.shape
+    blocks = frames.astype(np.float32).reshape(T, H // 2, 2, W // 2, 2, C).mean(axis=(2, 4))
+    return np.round(blocks).astype(np.uint8)
 
 
 def _place(rng: np.random.Generator, n: int, r_lo: float = 5, r_hi: float = 8) -> list[tuple[float, float, float]]:
@@ -251,6 +262,7 @@ def generate(
     with open(vid_jsonl, "w") as fh:
         for i in range(n_videos):
             frames, q, a, qt, ch, m_min = video_sample(rng, VIDEO_QTYPES[i % len(VIDEO_QTYPES)])
+            frames = half_size(frames)
             if video_format == "mp4":
                 rel = f"{split}_videos/{i:06d}.mp4"
                 write_mp4(root / rel, frames)
