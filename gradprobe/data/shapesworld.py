@@ -7,8 +7,8 @@ stored at half resolution) mix four question kinds that
 need different temporal budgets:
 
 * ``static`` — an attribute visible in every frame (one frame suffices);
-* ``motion`` — which way a shape crosses the canvas, of the two directions of the axis the question names
-  (two frames);
+* ``motion`` — which way a shape crosses the canvas (within 16–24 frames), of the two directions of the axis
+  the question names (two frames);
 * ``order`` — which of two colours appears first (a frame inside a window of 4–16 frames where the first
   shape is alone);
 * ``blink`` — how many times a small light blinks, each blink 4 frames long (dense sampling).
@@ -180,15 +180,22 @@ def video_sample(rng: np.random.Generator, qtype: str | None = None) -> tuple[np
         ans = "yes" if other == kind else "no"
         return frames, f"is there a {colour} {other} in the video ?", ans, qtype, YESNO, 1
     if qtype == "motion":
-        # a shape crosses the canvas edge to edge at a steady speed, along an axis the question names; where
-        # it crosses (the other coordinate) varies. One frame cannot tell the direction; two frames can.
+        # a shape crosses the canvas edge to edge along an axis the question names, within a window of 16-24
+        # frames (still before and after it); where and when it crosses vary. One frame cannot tell the
+        # direction; two frames, the first and the last, can.
         direction = str(rng.choice(DIRECTIONS))
         r = 6.0
         lo, hi = r + 2, SIZE - r - 2
         across = float(rng.uniform(lo, hi))
+        duration = int(rng.integers(16, 25))
+        t0 = int(rng.integers(0, T - duration))
         sign = -1.0 if direction in ("left", "up") else 1.0
-        path = [(lo + hi) / 2 + sign * (hi - lo) * (t / (T - 1) - 0.5) for t in range(T)]
-        points = [(p, across) if direction in ("left", "right") else (across, p) for p in path]
+
+        def along(t: int) -> float:
+            u = min(max((t - t0) / duration, 0.0), 1.0)
+            return (lo + hi) / 2 + sign * (hi - lo) * (u - 0.5)
+
+        points = [(along(t), across) if direction in ("left", "right") else (across, along(t)) for t in range(T)]
         frames = np.stack([draw([Shape(kind, colour, x, y, r)]) for x, y in points])
         pair = ("left", "right") if direction in ("left", "right") else ("up", "down")
         return frames, f"does the {kind} move {pair[0]} or {pair[1]} ?", direction, qtype, pair, 2
