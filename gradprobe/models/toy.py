@@ -47,9 +47,10 @@ def toy_config(vocab: Mapping[str, int], *, seed: int = 0, text_layers: int = 2,
     """A Qwen2.5-VL config: text hidden 128, 2 layers; vision depth 2, hidden 64, patch 8.
 
     ``rope_theta`` 10 (the released models use 1e6): with head dimension 32, Qwen2.5-VL's multimodal RoPE gives
-    the height and width sections the lowest frequencies; at 1e6 they turn by under a milliradian across the
-    toy's 4 × 4 token grid, so the language model cannot tell where a visual token is. At 10 they turn by
-    0.1–0.6 rad per token, and the direction a shape moves can be learned (see the toy's notes in RESULTS.md).
+    the height and width sections the lowest frequencies; at 1e6, across the toy's 4 × 4 token grid, the width
+    section turns by under a milliradian and the height section by under 0.1 rad, so the language model can
+    hardly tell where a visual token is. At 10 they turn by 0.1–0.6 rad per token, and the direction a shape
+    moves can be learned.
     """
     from transformers import Qwen2_5_VLConfig
 
