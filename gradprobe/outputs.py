@@ -246,11 +246,14 @@ def trap_runs(out: str | os.PathLike[str]) -> list[tuple[str, int]]:
 
 
 def load_trap(out: str | os.PathLike[str], grid: list[int] | None = None,
-              samplers: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+              samplers: list[str] | None = None,
+              runs: list[tuple[str, int]] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Evaluation rows and alignment rows of every run, each with ``frames`` and ``sampler`` columns
-    (by default every run in ``out``; ``grid`` and ``samplers`` select)."""
+    (by default every run in ``out``; ``grid`` and ``samplers`` select, ``runs`` lists (sampler, m) exactly)."""
     out = Path(out)
-    if grid is not None and samplers is not None:
+    if runs is not None:
+        runs = list(runs)
+    elif grid is not None and samplers is not None:
         runs = [(s, m) for s in samplers for m in grid]
     else:
         runs = [(s, m) for s, m in trap_runs(out)

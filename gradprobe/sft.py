@@ -34,30 +34,30 @@ class SFTOptions:
     frames: int | None = 8
     manifest: str | None = None
     sampler: str = "uniform"
-    keep_clips: bool = False
+    keep_clips: bool | None = None
     model: str | None = None
     video_data: str | None = None
     image_probe: str | None = None
     data_root: str | None = None
-    steps: int = 60
-    batch_size: int = 4
+    steps: int = 3000
+    batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 1e-4
+    lr: float = 5e-4
     lora: bool = False
     lora_rank: int = 8
-    probe_every: int = 10
+    probe_every: int = 500
     probe_frames: str | None = None
     video_probe: str | None = None
     video_probe_batches: int = 3
     eval_every: int | None = None
-    eval_images: int = 200
-    eval_videos: int = 64
+    eval_images: int = 300
+    eval_videos: int = 400
     eval_image_data: str | None = None
     eval_video_data: str | None = None
     probe_batches: int = 4
     probe_batch_size: int = 8
     guard: str = "observe"
-    save_steps: int = 20
+    save_steps: int = 500
     seed: int = 0
     resume: bool = False
     cache_dir: str | None = None
@@ -219,7 +219,8 @@ def run_sft(opts: SFTOptions, log: Any = None, progress: Any = None) -> dict[str
         return Path(opts.data_root) if opts.data_root else Path(path).parent
 
     collator = SampleCollator(adapter, root_of(video_path), frames=opts.frames, frames_of=frames_of,
-                              sampler=opts.sampler, keep_clips=opts.keep_clips)
+                              sampler=opts.sampler,
+                              keep_clips=not opts.model if opts.keep_clips is None else opts.keep_clips)
     probe_collate = SampleCollator(adapter, root_of(image_path))
     probe = [probe_collate(chunk) for chunk in image_chunks]
     args = training_args(
@@ -236,7 +237,7 @@ def run_sft(opts: SFTOptions, log: Any = None, progress: Any = None) -> dict[str
             eval_sets[0], eval_sets[1], SampleCollator(adapter, root_of(eval_paths[0])),
             SampleCollator(adapter, root_of(eval_paths[1]), frames=eval_budget, sampler=opts.sampler,
                            keep_clips=True),
-            every=opts.eval_every or opts.probe_every,
+            every=opts.eval_every or opts.steps,
         ))
     if family.name == "toy":
         callbacks.append(_MarkToyCheckpoints())

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 import gradprobe.run
 from cli.main import app
+from gradprobe.data.shapesworld import VIDEO_SIZE
 from gradprobe.toybox import ToySpec
 
 runner = CliRunner()
@@ -38,7 +39,8 @@ def test_align_end_to_end(tiny_toy, tmp_path):
         for key in ("n", "mean", "stderr", "ci95_t", "ci95_boot", "frac_negative", "mean_cos", "norm_img", "norm_vid"):
             assert key in b
         assert b["n"] == 3
-        assert b["batch_info"]["video_visual_tokens"] == 2 * b["frames"] // 2 * 16
+        # batch of 2 clips; m/2 temporal patches of (32 px / 8 px patches / 2 × 2 merge)² = 4 tokens each
+        assert b["batch_info"]["video_visual_tokens"] == 2 * b["frames"] // 2 * (VIDEO_SIZE // 16) ** 2
     assert set(summary["m_star"]) >= {"empirical", "bootstrap", "zero_crossing"}
     rows = pd.read_csv(out / "alignment.csv")
     assert len(rows) == 2 * 3 and set(rows["frames"]) == {4, 8}

@@ -80,7 +80,7 @@ def test_trap_runs_each_budget_and_resumes(tiny_toy, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "m=2: complete" in r.output and "resuming from checkpoint-2" in r.output
     steps = [json.loads(x)["step"] for x in (out / "frames-4" / "gradprobe_eval.jsonl").read_text().splitlines()]
-    assert steps == [0, 1, 2]
+    assert steps == [0, 2]  # scored at the start and the end (the default --eval-every)
     assert json.loads((out / "trap_summary.json").read_text())["budgets"] == s["budgets"]
     r = runner.invoke(app, ["plot", str(out)])
     assert r.exit_code == 0, r.output
@@ -90,15 +90,17 @@ def test_trap_runs_each_budget_and_resumes(tiny_toy, tmp_path, monkeypatch):
 def test_trap_controls_run_beside_uniform(tiny_toy, tmp_path, monkeypatch):
     monkeypatch.setattr(gradprobe.run, "DEFAULT_TOY", ToySpec(**tiny_toy.spec.__dict__))
     out = tmp_path / "trap"
-    r = runner.invoke(app, ["trap", "--frames", "2", "--samplers", "static,uniform", "--steps", "1",
+    r = runner.invoke(app, ["trap", "--frames", "2,4", "--control-frames", "2", "--samplers", "static,uniform", "--steps", "1",
                             "--probe-every", "1", "--batch-size", "2", "--eval-images", "24", "--eval-videos", "4",
                             "--cache-dir", str(tiny_toy.root.parent), "--out", str(out)], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     assert (out / "frames-2" / "sft_summary.json").is_file() and (out / "static-frames-2" / "sft_summary.json").is_file()
     assert json.loads((out / "static-frames-2" / "sft_summary.json").read_text())["options"]["sampler"] == "static"
     s = json.loads((out / "trap_summary.json").read_text())
-    assert [(b["sampler"], b["frames"]) for b in s["budgets"]] == [("uniform", 2), ("static", 2)]
-    uni, static = s["budgets"]
+    # controls only where --control-frames puts them
+    assert [(b["sampler"], b["frames"]) for b in s["budgets"]] == [("uniform", 2), ("uniform", 4), ("static", 2)]
+    assert not (out / "static-frames-4").exists()
+    uni, _, static = s["budgets"]
     assert "image_vs_uniform" not in uni
     vs = static["image_vs_uniform"]["image_free"]["diff"]
     assert vs == pytest.approx(static["image_free"]["last"] - uni["image_free"]["last"])
@@ -116,3 +118,7 @@ def test_trap_bad_samplers(tmp_path, samplers, message):
 def test_trap_bad_budget(tmp_path):
     r = runner.invoke(app, ["trap", "--frames", "3", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "even" in r.output
+    r = runner.invoke(app, ["trap", "--frames", "2,4", "--samplers", "uniform,static", "--control-frames", "8",
+                            "--out", str(tmp_path / "y")])
+    assert r.exit_code == 2 and "control-frames: 8 not among --frames 2,4" in r.output, r.output
+    assert not (tmp_path / "y").exists()  # refused before any work

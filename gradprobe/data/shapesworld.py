@@ -242,9 +242,13 @@ def generate(
     seed: int = 0,
     split: str = "train",
     video_format: str = "mp4",
+    video_mix: tuple[str, ...] = VIDEO_QTYPES,
     tick: Callable[[], None] | None = None,
 ) -> tuple[Path, Path]:
     """Write ShapesWorld files under ``root`` and return the image and video JSONL paths.
+
+    Video question types follow ``video_mix`` in turn (the default: each type equally often); a type listed
+    twice is asked twice as often.
 
     Files: ``root/{split}_images/*.png``, ``root/{split}_videos/*.mp4`` (``video_format="frames"``: a folder
     of PNG frames per clip, ``root/{split}_videos/<n>/000.png …``, which needs no PyAV to write or read),
@@ -253,6 +257,9 @@ def generate(
     if video_format not in ("mp4", "frames"):
         raise ValueError(f"video_format: expected mp4 or frames, got {video_format!r}")
     tick = tick or (lambda: None)
+    unknown = sorted(set(video_mix) - set(VIDEO_QTYPES))
+    if not video_mix or unknown:
+        raise ValueError(f"video_mix: expected question types among {', '.join(VIDEO_QTYPES)}, got {video_mix}")
     root = Path(root)
     rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
     img_dir, vid_dir = root / f"{split}_images", root / f"{split}_videos"
@@ -268,7 +275,7 @@ def generate(
             tick()
     with open(vid_jsonl, "w") as fh:
         for i in range(n_videos):
-            frames, q, a, qt, ch, m_min = video_sample(rng, VIDEO_QTYPES[i % len(VIDEO_QTYPES)])
+            frames, q, a, qt, ch, m_min = video_sample(rng, video_mix[i % len(video_mix)])
             frames = half_size(frames)
             if video_format == "mp4":
                 rel = f"{split}_videos/{i:06d}.mp4"

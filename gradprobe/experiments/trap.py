@@ -40,13 +40,15 @@ class TrapOptions:
 
     out: str
     frames: str = "8,16,32,64"
-    steps: int = 100
-    batch_size: int = 4
-    lr: float = 1e-4
-    probe_every: int = 10
+    steps: int = 3000
+    batch_size: int = 8
+    lr: float = 5e-4
+    probe_every: int = 500
+    eval_every: int | None = None
     eval_images: int = 300
-    eval_videos: int = 100
+    eval_videos: int = 400
     samplers: str = "uniform"
+    control_frames: str | None = None
     seed: int = 0
     cache_dir: str | None = None
 
@@ -63,6 +65,17 @@ def parse_samplers(text: str) -> list[str]:
     return sorted(names, key=lambda n: n != "uniform")
 
 
+def trap_plan(grid: list[int], samplers: list[str], control_frames: str | None = None) -> list[tuple[str, int]]:
+    """The runs of an experiment as (sampler, m), in the order they are trained: uniform at every budget,
+    then each control sampler at ``control_frames`` (default: every budget; a subset of the grid, so each
+    control has its uniform run at the same budget)."""
+    cgrid = grid if control_frames is None else parse_frames(control_frames)
+    if not set(cgrid) <= set(grid):
+        extra = ",".join(str(m) for m in cgrid if m not in grid)
+        raise InputError(f"control-frames: {extra} not among --frames {','.join(map(str, grid))}")
+    return [(s, m) for s in samplers for m in (grid if s == "uniform" else cgrid)]
+
+
 def run_trap(opts: TrapOptions, log: Any = None, progress: Any = None) -> dict[str, Any]:
     """Run (or finish) the experiment and write ``<out>/trap_summary.json``; return the summary."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -73,13 +86,16 @@ def run_trap(opts: TrapOptions, log: Any = None, progress: Any = None) -> dict[s
     log = log or (lambda s: None)
     grid = parse_frames(opts.frames)
     samplers = parse_samplers(opts.samplers)
+    runs = trap_plan(grid, samplers, opts.control_frames)
     for m in grid:
         ToyAdapter.check_budget(m)
     for name in ("steps", "batch_size", "probe_every", "eval_images", "eval_videos"):
         check_positive_int(name.replace("_", "-"), getattr(opts, name))
+    if opts.eval_every is not None:
+        check_positive_int("eval-every", opts.eval_every)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    for sampler, m in [(sp, m) for sp in samplers for m in grid]:
+    for sampler, m in runs:
         d = budget_dir(out, m, sampler)
         name = f"m={m}" + ("" if sampler == "uniform" else f" ({sampler})")
         if (d / "sft_summary.json").is_file():
@@ -91,11 +107,11 @@ def run_trap(opts: TrapOptions, log: Any = None, progress: Any = None) -> dict[s
         log(f"{name}: {'resuming from ' + Path(last).name if last else 'training'} ({opts.steps} steps)")
         run_sft(SFTOptions(
             out=str(d), frames=m, sampler=sampler, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr,
-            probe_every=opts.probe_every, eval_images=opts.eval_images, eval_videos=opts.eval_videos,
+            probe_every=opts.probe_every, eval_every=opts.eval_every or opts.steps, eval_images=opts.eval_images, eval_videos=opts.eval_videos,
             save_steps=max(opts.probe_every, opts.steps // 4), seed=opts.seed, resume=last is not None,
             cache_dir=opts.cache_dir, keep_clips=True,
         ), log=log, progress=progress)
-    summary = summarize(out, grid, samplers)
+    summary = summarize(out, runs=runs)
     summary["options"] = asdict(opts)
 
     write_json(out / SUMMARY, summary)
@@ -103,13 +119,13 @@ def run_trap(opts: TrapOptions, log: Any = None, progress: Any = None) -> dict[s
 
 
 def summarize(out: str | os.PathLike[str], grid: list[int] | None = None,
-              samplers: list[str] | None = None) -> dict[str, Any]:
+              samplers: list[str] | None = None, runs: list[tuple[str, int]] | None = None) -> dict[str, Any]:
     """Per run (sampler, budget): first and last accuracies, their paired change, and the alignment along the run.
 
     Image accuracy is also compared, paired on records, with the smallest budget of the same sampler
     (``image_vs_smallest``) and, for a control sampler, with the uniform run at the same budget
     (``image_vs_uniform``)."""
-    evals, traj = load_trap(out, grid, samplers)
+    evals, traj = load_trap(out, grid, samplers, runs)
     budgets = []
     lasts: dict[tuple[str, int], Any] = {}
     for (sampler, m), ev in sorted(evals.groupby(["sampler", "frames"], sort=False), key=lambda kv: run_order(kv[0])):
