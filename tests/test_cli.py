@@ -434,7 +434,7 @@ def test_a_budget_too_large_to_fit_is_refused_with_numbers(tiny_toy, tmp_path):
     out = tmp_path / "out"
     r = runner.invoke(app, ["align", "--frames", "8,100000", *_paths(tiny_toy), *SMALL, "--out", str(out)],
                       env={"COLUMNS": "400"})
-    assert_one_line_error(r, "frames 100000: a video batch of 2 clips is 1,600,000 visual tokens (800,000 per clip")
+    assert_one_line_error(r, "frames 100000: a video batch of 2 clips is 400,000 visual tokens (200,000 per clip")
     assert "GiB for its forward and backward" in r.output and "Lower --frames or --video-batch-size" in r.output
     assert not out.exists() or not any(out.iterdir())  # refused before anything was measured
 
