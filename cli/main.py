@@ -690,6 +690,53 @@ def trap(
 
 
 @command
+def budget(
+    out: Annotated[str, typer.Option(help="Output directory: manifest.jsonl, budget_settings.json, budget_summary.json.")] = "gradprobe-budget",
+    frames: Annotated[str, typer.Option(help="The budgets to choose from.")] = "8,16,32,64",
+    method: Annotated[str, typer.Option(help="Allocation method: redundancy (frame embeddings cover the clip) or sufficiency (the answer loss holds).")] = "redundancy",
+    tolerance: Annotated[float | None, typer.Option(help="Largest distance to the largest budget that still counts as enough (default: the method's).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model checkpoint directory (default: the toy).")] = None,
+    video_data: Annotated[str | None, typer.Option(help="Video records to allocate (default: the toy's training clips).")] = None,
+    data_root: Annotated[str | None, typer.Option(help="Directory media paths are relative to.")] = None,
+    embedder: Annotated[str | None, typer.Option(help="redundancy: a local Hugging Face image model directory (e.g. DINOv2) instead of the model's vision tower.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N records.")] = None,
+    score: Annotated[bool, typer.Option(help="Score the budgets against the records' m_min (ShapesWorld) and print the table.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    cache_dir: Annotated[str | None, typer.Option(help="Toy cache directory.")] = None,
+) -> None:
+    """Per-sample frame budgets (Hybrid-Frame): a manifest for `gradprobe sft --manifest`, optionally scored against m_min."""
+    from gradprobe.budget import BudgetOptions, run_budget
+
+    opts = _options(BudgetOptions, locals())
+    with _working() as progress:
+        summary = run_budget(opts, log=_log, progress=progress)
+    console = _wide_console(120)
+    table = Table(title=f"Budgets by {summary['method']} (tolerance {summary['tolerance']:g})")
+    for col in ("frames", "clips", "share"):
+        table.add_column(col, justify="right")
+    for m, c in summary["counts"].items():
+        table.add_row(m, str(c), f"{c / summary['n']:.1%}" if summary["n"] else "-")
+    console.print(table)
+    saved = summary["tokens_saved_fraction"]
+    console.print(f"score: {summary['statistic']}")
+    console.print(f"mean frames {summary['mean_frames']:.2f}; visual tokens {summary['visual_tokens']:,} against "
+                  f"{summary['visual_tokens_at_largest']:,} at the largest budget"
+                  + (f" ({saved:.1%} saved)" if saved is not None else ""))
+    if "score" in summary:
+        sc = summary["score"]
+        st = Table(title="Against m_min (target: the smallest budget of the grid ≥ m_min)")
+        for col in ("budgets", "question type", "n", "exact", "under (evidence lost)", "over", "mean frames"):
+            st.add_column(col, justify="left" if col in ("budgets", "question type") else "right")
+        groups = [(summary["method"], sc["manifest"]), *[(f"uniform {m}", t) for m, t in sc["uniform"].items()]]
+        for label, tab in groups:
+            for i, (q, e) in enumerate(tab.items()):
+                st.add_row(label if i == 0 else "", q, str(e["n"]), f"{e['exact']:.2f}", f"{e['under']:.2f}",
+                           f"{e['over']:.2f}", f"{e['mean_frames']:.1f}", end_section=i == len(tab) - 1)
+        console.print(st)
+    console.print(f"wrote {Path(out) / 'manifest.jsonl'}")
+
+
+@command
 def models() -> None:
     """List the supported model families, their HF architecture strings and frame-budget rules."""
     from gradprobe.models.registry import families
