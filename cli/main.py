@@ -693,12 +693,13 @@ def trap(
 def budget(
     out: Annotated[str, typer.Option(help="Output directory: manifest.jsonl, budget_settings.json, budget_summary.json.")] = "gradprobe-budget",
     frames: Annotated[str, typer.Option(help="The budgets to choose from.")] = "8,16,32,64",
-    method: Annotated[str, typer.Option(help="Allocation method: redundancy (frame embeddings cover the clip) or sufficiency (the answer loss holds).")] = "redundancy",
+    method: Annotated[str, typer.Option(help="Allocation method: redundancy (frame embeddings cover the clip), sufficiency (the answer loss holds), gradient (the clip's gradient keeps its direction) or judge (a VLM reads the question).")] = "redundancy",
     tolerance: Annotated[float | None, typer.Option(help="Largest distance to the largest budget that still counts as enough (default: the method's).")] = None,
     model: Annotated[str | None, typer.Option(help="Model checkpoint directory (default: the toy).")] = None,
     video_data: Annotated[str | None, typer.Option(help="Video records to allocate (default: the toy's training clips).")] = None,
     data_root: Annotated[str | None, typer.Option(help="Directory media paths are relative to.")] = None,
     embedder: Annotated[str | None, typer.Option(help="redundancy: a local Hugging Face image model directory (e.g. DINOv2) instead of the model's vision tower.")] = None,
+    judge: Annotated[str | None, typer.Option(help="judge: a local generative VLM checkpoint of a supported family (default: --model).")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N records.")] = None,
     score: Annotated[bool, typer.Option(help="Score the budgets against the records' m_min (ShapesWorld) and print the table.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -719,6 +720,8 @@ def budget(
     console.print(table)
     saved = summary["tokens_saved_fraction"]
     console.print(f"score: {summary['statistic']}")
+    if "parsed_fraction" in summary:
+        console.print(f"the judge named a budget in {summary['parsed_fraction']:.0%} of its replies (the rest: the largest)")
     console.print(f"mean frames {summary['mean_frames']:.2f}; visual tokens {summary['visual_tokens']:,} against "
                   f"{summary['visual_tokens_at_largest']:,} at the largest budget"
                   + (f" ({saved:.1%} saved)" if saved is not None else ""))

@@ -166,3 +166,60 @@ def test_score_needs_m_min(tiny_toy, tmp_path):
     r = runner.invoke(app, ["budget", "--model", str(tiny_toy.model_dir), "--video-data", str(bare), "--score",
                             "--out", str(tmp_path / "x")], env=ENV)
     assert r.exit_code == 2 and "--score needs records with an m_min" in r.output, r.output
+
+
+@pytest.mark.parametrize("sketched", [False, True])
+def test_gradient_cosine_against_float64_autograd(tiny_toy, tmp_path, monkeypatch, sketched):
+    from gradprobe.budget.methods import Gradient
+    from gradprobe.data.clips import ClipStore
+    from gradprobe.models.base import loss_fn
+    from gradprobe.models.toy import ToyAdapter
+
+    if sketched:
+        monkeypatch.setattr(Gradient, "EXACT_BYTES", 0)
+    out = tmp_path / "g"
+    r = runner.invoke(app, _toy_args(tiny_toy, out, "--method", "gradient", "--frames", "2,4,8", "--limit", "3"),
+                      env=ENV)
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    model, adapter = ToyAdapter.load(tiny_toy.model_dir, dtype=torch.float64)
+    model.eval()
+    store = ClipStore(tiny_toy.data("probe", "videos").parent, [2, 4, 8])
+    params = [p for p in model.parameters() if p.requires_grad]
+    for row, s in zip(rows, tiny_toy.samples("probe", "videos")[:3], strict=True):
+        g = {}
+        for m in (2, 4, 8):
+            batch = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+                     for k, v in adapter.collate([s], store=store, m=m).items()}
+            g[m] = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss_fn(model, batch), params)])
+        for m in (2, 4):
+            exact = 1 - float(torch.nn.functional.cosine_similarity(g[m], g[8], dim=0))
+            if sketched:  # within five of its stated standard deviations
+                sd = row["score_sd"][str(m)]
+                assert 0 < sd < 0.1 and abs(row["scores"][str(m)] - exact) < 5 * sd, (m, row, exact)
+            else:  # float32 gradients against float64 ones
+                assert "score_sd" not in row
+                assert row["scores"][str(m)] == pytest.approx(exact, abs=1e-5), (m, row["scores"], exact)
+
+
+def test_parse_budget_by_hand():
+    from gradprobe.budget.methods import parse_budget
+
+    grid = [8, 16, 32, 64]
+    assert parse_budget("16", grid) == 16
+    assert parse_budget("I would use 12 frames.", grid) == 16  # the smallest budget that holds it
+    assert parse_budget("about 100", grid) == 64
+    assert parse_budget("1 or 2", grid) == 8
+    assert parse_budget("it depends", grid) is None
+
+
+def test_judge_plumbing_on_the_toy(tiny_toy, tmp_path):
+    """The tiny toy cannot judge (its vocabulary is ShapesWorld's): the reply is recorded, unparsed, and the
+    clip gets the largest budget."""
+    out = tmp_path / "j"
+    r = runner.invoke(app, _toy_args(tiny_toy, out, "--method", "judge", "--frames", "2,4", "--limit", "2",
+                                     "--judge", str(tiny_toy.model_dir)), env=ENV)
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert all(isinstance(x["reply"], str) and x["frames"] == (4 if not x["parsed"] else x["frames"]) for x in rows)
+    assert "named a budget in" in r.output

@@ -505,3 +505,21 @@ def test_adapters_register_themselves(tmp_path):
         registry._ADAPTERS.pop("my_vlm", None)
     with pytest.raises(ModelError, match="is not supported"):
         registry.family_of("MyVLMForConditionalGeneration")
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_budget_every_method_on_every_family(family, world, ckpt, tmp_path):
+    """`gradprobe budget` writes a manifest with each method on each family's tiny checkpoint (the judge is
+    the checkpoint itself: plumbing only, a tiny model cannot judge)."""
+    _, vid = DATA[family]
+    for method in ("redundancy", "sufficiency", "gradient", "judge"):
+        out = tmp_path / method
+        r = runner.invoke(app, ["budget", "--model", str(ckpt(family)), "--video-data", str(world / vid),
+                                "--frames", "2,4", "--method", method, "--limit", "2", "--out", str(out)],
+                          env=ENV)
+        assert r.exit_code == 0, (method, r.output)
+        rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 and all(x["frames"] in (2, 4) and x["method"] == method for x in rows)
+        assert all(x["scores"]["4"] == 0.0 for x in rows)
+        s = json.loads((out / "budget_summary.json").read_text())
+        assert s["n"] == 2 and s["visual_tokens"] <= s["visual_tokens_at_largest"]

@@ -40,6 +40,7 @@ class BudgetOptions:
     video_data: str | None = None
     data_root: str | None = None
     embedder: str | None = None
+    judge: str | None = None
     limit: int | None = None
     score: bool = False
     device: str = "auto"
@@ -48,7 +49,7 @@ class BudgetOptions:
 
 def _settings(opts: BudgetOptions, grid: list[int], tolerance: float, model: str, data: str) -> dict[str, Any]:
     return {"method": opts.method, "frames": grid, "tolerance": tolerance, "model": model, "video_data": data,
-            "embedder": opts.embedder}
+            "embedder": opts.embedder, "judge": opts.judge}
 
 
 def read_manifest_rows(path: Path) -> list[dict[str, Any]]:
@@ -88,8 +89,12 @@ def run_budget(opts: BudgetOptions, log: Callable[[str], None] | None = None, pr
         check_positive_int("limit", opts.limit)
     if bool(opts.model) != bool(opts.video_data):
         raise InputError("give both --model and --video-data, or neither for the toy default")
-    if opts.embedder and not Path(opts.embedder).is_dir():
-        raise InputError(f"embedder: {opts.embedder} is not a directory")
+    for name in ("embedder", "judge"):
+        path = getattr(opts, name)
+        if path and not Path(path).is_dir():
+            raise InputError(f"{name}: {path} is not a directory")
+    if opts.judge:
+        family_for(opts.judge)  # a supported family, or a one-line error
     family = family_for(opts.model) if opts.model else family_named("toy")
     adapter_cls = family.adapter_class()
     for m in grid:
@@ -129,7 +134,7 @@ def run_budget(opts: BudgetOptions, log: Callable[[str], None] | None = None, pr
         model.eval()
         store = ClipStore(Path(opts.data_root) if opts.data_root else data.parent, grid, size_of=adapter.frame_size)
         method = cls(Context(model=model, adapter=adapter, store=store, grid=grid, tolerance=tolerance,
-                             embedder=opts.embedder, log=log))
+                             embedder=opts.embedder, judge=opts.judge, log=log))
         phase = f"allocating budgets ({opts.method})"
         progress.start(phase, len(todo))
         with open(out / MANIFEST, "a") as fh:
@@ -137,7 +142,7 @@ def run_budget(opts: BudgetOptions, log: Callable[[str], None] | None = None, pr
                 sc = method.scores(s)
                 m = method.choose(sc)
                 row = {"id": s.id, "frames": m, "method": opts.method, "score": sc[m],
-                       "scores": {str(k): v for k, v in sc.items()}}
+                       "scores": {str(k): v for k, v in sc.items()}, **method.extra(s)}
                 for key in ("qtype", "m_min"):
                     if key in s.extra:
                         row[key] = s.extra[key]
@@ -166,6 +171,7 @@ def summarize(rows: list[dict[str, Any]], grid: list[int], opts: BudgetOptions, 
             "tolerance": tolerance, "frames": grid, "n": n,
             "counts": {str(m): sum(r["frames"] == m for r in rows) for m in grid},
             "mean_frames": sum(r["frames"] for r in rows) / n if n else None,
+            **({"parsed_fraction": sum(bool(r["parsed"]) for r in rows) / n} if n and "parsed" in rows[0] else {}),
             "note": "each clip gets the smallest budget whose score (distance to the largest budget) is within "
                     "the tolerance, else the largest"}
 
