@@ -658,6 +658,7 @@ def trap(
     eval_videos: Annotated[int, typer.Option(help="Held-out videos scored (100 per question type).")] = 400,
     samplers: Annotated[str, typer.Option(help="Frame samplers, one run per budget each: uniform, and the controls static (one frame copied m times) and shuffled.")] = "uniform",
     control_frames: Annotated[str | None, typer.Option(help="Budgets the control samplers run at (default: every --frames budget).")] = None,
+    hybrid: Annotated[str | None, typer.Option(help="Add Hybrid-Frame arms: per-clip budgets from these gradprobe budget methods (e.g. redundancy,sufficiency), scored at the largest budget.")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     cache_dir: Annotated[str | None, typer.Option(help="Toy cache directory.")] = None,
 ) -> None:
@@ -668,10 +669,11 @@ def trap(
     with _working() as progress:
         summary = run_trap(opts, log=_log, progress=progress)
     table = Table(title=f"Video-SFT at each budget ({steps} steps): accuracy first → last, change with 95% CI")
-    for col in ("m", "sampler", "image (free)", "image (restricted)", "video (free)", "video (restricted)", "mean cos"):
+    for col in ("m", "sampler", "frames/clip", "image (free)", "image (restricted)", "video (free)", "video (restricted)",
+                "mean cos"):
         table.add_column(col, justify="right")
     for b in summary["budgets"]:
-        cells = [str(b["frames"]), b["sampler"]]
+        cells = [str(b["frames"]), b["sampler"], f"{b['mean_frames']:.1f}"]
         for k in ("image_free", "image_restricted", "video_free", "video_restricted"):
             v, c = b[k], b[k].get("change")
             ci = f" [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]" if c else ""

@@ -81,7 +81,10 @@ def test_trap_runs_each_budget_and_resumes(tiny_toy, tmp_path, monkeypatch):
     assert "m=2: complete" in r.output and "resuming from checkpoint-2" in r.output
     steps = [json.loads(x)["step"] for x in (out / "frames-4" / "gradprobe_eval.jsonl").read_text().splitlines()]
     assert steps == [0, 2]  # scored at the start and the end (the default --eval-every)
-    assert json.loads((out / "trap_summary.json").read_text())["budgets"] == s["budgets"]
+    def timeless(budgets):  # a resumed run's wall time is the resumed part's
+        return [{k: v for k, v in b.items() if k != "seconds"} for b in budgets]
+
+    assert timeless(json.loads((out / "trap_summary.json").read_text())["budgets"]) == timeless(s["budgets"])
     r = runner.invoke(app, ["plot", str(out)])
     assert r.exit_code == 0, r.output
     assert (out / "trap.png").read_bytes()[:4] == b"\x89PNG"
@@ -122,3 +125,28 @@ def test_trap_bad_budget(tmp_path):
                             "--out", str(tmp_path / "y")])
     assert r.exit_code == 2 and "control-frames: 8 not among --frames 2,4" in r.output, r.output
     assert not (tmp_path / "y").exists()  # refused before any work
+
+
+def test_trap_hybrid_arm_beside_the_fixed_budgets(tiny_toy, tmp_path, monkeypatch):
+    monkeypatch.setattr(gradprobe.run, "DEFAULT_TOY", ToySpec(**tiny_toy.spec.__dict__))
+    out = tmp_path / "trap"
+    r = runner.invoke(app, ["trap", "--frames", "2,4", "--hybrid", "sufficiency", "--steps", "1", "--probe-every", "1",
+                            "--batch-size", "2", "--eval-images", "24", "--eval-videos", "4",
+                            "--cache-dir", str(tiny_toy.root.parent), "--out", str(out)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "trap_summary.json").read_text())
+    assert [(b["sampler"], b["frames"]) for b in s["budgets"]] == [("uniform", 2), ("uniform", 4),
+                                                                   ("hybrid-sufficiency", 4)]
+    manifest = [json.loads(x) for x in (out / "budget-sufficiency" / "manifest.jsonl").read_text().splitlines()]
+    assert len(manifest) == len(tiny_toy.samples("train", "videos"))
+    hyb = s["budgets"][2]
+    assert hyb["mean_frames"] == pytest.approx(sum(x["frames"] for x in manifest) / len(manifest))
+    assert s["budgets"][0]["mean_frames"] == 2 and hyb["seconds"] > 0
+    opts = json.loads((out / "hybrid-sufficiency-frames-4" / "sft_summary.json").read_text())["options"]
+    assert opts["manifest"].endswith("manifest.jsonl") and opts["frames"] == 4  # scored at the largest budget
+    vs = hyb["image_vs_uniform"]["image_free"]["diff"]
+    assert vs == pytest.approx(hyb["image_free"]["last"] - s["budgets"][1]["image_free"]["last"])
+    r = runner.invoke(app, ["plot", str(out)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["trap", "--frames", "2", "--hybrid", "oracle", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "method: unknown 'oracle'" in r.output and not (tmp_path / "x").exists()

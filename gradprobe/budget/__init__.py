@@ -21,7 +21,8 @@ from gradprobe.budget.methods import METHODS, BudgetMethod, Context, grid_target
 from gradprobe.errors import DataError, InputError
 from gradprobe.outputs import write_json
 
-__all__ = ["METHODS", "BudgetMethod", "BudgetOptions", "Context", "register", "run_budget", "score_manifest"]
+__all__ = ["METHODS", "BudgetMethod", "BudgetOptions", "Context", "method_named", "register", "run_budget",
+           "score_manifest"]
 
 MANIFEST = "manifest.jsonl"
 SETTINGS = "budget_settings.json"

@@ -17,6 +17,7 @@ each budget with the smallest one (again paired on records).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -49,6 +50,7 @@ class TrapOptions:
     eval_videos: int = 400
     samplers: str = "uniform"
     control_frames: str | None = None
+    hybrid: str | None = None
     seed: int = 0
     cache_dir: str | None = None
 
@@ -76,6 +78,18 @@ def trap_plan(grid: list[int], samplers: list[str], control_frames: str | None =
     return [(s, m) for s in samplers for m in (grid if s == "uniform" else cgrid)]
 
 
+def parse_hybrid(text: str | None) -> list[str]:
+    """``redundancy,sufficiency`` → the allocation methods of the hybrid arms (checked by name)."""
+    from gradprobe.budget import method_named
+
+    names = [t.strip() for t in (text or "").split(",") if t.strip()]
+    for n in names:
+        method_named(n)
+    if len(set(names)) != len(names):
+        raise InputError(f"hybrid: {text!r} names a method twice")
+    return names
+
+
 def run_trap(opts: TrapOptions, log: Any = None, progress: Any = None) -> dict[str, Any]:
     """Run (or finish) the experiment and write ``<out>/trap_summary.json``; return the summary."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -87,6 +101,8 @@ def run_trap(opts: TrapOptions, log: Any = None, progress: Any = None) -> dict[s
     grid = parse_frames(opts.frames)
     samplers = parse_samplers(opts.samplers)
     runs = trap_plan(grid, samplers, opts.control_frames)
+    hybrids = parse_hybrid(opts.hybrid)
+    runs += [(f"hybrid-{h}", grid[-1]) for h in hybrids]
     for m in grid:
         ToyAdapter.check_budget(m)
     for name in ("steps", "batch_size", "probe_every", "eval_images", "eval_videos"):
@@ -101,12 +117,23 @@ def run_trap(opts: TrapOptions, log: Any = None, progress: Any = None) -> dict[s
         if (d / "sft_summary.json").is_file():
             log(f"{name}: complete, kept")
             continue
+        manifest = None
+        if sampler.startswith("hybrid-"):  # per-clip budgets from the method's manifest; scored at the largest
+            from gradprobe.budget import BudgetOptions, run_budget
+
+            method = sampler.removeprefix("hybrid-")
+            bdir = out / f"budget-{method}"
+            log(f"{name}: budgets by {method} for the toy's training clips")
+            run_budget(BudgetOptions(out=str(bdir), frames=opts.frames, method=method, cache_dir=opts.cache_dir),
+                       log=log, progress=progress)
+            manifest, name = str(bdir / "manifest.jsonl"), f"hybrid ({method}; scored at m={m})"
+            sampler = "uniform"
         last = get_last_checkpoint(str(d)) if d.is_dir() else None
         if d.is_dir() and last is None:
             shutil.rmtree(d)  # interrupted before its first checkpoint: nothing to keep
         log(f"{name}: {'resuming from ' + Path(last).name if last else 'training'} ({opts.steps} steps)")
         run_sft(SFTOptions(
-            out=str(d), frames=m, sampler=sampler, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr,
+            out=str(d), frames=m, manifest=manifest, sampler=sampler, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr,
             probe_every=opts.probe_every, eval_every=opts.eval_every or opts.steps, eval_images=opts.eval_images, eval_videos=opts.eval_videos,
             save_steps=max(opts.probe_every, opts.steps // 4), seed=opts.seed, resume=last is not None,
             cache_dir=opts.cache_dir, keep_clips=True,
@@ -116,6 +143,21 @@ def run_trap(opts: TrapOptions, log: Any = None, progress: Any = None) -> dict[s
 
     write_json(out / SUMMARY, summary)
     return summary
+
+
+def _run_facts(d: Path, m: int) -> dict[str, Any]:
+    """Training frames per clip (the manifest's mean for a hybrid arm) and wall time of one run."""
+    p = d / "sft_summary.json"
+    if not p.is_file():
+        return {"mean_frames": m, "seconds": None}
+    s = json.loads(p.read_text())
+    manifest = s.get("options", {}).get("manifest")
+    if manifest and Path(manifest).is_file():
+        from gradprobe.sft import read_manifest
+
+        per = list(read_manifest(manifest).values())
+        return {"mean_frames": sum(per) / len(per), "seconds": s.get("seconds")}
+    return {"mean_frames": m, "seconds": s.get("seconds")}
 
 
 def summarize(out: str | os.PathLike[str], grid: list[int] | None = None,
@@ -133,7 +175,8 @@ def summarize(out: str | os.PathLike[str], grid: list[int] | None = None,
         first, last = ev.iloc[0], ev.iloc[-1]
         lasts[(sampler, int(m))] = last
         row: dict[str, Any] = {"frames": int(m), "sampler": sampler, "steps": int(last["step"]),
-                               "n_image": int(last["n_image"]), "n_video": int(last["n_video"])}
+                               "n_image": int(last["n_image"]), "n_video": int(last["n_video"]),
+                               **_run_facts(budget_dir(out, int(m), sampler), int(m))}
         for k in METRICS:
             row[k] = {"first": float(first[k]), "last": float(last[k])}
             if f"{k}_items" in ev:
@@ -170,4 +213,5 @@ def summarize(out: str | os.PathLike[str], grid: list[int] | None = None,
                     "paired on records; image_vs_uniform (controls): minus that of the uniform run at the same "
                     "budget; video_types / image_types: changes per question type, video records split by "
                     "whether m reaches their m_min (answerable) or not; video accuracy is scored with the run's "
-                    "own sampler and budget; stderr_cos treats probes along one run as independent, which they are not"}
+                    "own sampler and budget (a hybrid arm's at the largest budget); mean_frames: training frames "
+                    "per clip; seconds: wall time of the invocation that finished the run; stderr_cos treats probes along one run as independent, which they are not"}
