@@ -704,6 +704,8 @@ def budget(
     judge: Annotated[str | None, typer.Option(help="judge: a local generative VLM checkpoint of a supported family (default: --model).")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N records.")] = None,
     score: Annotated[bool, typer.Option(help="Score the budgets against the records' m_min (ShapesWorld) and print the table.")] = False,
+    alignment: Annotated[int, typer.Option(help="Eq. 28 per clip: ⟨ḡ_img, g_clip⟩ at the allocated budget vs the largest, for the first N clips allocated below it (0: skip).")] = 0,
+    image_data: Annotated[str | None, typer.Option(help="--alignment: image records for ḡ_img (default: the toy's probe images; the first 32, in batches of 8).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     cache_dir: Annotated[str | None, typer.Option(help="Toy cache directory.")] = None,
 ) -> None:
@@ -738,6 +740,15 @@ def budget(
                 st.add_row(label if i == 0 else "", q, str(e["n"]), f"{e['exact']:.2f}", f"{e['under']:.2f}",
                            f"{e['over']:.2f}", f"{e['mean_frames']:.1f}", end_section=i == len(tab) - 1)
         console.print(st)
+    if "alignment" in summary:
+        al = summary["alignment"]
+        d = al["A_allocated"]
+        diff = al["difference"]
+        ci = f" [{diff['ci95'][0]:+.4g}, {diff['ci95'][1]:+.4g}]" if diff["ci95"] else ""
+        console.print(f"Eq. 28 over {al['n']} clips below the largest budget: ⟨ḡ_img, g⟩ at the allocated budget "
+                      f"{d['mean']:+.4g}, at the largest {al['A_largest']['mean']:+.4g}; difference "
+                      f"{diff['mean']:+.4g}{ci} (95% CI over clips)" if al["n"] else
+                      "Eq. 28: no clip is allocated below the largest budget")
     console.print(f"wrote {Path(out) / 'manifest.jsonl'}")
 
 

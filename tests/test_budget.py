@@ -223,3 +223,43 @@ def test_judge_plumbing_on_the_toy(tiny_toy, tmp_path):
     rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert all(isinstance(x["reply"], str) and x["frames"] == (4 if not x["parsed"] else x["frames"]) for x in rows)
     assert "named a budget in" in r.output
+
+
+def test_eq28_alignment_per_clip_against_autograd(tiny_toy, tmp_path):
+    from gradprobe.data.clips import ClipStore
+    from gradprobe.models.base import load_image, loss_fn
+    from gradprobe.models.toy import ToyAdapter
+
+    out = tmp_path / "al"
+    args = _toy_args(tiny_toy, out, "--method", "sufficiency", "--frames", "2,4,8", "--limit", "6",
+                     "--tolerance", "10", "--alignment", "3", "--image-data", str(tiny_toy.data("probe", "images")))
+    r = runner.invoke(app, args, env=ENV)
+    assert r.exit_code == 0, r.output
+    assert "Eq. 28 over 3 clips" in r.output
+    import pandas as pd
+
+    rows = pd.read_csv(out / "alignment.csv")
+    assert len(rows) == 3 and (rows["frames"] == 2).all()  # tolerance 10: every clip gets the smallest budget
+    model, adapter = ToyAdapter.load(tiny_toy.model_dir, dtype=torch.float64)
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grad(batch):
+        batch = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+        return torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss_fn(model, batch), params)])
+
+    images = tiny_toy.samples("probe", "images")[:32]
+    loaded = {s.media: load_image(tiny_toy.data("probe", "images").parent, s) for s in images}
+    g_img = torch.stack([grad(adapter.collate(images[i:i + 8], images=loaded)) for i in range(0, 32, 8)]).mean(0)
+    store = ClipStore(tiny_toy.data("probe", "videos").parent, [2, 8])
+    by_id = {s.id: s for s in tiny_toy.samples("probe", "videos")}
+    for _, row in rows.iterrows():
+        s = by_id[row["id"]]
+        for col, m in (("A_allocated", 2), ("A_largest", 8)):
+            want = float(g_img @ grad(adapter.collate([s], store=store, m=m)))
+            assert row[col] == pytest.approx(want, rel=1e-4, abs=1e-6), (col, row[col], want)
+    s = json.loads((out / "budget_summary.json").read_text())["alignment"]
+    assert s["n"] == 3 and s["difference"]["mean"] == pytest.approx(rows["difference"].mean())
+    # finished clips are kept: a second run measures nothing new
+    r = runner.invoke(app, args, env=ENV)
+    assert r.exit_code == 0 and len(pd.read_csv(out / "alignment.csv")) == 3

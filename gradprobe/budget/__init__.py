@@ -44,6 +44,8 @@ class BudgetOptions:
     judge: str | None = None
     limit: int | None = None
     score: bool = False
+    alignment: int = 0
+    image_data: str | None = None
     device: str = "auto"
     cache_dir: str | None = None
 
@@ -88,6 +90,9 @@ def run_budget(opts: BudgetOptions, log: Callable[[str], None] | None = None, pr
         raise InputError(f"tolerance: expected a number ≥ 0, got {opts.tolerance}")
     if opts.limit is not None:
         check_positive_int("limit", opts.limit)
+    check_positive_int("alignment", opts.alignment, 0)
+    if opts.image_data and not Path(opts.image_data).is_file():
+        raise InputError(f"image-data: {opts.image_data} not found")
     if bool(opts.model) != bool(opts.video_data):
         raise InputError("give both --model and --video-data, or neither for the toy default")
     for name in ("embedder", "judge"):
@@ -104,11 +109,15 @@ def run_budget(opts: BudgetOptions, log: Callable[[str], None] | None = None, pr
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"out: {out} is not a directory")
+    if opts.alignment and opts.model and not opts.image_data:
+        raise InputError("alignment: give --image-data (image records for ḡ_img) with --model")
     if opts.model:
         model_dir, data = Path(opts.model), Path(opts.video_data)
+        image_data = Path(opts.image_data) if opts.image_data else None
     else:
         toy = ensure_toy(DEFAULT_TOY, opts.cache_dir, log=log, progress=progress)
         model_dir, data = toy.model_dir, toy.data("train", "videos")
+        image_data = Path(opts.image_data) if opts.image_data else toy.data("probe", "images")
     samples = read_samples(data, kind="video").samples
     if opts.limit is not None:
         samples = samples[: opts.limit]
@@ -160,8 +169,59 @@ def run_budget(opts: BudgetOptions, log: Callable[[str], None] | None = None, pr
                            Path(opts.data_root) if opts.data_root else data.parent))
     if opts.score:
         summary["score"] = score_manifest(rows, grid)
+    if opts.alignment:
+        summary["alignment"] = _alignment(opts, rows, by_id, grid, adapter_cls, model_dir, data, image_data, out,
+                                          device, log, progress)
     write_json(out / SUMMARY, summary)
     return summary
+
+
+def _alignment(opts: BudgetOptions, rows: list[dict[str, Any]], by_id: dict[str, Any], grid: list[int],
+               adapter_cls: Any, model_dir: Path, data: Path, image_data: Path, out: Path, device: Any,
+               log: Callable[[str], None], progress: Any) -> dict[str, Any]:
+    """Eq. 28 per clip (see :mod:`gradprobe.budget.alignment`) for the first ``opts.alignment`` clips allocated
+    below the largest budget; rows in ``alignment.csv`` (kept across interruptions: finished clips are not
+    measured again)."""
+    import csv
+
+    from gradprobe.budget.alignment import clip_alignment
+    from gradprobe.data.clips import ClipStore
+    from gradprobe.data.records import read_samples
+    from gradprobe.models.base import load_image
+
+    path = out / "alignment.csv"
+    done = list(csv.DictReader(path.open())) if path.is_file() else []
+    seen = {r["id"] for r in done}
+    want = [r for r in rows if r["frames"] < grid[-1]][: opts.alignment]
+    todo = [(by_id[r["id"]], int(r["frames"])) for r in want if r["id"] not in seen]
+    images = read_samples(image_data, kind="image").samples[:32]
+    model, adapter = adapter_cls.load(model_dir, device=str(device))
+    root = image_data.parent
+    loaded = {s.media: load_image(root, s) for s in images}
+    batches = [adapter.collate(images[i:i + 8], images=loaded) for i in range(0, len(images), 8)]
+    store = ClipStore(Path(opts.data_root) if opts.data_root else data.parent, grid, size_of=adapter.frame_size)
+    fields = ["id", "frames", "A_allocated", "A_largest", "difference", "qtype", "m_min"]
+    new = not path.is_file()
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+
+        def write(row: dict[str, Any]) -> None:
+            writer.writerow(row)
+            fh.flush()
+
+        log(f"Eq. 28: {len(todo)} clips below the largest budget ({len(done)} done before)")
+        res = clip_alignment(model, adapter, store, batches, todo, grid[-1], on_row=write, progress=progress)
+    from gradprobe.estimators.stats import weighted_mean_ci
+
+    allrows = [{k: float(r[k]) for k in ("A_allocated", "A_largest", "difference")} for r in done] + res["rows"]
+    out_ci = {}
+    for key in ("A_allocated", "A_largest", "difference"):
+        x = [r[key] for r in allrows if r[key] == r[key]]
+        mean, se, ci = weighted_mean_ci(x) if x else (None, None, None)
+        out_ci[key] = {"mean": mean, "stderr": se, "ci95": list(ci) if ci else None}
+    return {"n": len(allrows), "image_batches": len(batches), "mode": res["mode"], **out_ci, "note": res["note"]}
 
 
 def summarize(rows: list[dict[str, Any]], grid: list[int], opts: BudgetOptions, tolerance: float,
