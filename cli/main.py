@@ -705,6 +705,10 @@ def budget(
     limit: Annotated[int | None, typer.Option(help="Only the first N records.")] = None,
     score: Annotated[bool, typer.Option(help="Score the budgets against the records' m_min (ShapesWorld) and print the table.")] = False,
     alignment: Annotated[int, typer.Option(help="Eq. 28 per clip: ⟨ḡ_img, g_clip⟩ at the allocated budget vs the largest, for the first N clips allocated below it (0: skip).")] = 0,
+    export: Annotated[tuple[str, str] | None, typer.Option(
+        metavar="FORMAT DIR",
+        help="Also write the clips for a training stack (llamafactory or swift), each as the list of its frames at its budget.",
+    )] = None,
     image_data: Annotated[str | None, typer.Option(help="--alignment: image records for ḡ_img (default: the toy's probe images; the first 32, in batches of 8).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     cache_dir: Annotated[str | None, typer.Option(help="Toy cache directory.")] = None,

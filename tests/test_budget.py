@@ -263,3 +263,27 @@ def test_eq28_alignment_per_clip_against_autograd(tiny_toy, tmp_path):
     # finished clips are kept: a second run measures nothing new
     r = runner.invoke(app, args, env=ENV)
     assert r.exit_code == 0 and len(pd.read_csv(out / "alignment.csv")) == 3
+
+
+def test_export_writes_each_clip_at_its_budget(tiny_toy, tmp_path):
+    from PIL import Image
+
+    from gradprobe.data.clips import ClipStore
+
+    out = tmp_path / "b"
+    r = runner.invoke(app, _toy_args(tiny_toy, out, "--method", "sufficiency", "--frames", "2,4,8", "--limit", "3",
+                                     "--export", "swift", str(tmp_path / "sw")), env=ENV)
+    assert r.exit_code == 0, r.output
+    manifest = {json.loads(x)["id"]: json.loads(x)["frames"] for x in (out / "manifest.jsonl").open()}
+    recs = [json.loads(x) for x in (tmp_path / "sw" / "budgeted_videos.jsonl").read_text().splitlines()]
+    store = ClipStore(tiny_toy.data("probe", "videos").parent, [2, 4, 8])
+    by_id = {s.id: s for s in tiny_toy.samples("probe", "videos")}
+    for rec in recs:
+        frames = rec["videos"][0]
+        assert len(frames) == manifest[rec["id"]] == rec["frames"] and all(f.startswith("/") for f in frames)
+        want = store.clip(by_id[rec["id"]], rec["frames"]).frames
+        got = np.stack([np.asarray(Image.open(f)) for f in frames])
+        assert (got == want).all()  # lossless PNG of the frames gradprobe itself would train on
+        assert rec["messages"][0]["content"].startswith("<video>")
+    r = runner.invoke(app, _toy_args(tiny_toy, tmp_path / "c", "--export", "parquet", str(tmp_path / "p")), env=ENV)
+    assert r.exit_code == 2 and "--export: unknown format 'parquet'" in r.output

@@ -81,3 +81,23 @@ def test_run_exp_with_the_callback_bound(finetuning, tiny_toy, lf_data, tmp_path
     lf_run_exp(args=_args(tiny_toy, lf_data, plain, freeze_vision_tower=False))
     a, b = _weights(out), _weights(plain)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_budgeted_frames_train_in_llamafactory(tiny_toy, tmp_path):
+    """`gradprobe budget --export llamafactory DIR`: each clip as the list of its frames at its budget, read by
+    LLaMA-Factory's own dataset pipeline (its nested-frame video form) and trained on."""
+    from llamafactory.train.tuner import run_exp as lf_run_exp
+
+    from gradprobe.budget import BudgetOptions, run_budget
+
+    data = tmp_path / "lf"
+    run_budget(BudgetOptions(out=str(tmp_path / "b"), frames="2,4", method="sufficiency",
+                             model=str(tiny_toy.model_dir), video_data=str(tiny_toy.data("probe", "videos")),
+                             export=("llamafactory", str(data))))
+    recs = json.loads((data / "budgeted_videos.json").read_text())
+    manifest = {json.loads(x)["id"]: json.loads(x)["frames"] for x in (tmp_path / "b" / "manifest.jsonl").open()}
+    assert all(len(r["videos"][0]) == manifest[r["id"]] == r["frames"] for r in recs)
+    out = tmp_path / "run"
+    lf_run_exp({**_args(tiny_toy, data, out), "dataset": "budgeted_videos", "max_steps": 2})
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2]

@@ -46,6 +46,7 @@ class BudgetOptions:
     score: bool = False
     alignment: int = 0
     image_data: str | None = None
+    export: tuple[str, str] | None = None
     device: str = "auto"
     cache_dir: str | None = None
 
@@ -91,6 +92,13 @@ def run_budget(opts: BudgetOptions, log: Callable[[str], None] | None = None, pr
     if opts.limit is not None:
         check_positive_int("limit", opts.limit)
     check_positive_int("alignment", opts.alignment, 0)
+    if opts.export is not None:
+        from gradprobe.data.export import FORMATS
+
+        if opts.export[0] not in FORMATS:
+            raise InputError(f"--export: unknown format {opts.export[0]!r}; use one of {', '.join(FORMATS)}")
+        if Path(opts.export[1]).exists() and not Path(opts.export[1]).is_dir():
+            raise InputError(f"--export: {opts.export[1]} exists and is not a directory")
     if opts.image_data and not Path(opts.image_data).is_file():
         raise InputError(f"image-data: {opts.image_data} not found")
     if bool(opts.model) != bool(opts.video_data):
@@ -172,6 +180,14 @@ def run_budget(opts: BudgetOptions, log: Callable[[str], None] | None = None, pr
     if opts.alignment:
         summary["alignment"] = _alignment(opts, rows, by_id, grid, adapter_cls, model_dir, data, image_data, out,
                                           device, log, progress)
+    if opts.export is not None:
+        from gradprobe.data.export import export_budgeted
+
+        fmt, where = opts.export
+        dst = export_budgeted([by_id[r["id"]] for r in rows], {r["id"]: int(r["frames"]) for r in rows}, where,
+                              fmt, root=Path(opts.data_root) if opts.data_root else data.parent)
+        summary["export"] = {"format": fmt, "file": str(dst)}
+        log(f"wrote {fmt} records with each clip's frames at its budget: {dst}")
     write_json(out / SUMMARY, summary)
     return summary
 

@@ -113,3 +113,58 @@ def export_records(files: Mapping[str, str | os.PathLike[str]], out: str | os.Pa
     if fmt == "llamafactory":
         (out / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return written
+
+
+def export_budgeted(samples: list[Sample], frames_of: Mapping[str, int], out: str | os.PathLike[str], fmt: str, *,
+                    root: str | os.PathLike[str], name: str = "budgeted_videos") -> Path:
+    """Video records with a frame budget each (a ``gradprobe budget`` manifest) in a stack's layout: each clip's
+    frames at its budget (the uniform sampler) written as PNG files under ``out/frames/<id>/``, and the record's
+    video given as that list of frames, which LLaMA-Factory and ms-swift both take as a video as it is (so each
+    clip is trained on exactly its budget). Returns the written record file.
+
+    The stacks give a frame list a fixed frame rate (LLaMA-Factory's ``video_fps``, ms-swift's default), so the
+    temporal spacing a model's position encoding sees is the same at every budget, unlike the clips' own.
+
+    Raises:
+        InputError: unknown format, or ``out`` is an existing file.
+        DataError: a clip without a budget, or a bad clip.
+    """
+    from PIL import Image
+
+    from gradprobe.data.clips import ClipStore
+
+    if fmt not in FORMATS:
+        raise InputError(f"--export: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory")
+    missing = [s.id for s in samples if s.id not in frames_of]
+    if missing:
+        raise DataError(f"no budget for record {missing[0]!r} in the manifest")
+    store = ClipStore(Path(root), sorted(set(frames_of.values())), keep=False)
+    recs = []
+    for s in samples:
+        clip = store.clip(s, frames_of[s.id])
+        folder = out / "frames" / s.id
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for k, frame in enumerate(clip.frames):
+            Image.fromarray(frame).save(folder / f"{k:03d}.png")
+            rel = f"frames/{s.id}/{k:03d}.png"
+            paths.append(rel if fmt == "llamafactory" else str((out / rel).resolve()))
+        rec = _record(s, "", fmt)
+        rec["videos"] = [paths]
+        rec["frames"] = frames_of[s.id]
+        recs.append(rec)
+    if fmt == "llamafactory":
+        dst = out / f"{name}.json"
+        dst.write_text(json.dumps(recs, indent=1) + "\n")
+        info_path = out / "dataset_info.json"
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        info[name] = {"file_name": dst.name, "formatting": "sharegpt",
+                      "columns": {"messages": "conversations", "videos": "videos"}}
+        info_path.write_text(json.dumps(info, indent=2) + "\n")
+    else:
+        dst = out / f"{name}.jsonl"
+        dst.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return dst
