@@ -87,3 +87,30 @@ def test_decomposition_notebook_executes(tiny_toy, tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for o in outputs)
     for needle in ("--- base", "--- after-sft", "rho_sh = ", "m* model:", "m* empirical:", "before vs after"):
         assert needle in text, needle
+
+
+def test_hybrid_frame_notebook_executes(tiny_toy, tmp_path, monkeypatch):
+    """The notebook on reduced runs: three methods on the tiny toy's training clips, and a trap with hybrid
+    arms (budgets 2 and 4, 1 step)."""
+    import gradprobe.run
+    from gradprobe.budget import BudgetOptions, run_budget
+    from gradprobe.experiments.trap import TrapOptions, run_trap
+    from gradprobe.toybox import ToySpec
+
+    monkeypatch.setattr(gradprobe.run, "DEFAULT_TOY", ToySpec(**tiny_toy.spec.__dict__))
+    cache = str(tiny_toy.root.parent)
+    for m in ("redundancy", "sufficiency", "gradient"):
+        run_budget(BudgetOptions(out=str(tmp_path / "budget" / m), method=m, frames="2,4", score=True,
+                                 alignment=2, cache_dir=cache))
+    run_trap(TrapOptions(out=str(tmp_path / "trap"), frames="2,4", steps=1, batch_size=2, probe_every=1,
+                         eval_images=24, eval_videos=4, hybrid="sufficiency", cache_dir=cache))
+    monkeypatch.setenv("GRADPROBE_BUDGET_DIR", str(tmp_path / "budget"))
+    monkeypatch.setenv("GRADPROBE_HYBRID_TRAP_DIR", str(tmp_path / "trap"))
+    nb = nbformat.read(ROOT / "notebooks" / "hybrid_frame.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 1
+    text = "".join(o.get("text", "") for o in outputs) + "".join(o.get("data", {}).get("text/plain", "") for o in outputs)
+    for needle in ("redundancy: ", "mean frames", "hybrid-sufficiency", "difference"):
+        assert needle in text, needle
