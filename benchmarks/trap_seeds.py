@@ -48,6 +48,8 @@ def _per_seed(d: str, r: dict, grid: list[int]) -> dict:
             "image_free_vs_smallest": b.get("image_vs_smallest", {}).get("image_free", {}).get("diff"),
             "image_free_vs_uniform": b.get("image_vs_uniform", {}).get("image_free", {}).get("diff"),
             "mean_cos": b.get("alignment", {}).get("mean_cos"),
+            "mean_frames": b.get("mean_frames", b["frames"]),
+            "seconds": b.get("seconds"),
             "video_types": {
                 f"{q}/{reach}": {"n": e["n"], "first": e["restricted"]["first"], "last": e["restricted"]["last"],
                                  "change": e["restricted"]["last"] - e["restricted"]["first"]}
@@ -81,7 +83,7 @@ def main() -> None:
         entry: dict = {"frames": int(m), "sampler": sampler}
         for k in KEYS:
             entry[k] = _t_interval([s["runs"][key][k]["change"] for s in per_seed])
-        for k in ("image_free_vs_smallest", "image_free_vs_uniform", "mean_cos"):
+        for k in ("image_free_vs_smallest", "image_free_vs_uniform", "mean_cos", "mean_frames", "seconds"):
             vs = [s["runs"][key][k] for s in per_seed]
             entry[k] = _t_interval(vs) if all(v is not None for v in vs) else None
         types = sorted(set.intersection(*(set(s["runs"][key]["video_types"]) for s in per_seed)))
