@@ -150,3 +150,33 @@ def test_trap_hybrid_arm_beside_the_fixed_budgets(tiny_toy, tmp_path, monkeypatc
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["trap", "--frames", "2", "--hybrid", "oracle", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "method: unknown 'oracle'" in r.output and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_trap_seeds_combines_seeds(tiny_toy, tmp_path, monkeypatch):
+    """benchmarks/trap_seeds.py: per-run changes across seeds are the mean of the seeds' own, with frames per clip."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr(gradprobe.run, "DEFAULT_TOY", ToySpec(**tiny_toy.spec.__dict__))
+    dirs = []
+    for seed in (0, 1):
+        out = tmp_path / f"s{seed}"
+        r = runner.invoke(app, ["trap", "--frames", "2,4", "--samplers", "uniform,static", "--control-frames", "4",
+                                "--steps", "2", "--probe-every", "1", "--batch-size", "2", "--eval-images", "24",
+                                "--eval-videos", "4", "--seed", str(seed), "--cache-dir", str(tiny_toy.root.parent),
+                                "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        dirs.append(out)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "trap_seeds.py"
+    res = subprocess.run([sys.executable, str(script), *map(str, dirs), "--out", str(tmp_path / "c.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert [(e["sampler"], e["frames"]) for e in c["across_seeds"]] == [("uniform", 2), ("uniform", 4), ("static", 4)]
+    for e in c["across_seeds"]:
+        key = f"{e['sampler']}:{e['frames']}"
+        per = [s["runs"][key]["image_free"]["change"] for s in c["seeds"]]
+        assert e["image_free"]["mean"] == pytest.approx(sum(per) / 2) and e["image_free"]["n_seeds"] == 2
+        assert e["mean_frames"]["mean"] == e["frames"]
