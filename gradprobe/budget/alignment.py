@@ -33,18 +33,12 @@ def clip_alignment(model: Any, adapter: Any, store: Any, image_batches: Sequence
         ``{"n", "allocated", "largest", "difference", "mode", "rows"}``; each of the three a
         ``{"mean", "stderr", "ci95"}`` over clips.
     """
+    from gradprobe.budget.methods import to_model
     from gradprobe.models.base import loss_fn
     from gradprobe.probe.measure import Measurement
 
     meas = Measurement(model, loss_fn, role_of=adapter.role_of, module_of=adapter.module_of, sketch=sketch,
                        exact_rows=1, progress=progress)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-
-    def on_device(batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if hasattr(v, "to") else v
-                for k, v in batch.items()}
-
     rows: list[dict[str, Any]] = []
     with meas.session():
         ref = meas.store(1)
@@ -56,7 +50,7 @@ def clip_alignment(model: Any, adapter: Any, store: Any, image_batches: Sequence
         for sample, m in clips:
             a = {}
             for budget in (m, largest):
-                r, _ = meas.run(on_device(adapter.collate([sample], store=store, m=budget)), refs=ref)
+                r, _ = meas.run(to_model(adapter.collate([sample], store=store, m=budget), model), refs=ref)
                 a[budget] = float(r.dots.sum()) if r.finite else float("nan")
             row = {"id": sample.id, "frames": m, "A_allocated": a[m], "A_largest": a[largest],
                    "difference": a[m] - a[largest], **{k: sample.extra[k] for k in ("qtype", "m_min")

@@ -194,19 +194,17 @@ class Sufficiency(BudgetMethod):
     def scores(self, sample: Any) -> dict[int, float]:
         from gradprobe.models.base import strip_info
 
-        model, device = self.ctx.model, _device(self.ctx.model)
-        dtype = next(model.parameters()).dtype
+        model = self.ctx.model
         loss = {}
         for m in self.ctx.grid:
             batch = strip_info(self.ctx.adapter.collate([sample], store=self.ctx.store, m=m, with_info=False))
-            batch = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
-                     if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            loss[m] = float(model(**batch).loss)
+            loss[m] = float(model(**to_model(batch, model)).loss)
         ref = loss[self.ctx.grid[-1]]
         return {m: loss[m] - ref for m in self.ctx.grid}
 
 
-def _to(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+def to_model(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """A collated batch on the model's device, floating tensors in its dtype."""
     device, dtype = _device(model), next(model.parameters()).dtype
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}
@@ -238,7 +236,7 @@ class Gradient(BudgetMethod):
         self._sd: dict[str, dict[str, float]] = {}
 
     def _batch(self, sample: Any, m: int) -> dict[str, Any]:
-        return _to(self.ctx.adapter.collate([sample], store=self.ctx.store, m=m), self.ctx.model)
+        return to_model(self.ctx.adapter.collate([sample], store=self.ctx.store, m=m), self.ctx.model)
 
     def scores(self, sample: Any) -> dict[int, float]:
         from gradprobe.models.base import loss_fn
@@ -329,7 +327,7 @@ class Judge(BudgetMethod):
         grid = ", ".join(str(m) for m in self.ctx.grid)
         msgs = [{"role": "user", "content": [{"type": "text", "text": JUDGE_PROMPT.format(question=question, grid=grid)}]}]
         text = self.adapter.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        inputs = _to(dict(self.adapter.processor(text=[text], return_tensors="pt")), self.model)
+        inputs = to_model(dict(self.adapter.processor(text=[text], return_tensors="pt")), self.model)
         tok = self.adapter.tokenizer
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                   pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
