@@ -180,3 +180,26 @@ def test_trap_seeds_combines_seeds(tiny_toy, tmp_path, monkeypatch):
         per = [s["runs"][key]["image_free"]["change"] for s in c["seeds"]]
         assert e["image_free"]["mean"] == pytest.approx(sum(per) / 2) and e["image_free"]["n_seeds"] == 2
         assert e["mean_frames"]["mean"] == e["frames"]
+    # benchmarks/trap_probes.py on the same runs: align on every checkpoint, decompose on the start and the
+    # uniform run that has a control; across seeds, each statistic is the mean of the seeds'
+    script = script.parent / "trap_probes.py"
+    batches = "--image-batches 4 --batch-size 4 --video-batches 4 --video-batch-size 2"
+    res = subprocess.run([sys.executable, str(script), *map(str, dirs), "--work", str(tmp_path / "probes"),
+                          "--batches", batches, "--out", str(tmp_path / "p.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    p = json.loads((tmp_path / "p.json").read_text())
+    seeds = list(p["seeds"].values())
+    assert list(seeds[0]["align"]) == ["start", "uniform:2", "uniform:4", "static:4"]
+    assert sorted(seeds[0]["decompose"]) == ["start/smallest", "start/static", "uniform:4/smallest",
+                                             "uniform:4/static"]
+    for s, d in zip(seeds, dirs, strict=True):  # each seed's A(m) is what align wrote for that checkpoint
+        rows = json.loads((tmp_path / "probes" / d.name / "align" / "checkpoints.json").read_text())["checkpoints"]
+        final = json.loads((tmp_path / "probes" / d.name / "align" / rows[2]["label"] / "summary.json").read_text())
+        assert rows[2]["model"] == str(d / "frames-4" / "final")
+        assert {str(b["frames"]): b["mean"] for b in final["budgets"]} == pytest.approx(
+            {m: v["A"] for m, v in s["align"]["uniform:4"].items()})
+    a = p["across_seeds"]["align"]["static:4"]["4"]["A"]
+    assert a["mean"] == pytest.approx(sum(s["align"]["static:4"]["4"]["A"] for s in seeds) / 2) and a["n_seeds"] == 2
+    rho = p["across_seeds"]["decompose"]["uniform:4/static"]["rho_tmp"]
+    assert rho["mean"] == pytest.approx(sum(s["decompose"]["uniform:4/static"]["rho_tmp"] for s in seeds) / 2)

@@ -1,0 +1,154 @@
+"""Alignment and α(m) decomposition on the checkpoints of `gradprobe trap` runs, per seed and across seeds.
+
+    python benchmarks/trap_probes.py trap-s0 trap-s1 ... --work probes --out benchmarks/results/trap_probes.json
+
+For each seed's trap directory, on the toy's probe sets (the same image and video batches for every checkpoint):
+
+* ``gradprobe align`` on the starting model and on every run's final checkpoint (uniform, controls, hybrid arms),
+  at the trap's uniform budgets;
+* ``gradprobe decompose --shared smallest`` and ``--shared static`` on the starting model and on the uniform
+  runs' finals at ``--decompose-at`` (default: the budgets that have controls, else the largest).
+
+Commands that already finished are kept (their ``summary.json`` is there), so an interrupted run resumes. Across
+seeds, each statistic gets a t interval over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from gradprobe.outputs import budget_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trap_seeds import _t_interval
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _done(out: Path, models: list[str]) -> bool:
+    """Whether ``out`` holds a finished command over exactly these checkpoints."""
+    if (out / "checkpoints.json").exists():
+        c = json.loads((out / "checkpoints.json").read_text())
+        return not c["pending"] and [x["model"] for x in c["checkpoints"]] == models
+    return (out / "summary.json").exists()
+
+
+def _cli(args: list[str], out: Path, log: Path) -> None:
+    """Run one gradprobe command unless its output is complete."""
+    if _done(out, [args[i + 1] for i, a in enumerate(args) if a == "--model"]):
+        return
+    print(f"gradprobe {' '.join(args[:1])} → {out}", file=sys.stderr)
+    with open(log, "w") as err:
+        subprocess.run([sys.executable, "-m", "cli.main", *args, "--out", str(out)], cwd=REPO, check=True,
+                       stdout=subprocess.DEVNULL, stderr=err)
+
+
+def _runs(trap: Path) -> tuple[Path, list[tuple[str, Path]], list[int]]:
+    summary = json.loads((trap / "trap_summary.json").read_text())
+    finals = [(f"{b.get('sampler', 'uniform')}:{b['frames']}",
+               budget_dir(trap, b["frames"], b.get("sampler", "uniform")) / "final") for b in summary["budgets"]]
+    start = Path(json.loads((finals[0][1].parent / "sft_summary.json").read_text())["model"])
+    grid = sorted({b["frames"] for b in summary["budgets"] if b.get("sampler", "uniform") == "uniform"})
+    return start, finals, grid
+
+
+def probe_seed(trap: Path, work: Path, decompose_at: list[int] | None, batches: list[str]) -> dict:
+    start, finals, grid = _runs(trap)
+    data = start.parent / "data"
+    common = ["--image-data", str(data / "probe_images.jsonl"), "--video-data", str(data / "probe_videos.jsonl"),
+              "--frames", ",".join(map(str, grid)), *batches]
+    work.mkdir(parents=True, exist_ok=True)
+    models = [start] + [p for _, p in finals]
+    _cli(["align", *[a for m in models for a in ("--model", str(m))], *common], work / "align", work / "align.err")
+    controls = sorted({int(k.split(":")[1]) for k, _ in finals if not k.startswith("uniform:")})
+    at = decompose_at or controls or [max(grid)]
+    dec_models = [("start", start)] + [(f"uniform:{m}", p) for k, p in finals for m in at if k == f"uniform:{m}"]
+    for label, model in dec_models:
+        for shared in ("smallest", "static"):
+            name = f"decompose-{shared}-{label.replace(':', '-')}"
+            _cli(["decompose", "--model", str(model), "--shared", shared, *common], work / name,
+                 work / f"{name}.err")
+    return read_seed(work, {str(start): "start", **{str(p): k for k, p in finals}}, [lab for lab, _ in dec_models])
+
+
+def read_seed(work: Path, labels: dict[str, str], dec_labels: list[str]) -> dict:
+    """The align and decompose statistics of one seed; ``labels`` names each checkpoint directory."""
+    rows = pd.read_csv(work / "align" / "checkpoints.csv")
+    rows["run"] = rows["model"].map(labels)
+    align = {run: {int(r.frames): {"A": r["mean"], "ci95": [r.ci95_t_lo, r.ci95_t_hi], "cos": r.mean_cos,
+                                   "frac_negative": r.frac_negative}
+                   for _, r in g.iterrows()} for run, g in rows.groupby("run", sort=False)}
+    dec = {}
+    for label in dec_labels:
+        for shared in ("smallest", "static"):
+            s = json.loads((work / f"decompose-{shared}-{label.replace(':', '-')}" / "summary.json").read_text())
+            dec[f"{label}/{shared}"] = {
+                "rho_sh": s["rho_sh"]["value"], "rho_sh_ci95": s["rho_sh"]["ci95"],
+                "rho_tmp": s["rho_tmp"]["value"], "rho_tmp_ci95": s["rho_tmp"]["ci95"],
+                "explained": s["tmp_direction"]["explained"],
+                "budgets": {b["frames"]: {k: b.get(k) for k in ("A", "A_ci95_t", "rho_sh", "alpha", "alpha_ci95",
+                                                               "contrib_tmp", "A_pred")} for b in s["budgets"]},
+                "checks": {c["check"]: c["verdict"] for c in s["checks"]},
+                "m_star": {k: s["m_star"][k]["value"] for k in ("model", "empirical")},
+            }
+    return {"align": align, "decompose": dec}
+
+
+def _across(seeds: list[dict]) -> dict:
+    """t intervals over seeds, for the checkpoints every seed has (hybrid arms may be missing from some)."""
+    first = seeds[0]
+    align = {run: {m: {k: _t_interval([s["align"][run][m][k] for s in seeds]) for k in ("A", "cos", "frac_negative")}
+                   for m in per_m} for run, per_m in first["align"].items() if all(run in s["align"] for s in seeds)}
+    dec = {}
+    for key, d in first["decompose"].items():
+        if not all(key in s["decompose"] for s in seeds):
+            continue
+        dec[key] = {
+            "rho_sh": _t_interval([s["decompose"][key]["rho_sh"] for s in seeds]),
+            "rho_tmp": _t_interval([s["decompose"][key]["rho_tmp"] for s in seeds]),
+            "alpha": {m: _t_interval([s["decompose"][key]["budgets"][m]["alpha"] for s in seeds]) for m in d["budgets"]},
+            "A": {m: _t_interval([s["decompose"][key]["budgets"][m]["A"] for s in seeds]) for m in d["budgets"]},
+            "checks": {c: [s["decompose"][key]["checks"][c] for s in seeds] for c in d["checks"]},
+            "m_star": {k: [s["decompose"][key]["m_star"][k] for s in seeds] for k in ("model", "empirical")},
+        }
+    return {"align": align, "decompose": dec}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dirs", nargs="+", help="output directories of gradprobe trap (one per seed)")
+    ap.add_argument("--work", required=True, help="where the align and decompose outputs go (one folder per seed)")
+    ap.add_argument("--decompose-at", help="uniform budgets whose final checkpoints are decomposed, e.g. 8,64")
+    ap.add_argument("--batches", default="--image-batches 16 --video-batches 24",
+                    help="batch options given to both align and decompose")
+    ap.add_argument("--out", help="write the combined JSON here")
+    a = ap.parse_args()
+    at = [int(x) for x in a.decompose_at.split(",")] if a.decompose_at else None
+    seeds = [probe_seed(Path(d), Path(a.work) / Path(d).name, at, shlex.split(a.batches)) for d in a.dirs]
+    across = _across(seeds)
+    fmt = "{:+.2f}".format
+    print("A(m) = <g_img, g_vid^(m)> on each checkpoint, mean over seeds [95% CI over seeds]")
+    for run, per_m in across["align"].items():
+        cells = [f"m={m}: {fmt(v['A']['mean'])}" + (f" [{fmt(v['A']['ci95'][0])}, {fmt(v['A']['ci95'][1])}]"
+                                                   if v["A"]["ci95"] else "") for m, v in per_m.items()]
+        print(f"{run:>14} | " + "; ".join(cells))
+    print("decomposition: rho_sh, rho_tmp, alpha(m), m* (model, empirical) per seed")
+    for key, d in across["decompose"].items():
+        alpha = ", ".join(f"{m}: {v['mean']:.2f}" for m, v in d["alpha"].items())
+        print(f"{key:>22} | rho_sh {fmt(d['rho_sh']['mean'])} rho_tmp {fmt(d['rho_tmp']['mean'])} | alpha {alpha} | "
+              f"m* model {d['m_star']['model']} empirical {d['m_star']['empirical']}")
+    if a.out:
+        Path(a.out).write_text(json.dumps({"seeds": dict(zip(a.dirs, seeds, strict=True)), "across_seeds": across},
+                                          indent=2) + "\n")
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
