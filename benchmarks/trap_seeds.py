@@ -6,7 +6,8 @@
 A run is a (sampler, budget) pair: the uniform sampler, and the static/shuffled controls where the experiment
 ran them. Within a seed, the interval of a change is over held-out records (paired). Across seeds, the mean
 change gets a t interval over seeds, which is what carries run-to-run variation. Per question type, the video
-change is over the records each budget can answer (m ≥ m_min) and, separately, those it cannot.
+change is over the records each budget can answer (m ≥ m_min) and, separately, those it cannot, with the
+final accuracy against chance (a uniform guess among each record's choices).
 """
 
 from __future__ import annotations
@@ -39,9 +40,30 @@ def _run_key(b: dict) -> str:
     return f"{b.get('sampler', 'uniform')}:{b['frames']}"
 
 
+def _eval_records(d: str, r: dict) -> list[dict]:
+    """The held-out video records the runs were scored on (the toy's eval split, first ``n_video``)."""
+    first = r["budgets"][0]
+    name = "frames-{}".format(first["frames"]) if first.get("sampler", "uniform") == "uniform" else \
+        "{}-frames-{}".format(first["sampler"], first["frames"])
+    model = Path(json.loads((Path(d) / name / "sft_summary.json").read_text())["model"])
+    lines = (model.parent / "data" / "eval_videos.jsonl").read_text().splitlines()[: first["n_video"]]
+    return [json.loads(x) for x in lines]
+
+
+def _chance(records: list[dict], m: int) -> dict[str, float]:
+    """Restricted accuracy of a uniform guess among each record's choices, per question type and reach at m."""
+    out: dict[str, list[float]] = {}
+    for x in records:
+        reach = "answerable" if x.get("m_min") is None or x["m_min"] <= m else "unanswerable"
+        out.setdefault(f"{x['qtype']}/{reach}", []).append(1 / len(x["choices"]))
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
 def _per_seed(d: str, r: dict, grid: list[int]) -> dict:
     row = {"seed": r["options"]["seed"], "runs": {}}
+    records = _eval_records(d, r)
     for b in r["budgets"]:
+        chance = _chance(records, b["frames"])
         entry = {
             **{k: {"first": b[k]["first"], "last": b[k]["last"], "change": b[k]["change"]["diff"],
                    "ci95": b[k]["change"]["ci95"]} for k in KEYS},
@@ -52,7 +74,8 @@ def _per_seed(d: str, r: dict, grid: list[int]) -> dict:
             "seconds": b.get("seconds"),
             "video_types": {
                 f"{q}/{reach}": {"n": e["n"], "first": e["restricted"]["first"], "last": e["restricted"]["last"],
-                                 "change": e["restricted"]["last"] - e["restricted"]["first"]}
+                                 "change": e["restricted"]["last"] - e["restricted"]["first"],
+                                 "chance": chance[f"{q}/{reach}"]}
                 for q, parts in b.get("video_types", {}).items() for reach, e in parts.items()
             },
         }
@@ -91,6 +114,9 @@ def main() -> None:
             t: {**_t_interval([s["runs"][key]["video_types"][t]["change"] for s in per_seed]),
                 "first": float(np.mean([s["runs"][key]["video_types"][t]["first"] for s in per_seed])),
                 "last": float(np.mean([s["runs"][key]["video_types"][t]["last"] for s in per_seed])),
+                "chance": float(np.mean([s["runs"][key]["video_types"][t]["chance"] for s in per_seed])),
+                "last_minus_chance": _t_interval([s["runs"][key]["video_types"][t]["last"]
+                                                  - s["runs"][key]["video_types"][t]["chance"] for s in per_seed]),
                 "n_records": [s["runs"][key]["video_types"][t]["n"] for s in per_seed]}
             for t in types
         }
@@ -109,10 +135,12 @@ def main() -> None:
     print(f"{'run':>14} | " + " | ".join(f"{k} change (mean over {len(runs)} seeds, 95% CI)" for k in shown))
     for e in combined:
         print(f"{e['sampler'] + ' m=' + str(e['frames']):>14} | " + " | ".join(cell(e[k]) for k in shown))
-    print("restricted video change per question type (answerable: m >= m_min), mean over seeds [95% CI]:")
+    print("restricted video change per question type (answerable: m >= m_min), mean over seeds [95% CI]; "
+          "last minus chance [95% CI]:")
     for e in combined:
         parts = [f"{t.split('/')[0] + ('' if t.endswith('/answerable') else ' (m<m_min)')}: "
-                 f"{v['first']:.2f}→{v['last']:.2f} {cell(v)}" for t, v in e["video_types_restricted"].items()]
+                 f"{v['first']:.2f}→{v['last']:.2f} {cell(v)}, vs chance {v['chance']:.2f}: {cell(v['last_minus_chance'])}"
+                 for t, v in e["video_types_restricted"].items()]
         print(f"{e['sampler'] + ' m=' + str(e['frames']):>14} | " + "; ".join(parts))
     for s in per_seed:
         corr = ", ".join(f"m={m}: {c:.2f}" for m, c in s["cos_corr_with_smallest"].items())

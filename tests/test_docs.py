@@ -43,26 +43,6 @@ def test_alignment_notebook_executes(align_dir, monkeypatch):
     assert len(pngs) == 2  # the curve and the heatmap
 
 
-def test_temporal_trap_notebook_executes(tiny_toy, tmp_path, monkeypatch):
-    """The notebook on a reduced experiment (tiny toy, budgets 2 and 4, 2 steps) run here first."""
-    import gradprobe.run
-    from gradprobe.experiments.trap import TrapOptions, run_trap
-    from gradprobe.toybox import ToySpec
-
-    monkeypatch.setattr(gradprobe.run, "DEFAULT_TOY", ToySpec(**tiny_toy.spec.__dict__))
-    out = tmp_path / "trap"
-    run_trap(TrapOptions(out=str(out), frames="2,4", steps=2, batch_size=2, probe_every=1, eval_images=24,
-                         eval_videos=4, cache_dir=str(tiny_toy.root.parent)))
-    monkeypatch.setenv("GRADPROBE_TRAP_DIR", str(out))
-    nb = nbformat.read(ROOT / "notebooks" / "temporal_trap_toy.ipynb", as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(out)}}).execute()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
-    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 1
-    text = "".join(o.get("text", "") for o in outputs)
-    assert "m=  2: image" in text and "m=  4: image" in text
-
-
 def test_decomposition_notebook_executes(tiny_toy, tmp_path, monkeypatch):
     """The notebook on the tiny toy: decomposed before and after a 2-step Video-SFT run made here first."""
     import gradprobe.run

@@ -153,8 +153,9 @@ def test_trap_hybrid_arm_beside_the_fixed_budgets(tiny_toy, tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-def test_trap_seeds_combines_seeds(tiny_toy, tmp_path, monkeypatch):
-    """benchmarks/trap_seeds.py: per-run changes across seeds are the mean of the seeds' own, with frames per clip."""
+def test_trap_seeds_probes_and_notebook(tiny_toy, tmp_path, monkeypatch):
+    """benchmarks/trap_seeds.py: per-run changes across seeds are the mean of the seeds' own, with frames per clip;
+    benchmarks/trap_probes.py: align and decompose on the runs' checkpoints; the trap notebook reads all three."""
     import subprocess
     import sys
     from pathlib import Path
@@ -180,6 +181,11 @@ def test_trap_seeds_combines_seeds(tiny_toy, tmp_path, monkeypatch):
         per = [s["runs"][key]["image_free"]["change"] for s in c["seeds"]]
         assert e["image_free"]["mean"] == pytest.approx(sum(per) / 2) and e["image_free"]["n_seeds"] == 2
         assert e["mean_frames"]["mean"] == e["frames"]
+    # chance: a uniform guess among the record's choices (motion questions have two: left or right)
+    motion = [v for e in c["across_seeds"] for t, v in e["video_types_restricted"].items() if t.startswith("motion/")]
+    assert motion and all(v["chance"] == 0.5 for v in motion)
+    v = motion[0]
+    assert v["last_minus_chance"]["mean"] == pytest.approx(v["last"] - 0.5)
     # benchmarks/trap_probes.py on the same runs: align on every checkpoint, decompose on the start and the
     # uniform run that has a control; across seeds, each statistic is the mean of the seeds'
     script = script.parent / "trap_probes.py"
@@ -203,3 +209,20 @@ def test_trap_seeds_combines_seeds(tiny_toy, tmp_path, monkeypatch):
     assert a["mean"] == pytest.approx(sum(s["align"]["static:4"]["4"]["A"] for s in seeds) / 2) and a["n_seeds"] == 2
     rho = p["across_seeds"]["decompose"]["uniform:4/static"]["rho_tmp"]
     assert rho["mean"] == pytest.approx(sum(s["decompose"]["uniform:4/static"]["rho_tmp"] for s in seeds) / 2)
+    # the notebook on the same runs and both scripts' outputs
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("GRADPROBE_TRAP_DIR", str(dirs[0]))
+    monkeypatch.setenv("GRADPROBE_TRAP_SEEDS", str(tmp_path / "c.json"))
+    monkeypatch.setenv("GRADPROBE_TRAP_PROBES", str(tmp_path / "p.json"))
+    nb = nbformat.read(script.parents[1] / "notebooks" / "temporal_trap_toy.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 1
+    text = "".join(o.get("text", "") for o in outputs) + "".join(o.get("data", {}).get("text/plain", "")
+                                                                 for o in outputs)
+    for needle in ("uniform m=2: image", "static m=4: image", "2 seeds: [0, 1]", "last − chance",
+                   "across seeds, uniform m=4: temporal types learned", "uniform:4/static: rho_sh"):
+        assert needle in text, needle
