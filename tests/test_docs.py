@@ -43,32 +43,6 @@ def test_alignment_notebook_executes(align_dir, monkeypatch):
     assert len(pngs) == 2  # the curve and the heatmap
 
 
-def test_decomposition_notebook_executes(tiny_toy, tmp_path, monkeypatch):
-    """The notebook on the tiny toy: decomposed before and after a 2-step Video-SFT run made here first."""
-    import gradprobe.run
-    from gradprobe.run import DecomposeOptions, run_decompose
-    from gradprobe.sft import SFTOptions, run_sft
-    from gradprobe.toybox import ToySpec
-
-    monkeypatch.setattr(gradprobe.run, "DEFAULT_TOY", ToySpec(**tiny_toy.spec.__dict__))
-    root = tmp_path / "decompose"
-    small = dict(frames="2,4,8", image_batches=4, batch_size=4, video_batches=4, video_batch_size=2, n_boot=200,
-                 image_data=str(tiny_toy.data("probe", "images")), video_data=str(tiny_toy.data("probe", "videos")))
-    run_decompose(DecomposeOptions(model=str(tiny_toy.model_dir), out=str(root / "base"), **small))
-    run_sft(SFTOptions(out=str(root / "sft"), frames=4, steps=2, batch_size=2, probe_every=1, save_steps=2,
-                       cache_dir=str(tiny_toy.root.parent)))
-    run_decompose(DecomposeOptions(model=str(root / "sft" / "final"), out=str(root / "after-sft"), **small))
-    monkeypatch.setenv("GRADPROBE_DECOMPOSE_DIR", str(root))
-    nb = nbformat.read(ROOT / "notebooks" / "decomposition_toy.ipynb", as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(root)}}).execute()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
-    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 1
-    text = "".join(o.get("text", "") for o in outputs)
-    for needle in ("--- base", "--- after-sft", "rho_sh = ", "m* model:", "m* empirical:", "before vs after"):
-        assert needle in text, needle
-
-
 def test_hybrid_frame_notebook_executes(tiny_toy, tmp_path, monkeypatch):
     """The notebook on reduced runs: three methods on the tiny toy's training clips, and a trap with hybrid
     arms (budgets 2 and 4, 1 step)."""

@@ -155,7 +155,8 @@ def test_trap_hybrid_arm_beside_the_fixed_budgets(tiny_toy, tmp_path, monkeypatc
 @pytest.mark.slow
 def test_trap_seeds_probes_and_notebook(tiny_toy, tmp_path, monkeypatch):
     """benchmarks/trap_seeds.py: per-run changes across seeds are the mean of the seeds' own, with frames per clip;
-    benchmarks/trap_probes.py: align and decompose on the runs' checkpoints; the trap notebook reads all three."""
+    benchmarks/trap_probes.py: align and decompose on the runs' checkpoints; the trap notebook reads all three, the
+    decomposition notebook one seed's decompositions."""
     import subprocess
     import sys
     from pathlib import Path
@@ -225,4 +226,14 @@ def test_trap_seeds_probes_and_notebook(tiny_toy, tmp_path, monkeypatch):
                                                                  for o in outputs)
     for needle in ("uniform m=2: image", "static m=4: image", "2 seeds: [0, 1]", "last − chance",
                    "across seeds, uniform m=4: temporal types learned", "uniform:4/static: rho_sh"):
+        assert needle in text, needle
+    monkeypatch.setenv("GRADPROBE_DECOMPOSE_DIR", str(tmp_path / "probes" / dirs[0].name))
+    nb = nbformat.read(script.parents[1] / "notebooks" / "decomposition_toy.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 1
+    text = "".join(o.get("text", "") for o in outputs)
+    for needle in ("--- smallest-start", "--- static-uniform-4", "rho_sh = ", "m* model:", "m* empirical:",
+                   "--- smallest-start vs smallest-uniform-4", "--- static-start vs static-uniform-4"):
         assert needle in text, needle
