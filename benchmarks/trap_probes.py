@@ -129,10 +129,45 @@ def main() -> None:
     ap.add_argument("--batches", default="--image-batches 16 --video-batches 24",
                     help="batch options given to both align and decompose")
     ap.add_argument("--out", help="write the combined JSON here")
+    ap.add_argument("--markdown", action="store_true", help="print the tables as markdown (as in RESULTS.md)")
     a = ap.parse_args()
     at = [int(x) for x in a.decompose_at.split(",")] if a.decompose_at else None
     seeds = [probe_seed(Path(d), Path(a.work) / Path(d).name, at, shlex.split(a.batches)) for d in a.dirs]
     across = _across(seeds)
+    if a.markdown:
+        print(_markdown(across))
+    else:
+        _plain(across)
+    if a.out:
+        Path(a.out).write_text(json.dumps({"seeds": dict(zip(a.dirs, seeds, strict=True)), "across_seeds": across},
+                                          indent=2) + "\n")
+        print(f"wrote {a.out}")
+
+
+def _cell(t: dict, digits: int = 2) -> str:
+    ci = f" [{t['ci95'][0]:+.{digits}f}, {t['ci95'][1]:+.{digits}f}]" if t["ci95"] else ""
+    return f"{t['mean']:+.{digits}f}{ci}"
+
+
+def _markdown(across: dict) -> str:
+    """A(m) per checkpoint and budget; the decomposition per checkpoint and shared variant."""
+    grid = list(next(iter(across["align"].values())))
+    lines = ["| checkpoint | " + " | ".join(f"A({m})" for m in grid) + " |", "|---|" + "---|" * len(grid)]
+    for run, per_m in across["align"].items():
+        lines.append(f"| {run} | " + " | ".join(_cell(per_m[m]["A"]) for m in grid) + " |")
+    lines += ["", "| checkpoint / g_sh | ρ_sh | ρ_tmp | α(m) | m* model (per seed) | m* empirical (per seed) | "
+              "checks held / violated / inconclusive (3, 4, 5 residual, 5 variance, α monotone) |", "|---|---|---|---|---|---|---|"]
+    for key, d in across["decompose"].items():
+        alpha = ", ".join(f"{m}: {v['mean']:.1f}" for m, v in d["alpha"].items())
+        checks = "; ".join("/".join(str(v.count(w)) for w in ("held", "violated", "inconclusive"))
+                           for v in d["checks"].values())
+        lines.append(f"| {key} | {_cell(d['rho_sh'])} | {_cell(d['rho_tmp'])} | {alpha} | "
+                     f"{', '.join(str(x or 'none') for x in d['m_star']['model'])} | "
+                     f"{', '.join(str(x or 'none') for x in d['m_star']['empirical'])} | {checks} |")
+    return "\n".join(lines)
+
+
+def _plain(across: dict) -> None:
     fmt = "{:+.2f}".format
     print("A(m) = <g_img, g_vid^(m)> on each checkpoint, mean over seeds [95% CI over seeds]")
     for run, per_m in across["align"].items():
@@ -144,10 +179,6 @@ def main() -> None:
         alpha = ", ".join(f"{m}: {v['mean']:.2f}" for m, v in d["alpha"].items())
         print(f"{key:>22} | rho_sh {fmt(d['rho_sh']['mean'])} rho_tmp {fmt(d['rho_tmp']['mean'])} | alpha {alpha} | "
               f"m* model {d['m_star']['model']} empirical {d['m_star']['empirical']}")
-    if a.out:
-        Path(a.out).write_text(json.dumps({"seeds": dict(zip(a.dirs, seeds, strict=True)), "across_seeds": across},
-                                          indent=2) + "\n")
-        print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":

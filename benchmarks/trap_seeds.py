@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from gradprobe.outputs import load_trap
+from gradprobe.outputs import budget_dir, load_trap
 
 KEYS = ("image_free", "image_restricted", "video_free", "video_restricted")
 
@@ -71,7 +71,8 @@ def _per_seed(d: str, r: dict, grid: list[int]) -> dict:
             "image_free_vs_uniform": b.get("image_vs_uniform", {}).get("image_free", {}).get("diff"),
             "mean_cos": b.get("alignment", {}).get("mean_cos"),
             "mean_frames": b.get("mean_frames", b["frames"]),
-            "seconds": b.get("seconds"),
+            "seconds": b.get("seconds") if b.get("seconds") is not None else json.loads(
+                (budget_dir(d, b["frames"], b.get("sampler", "uniform")) / "sft_summary.json").read_text()).get("seconds"),
             "video_types": {
                 f"{q}/{reach}": {"n": e["n"], "first": e["restricted"]["first"], "last": e["restricted"]["last"],
                                  "change": e["restricted"]["last"] - e["restricted"]["first"],
@@ -92,6 +93,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", help="output directories of gradprobe trap (one per seed)")
     ap.add_argument("--out", help="write the combined JSON here")
+    ap.add_argument("--markdown", action="store_true", help="print the tables as markdown (as in RESULTS.md)")
     a = ap.parse_args()
     runs = [json.loads((Path(d) / "trap_summary.json").read_text()) for d in a.dirs]
     layouts = {tuple(_run_key(b) for b in r["budgets"]) for r in runs}
@@ -131,8 +133,55 @@ def main() -> None:
         ci = f" [{t['ci95'][0]:+.3f}, {t['ci95'][1]:+.3f}]" if t["ci95"] else ""
         return f"{t['mean']:+.3f}{ci}"
 
+    if a.markdown:
+        print(_markdown(combined))
+    else:
+        _plain(combined, per_seed, grid, cell)
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {a.out}")
+
+
+def _cell(t: dict | None, digits: int = 3) -> str:
+    if t is None:
+        return "—"
+    ci = f" [{t['ci95'][0]:+.{digits}f}, {t['ci95'][1]:+.{digits}f}]" if t["ci95"] else ""
+    return f"{t['mean']:+.{digits}f}{ci}"
+
+
+def _type_cell(v: dict, t: str, chance: bool) -> str:
+    """A question type's restricted change (and last minus chance), with its records per seed."""
+    if t not in v:
+        return "—"
+    n = f" (n {round(float(np.mean(v[t]['n_records'])))})"
+    return _cell(v[t], 2) + (f"; {_cell(v[t]['last_minus_chance'], 2)}" if chance else "") + n
+
+
+def _markdown(combined: list[dict]) -> str:
+    """Two tables: accuracy changes per run, and restricted video accuracy per temporal question type."""
+    name = [f"{e['sampler']} {e['frames']}" for e in combined]
+    lines = ["| run | mean frames | image change | video change (free) | video change (restricted) | "
+             "image vs smallest m (uniform) or vs uniform (controls) | seconds |", "|---|---|---|---|---|---|---|"]
+    for n, e in zip(name, combined, strict=True):
+        vs = e["image_free_vs_uniform"] if e["sampler"] in ("static", "shuffled") else e["image_free_vs_smallest"]
+        secs = f"{e['seconds']['mean']:.0f}" if e["seconds"] else "—"
+        lines.append(f"| {n} | {e['mean_frames']['mean']:.1f} | {_cell(e['image_free'])} | {_cell(e['video_free'])} | "
+                     f"{_cell(e['video_restricted'])} | {_cell(vs)} | {secs} |")
+    types = sorted({t.split("/")[0] for e in combined for t in e["video_types_restricted"]} - {"static"})
+    lines += ["", "| run | " + " | ".join(f"{q}: change; last − chance" for q in types)
+              + " | " + " | ".join(f"{q} (m < m_min): change" for q in types) + " |",
+              "|---|" + "---|" * (2 * len(types))]
+    for n, e in zip(name, combined, strict=True):
+        v = e["video_types_restricted"]
+        row = [_type_cell(v, f"{q}/answerable", True) for q in types]
+        row += [_type_cell(v, f"{q}/unanswerable", False) for q in types]
+        lines.append(f"| {n} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _plain(combined: list[dict], per_seed: list[dict], grid: list[int], cell) -> None:
     shown = KEYS[:1] + KEYS[2:]
-    print(f"{'run':>14} | " + " | ".join(f"{k} change (mean over {len(runs)} seeds, 95% CI)" for k in shown))
+    print(f"{'run':>14} | " + " | ".join(f"{k} change (mean over {len(per_seed)} seeds, 95% CI)" for k in shown))
     for e in combined:
         print(f"{e['sampler'] + ' m=' + str(e['frames']):>14} | " + " | ".join(cell(e[k]) for k in shown))
     print("restricted video change per question type (answerable: m >= m_min), mean over seeds [95% CI]; "
@@ -146,9 +195,6 @@ def main() -> None:
         corr = ", ".join(f"m={m}: {c:.2f}" for m, c in s["cos_corr_with_smallest"].items())
         print(f"seed {s['seed']}: cos along the run in [{s['cos_range'][0]:+.3f}, {s['cos_range'][1]:+.3f}]; "
               f"Pearson correlation with m={grid[0]}'s: {corr}")
-    if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":
