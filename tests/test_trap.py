@@ -210,6 +210,14 @@ def test_trap_seeds_probes_and_notebook(tiny_toy, tmp_path, monkeypatch):
     assert a["mean"] == pytest.approx(sum(s["align"]["static:4"]["4"]["A"] for s in seeds) / 2) and a["n_seeds"] == 2
     rho = p["across_seeds"]["decompose"]["uniform:4/static"]["rho_tmp"]
     assert rho["mean"] == pytest.approx(sum(s["decompose"]["uniform:4/static"]["rho_tmp"] for s in seeds) / 2)
+    # the tables of RESULTS.md, from the same outputs (nothing is recomputed)
+    for name, extra, rows in (("trap_seeds.py", [], ["| uniform 2 | 2.0 |", "| static 4 | 4.0 |"]),
+                              ("trap_probes.py", ["--work", str(tmp_path / "probes"), "--batches", batches],
+                               ["| start |", "| uniform:4/static |"])):
+        res = subprocess.run([sys.executable, str(script.parent / name), *map(str, dirs), *extra, "--markdown"],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0 and all(r in res.stdout for r in rows), res.stdout + res.stderr
+        assert "gradprobe " not in res.stderr  # no command ran again
     # the notebook on the same runs and both scripts' outputs
     import nbformat
     from nbclient import NotebookClient
