@@ -33,7 +33,21 @@ def _t_interval(x: list[float]) -> dict:
         return {"mean": mean, "stderr": None, "ci95": None, "n_seeds": len(a)}
     se = float(a.std(ddof=1) / math.sqrt(len(a)))
     half = float(stats.t.ppf(0.975, len(a) - 1)) * se
-    return {"mean": mean, "stderr": se, "ci95": [mean - half, mean + half], "n_seeds": len(a)}
+    return {"mean": mean, "stderr": se, "ci95": [mean - half, mean + half], "n_seeds": len(a),
+            "seeds_for_80pct_power": _seeds_needed(mean, float(a.std(ddof=1)))}
+
+
+def _seeds_needed(effect: float, sd: float, most: int = 1000) -> int | None:
+    """Seeds at which a two-sided 5% t test over seeds detects ``effect`` with 80% power, if the seed-to-seed
+    standard deviation is ``sd`` (noncentral t); None when sd is 0 or more than ``most`` would be needed."""
+    if sd == 0 or effect == 0:
+        return None
+    for n in range(2, most + 1):
+        crit = stats.t.ppf(0.975, n - 1)
+        nc = abs(effect) / (sd / math.sqrt(n))
+        if stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc) >= 0.8:
+            return n
+    return None
 
 
 def _run_key(b: dict) -> str:
@@ -165,8 +179,12 @@ def _markdown(combined: list[dict]) -> str:
     for n, e in zip(name, combined, strict=True):
         vs = e["image_free_vs_uniform"] if e["sampler"] in ("static", "shuffled") else e["image_free_vs_smallest"]
         secs = f"{e['seconds']['mean']:.0f}" if e["seconds"] else "—"
+        power = ""  # an unresolved difference: how many seeds would resolve one of its size
+        if vs is not None and vs["ci95"] is not None and vs["ci95"][0] < 0 < vs["ci95"][1]:
+            need = vs["seeds_for_80pct_power"]
+            power = f" (80% power at {need} seeds)" if need else " (over 1000 seeds for 80% power)"
         lines.append(f"| {n} | {e['mean_frames']['mean']:.1f} | {_cell(e['image_free'])} | {_cell(e['video_free'])} | "
-                     f"{_cell(e['video_restricted'])} | {_cell(vs)} | {secs} |")
+                     f"{_cell(e['video_restricted'])} | {_cell(vs)}{power} | {secs} |")
     types = sorted({t.split("/")[0] for e in combined for t in e["video_types_restricted"]} - {"static"})
     lines += ["", "| run | " + " | ".join(f"{q}: change; last − chance" for q in types)
               + " | " + " | ".join(f"{q} (m < m_min): change" for q in types) + " |",

@@ -245,3 +245,19 @@ def test_trap_seeds_probes_and_notebook(tiny_toy, tmp_path, monkeypatch):
     for needle in ("--- smallest-start", "--- static-uniform-4", "rho_sh = ", "m* model:", "m* empirical:",
                    "--- smallest-start vs smallest-uniform-4", "--- static-start vs static-uniform-4"):
         assert needle in text, needle
+
+
+def test_seeds_for_power_match_the_one_sample_t_tables():
+    """benchmarks/trap_seeds.py's seed count for 80% power (two-sided 5%): standard one-sample t values."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "trap_seeds.py"
+    spec = importlib.util.spec_from_file_location("trap_seeds", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert [mod._seeds_needed(d, 1.0) for d in (2.0, 1.0, 0.5)] == [5, 10, 34]  # Cohen's d = 2, 1, 0.5
+    assert mod._seeds_needed(-1.0, 1.0) == 10 and mod._seeds_needed(0.0, 1.0) is None
+    assert mod._seeds_needed(0.01, 1.0) is None  # more than 1000 seeds
+    t = mod._t_interval([0.1, 0.3, 0.2])
+    assert t["seeds_for_80pct_power"] == mod._seeds_needed(0.2, 0.1)
