@@ -44,7 +44,7 @@ def _cli(args: list[str], out: Path, log: Path) -> None:
     """Run one gradprobe command unless its output is complete."""
     if _done(out, [args[i + 1] for i, a in enumerate(args) if a == "--model"]):
         return
-    print(f"gradprobe {' '.join(args[:1])} → {out}", file=sys.stderr)
+    print(f"gradprobe {args[0]} → {out}", file=sys.stderr)
     with open(log, "w") as err:
         subprocess.run([sys.executable, "-m", "cli.main", *args, "--out", str(out)], cwd=REPO, check=True,
                        stdout=subprocess.DEVNULL, stderr=err)
@@ -67,9 +67,10 @@ def probe_seed(trap: Path, work: Path, decompose_at: list[int] | None, batches: 
     work.mkdir(parents=True, exist_ok=True)
     models = [start] + [p for _, p in finals]
     _cli(["align", *[a for m in models for a in ("--model", str(m))], *common], work / "align", work / "align.err")
-    controls = sorted({int(k.split(":")[1]) for k, _ in finals if not k.startswith("uniform:")})
-    at = decompose_at or controls or [max(grid)]
-    dec_models = [("start", start)] + [(f"uniform:{m}", p) for k, p in finals for m in at if k == f"uniform:{m}"]
+    controls = sorted({int(k.split(":")[1]) for k, _ in finals if k.split(":")[0] in ("static", "shuffled")})
+    by_label = dict(finals)
+    dec_models = [("start", start)] + [(f"uniform:{m}", by_label[f"uniform:{m}"])
+                                       for m in decompose_at or controls or [max(grid)] if f"uniform:{m}" in by_label]
     for label, model in dec_models:
         for shared in ("smallest", "static"):
             name = f"decompose-{shared}-{label.replace(':', '-')}"
