@@ -287,3 +287,42 @@ def test_export_writes_each_clip_at_its_budget(tiny_toy, tmp_path):
         assert rec["messages"][0]["content"].startswith("<video>")
     r = runner.invoke(app, _toy_args(tiny_toy, tmp_path / "c", "--export", "parquet", str(tmp_path / "p")), env=ENV)
     assert r.exit_code == 2 and "--export: unknown format 'parquet'" in r.output
+
+
+def test_budget_scores_script_reads_the_runs_side_by_side(tmp_path):
+    """benchmarks/budget_scores.py: each method's scores per type, the uniform rows once, Eq. 28's row; runs on
+    other clips are refused."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    grid = [8, 16]
+    rows = [{"id": "a", "frames": 8, "qtype": "blink", "m_min": 11}, {"id": "b", "frames": 16, "qtype": "blink",
+            "m_min": 16}, {"id": "c", "frames": 16, "qtype": "order", "m_min": 4}]
+    a = {"n": 2, "A_allocated": {"mean": 1.5}, "A_largest": {"mean": -0.25},
+         "difference": {"mean": 1.75, "ci95": [0.5, 3.0]}}
+    for method, frames, align in (("sufficiency", 8, a), ("gradient", 16, None)):
+        d = tmp_path / method
+        d.mkdir()
+        got = [dict(r, frames=frames) for r in rows]
+        d.joinpath("budget_summary.json").write_text(json.dumps(
+            {"method": method, "tolerance": 0.1, "frames": grid, "mean_frames": frames, "tokens_saved_fraction": 0.25,
+             "score": score_manifest(got, grid), **({"alignment": align} if align else {})}))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "budget_scores.py"
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "sufficiency"), str(tmp_path / "gradient"),
+                          "--markdown", "--out", str(tmp_path / "all.json")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    # blink: targets 16 and 16; all at 8 is under for both; all at 16 exact for both. order: target 8.
+    assert "| `sufficiency` (tolerance 0.1) | 0.00 / 1.00 / 8.0 | 1.00 / 0.00 / 8.0 | 0.33 / 0.67 / 8.0 |" in lines
+    assert "| `gradient` (tolerance 0.1) | 1.00 / 0.00 / 16.0 | 0.00 / 0.00 / 16.0 | 0.67 / 0.00 / 16.0 |" in lines
+    assert sum(x.startswith("| uniform ") for x in lines) == 2
+    assert "| `sufficiency` | 8.0 | 25% | 2 | +1.50 | -0.25 | +1.75 [+0.50, +3.00] |" in lines
+    assert "| `gradient` | 16.0 | 25% | — | — | — | — |" in lines
+    assert set(json.loads((tmp_path / "all.json").read_text())) == {"sufficiency", "gradient"}
+    s = json.loads((tmp_path / "gradient" / "budget_summary.json").read_text())
+    s["score"] = score_manifest([dict(r, frames=16) for r in rows[:2]], grid)
+    (tmp_path / "gradient" / "budget_summary.json").write_text(json.dumps(s))
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "sufficiency"), str(tmp_path / "gradient")],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "other clips or another grid" in res.stderr
