@@ -175,16 +175,16 @@ def _markdown(combined: list[dict]) -> str:
     """Two tables: accuracy changes per run, and restricted video accuracy per temporal question type."""
     name = [f"{e['sampler']} {e['frames']}" for e in combined]
     lines = ["| run | mean frames | image change | video change (free) | video change (restricted) | "
-             "image vs smallest m (uniform) or vs uniform (controls) | seconds |", "|---|---|---|---|---|---|---|"]
+             "image vs smallest m (uniform) or vs uniform (controls) | mean cos(update, ḡ_img) along the run |",
+             "|---|---|---|---|---|---|---|"]
     for n, e in zip(name, combined, strict=True):
         vs = e["image_free_vs_uniform"] if e["sampler"] in ("static", "shuffled") else e["image_free_vs_smallest"]
-        secs = f"{e['seconds']['mean']:.0f}" if e["seconds"] else "—"
         power = ""  # an unresolved difference: how many seeds would resolve one of its size
         if vs is not None and vs["ci95"] is not None and vs["ci95"][0] < 0 < vs["ci95"][1]:
             need = vs["seeds_for_80pct_power"]
             power = f" (80% power at {need} seeds)" if need else " (over 1000 seeds for 80% power)"
         lines.append(f"| {n} | {e['mean_frames']['mean']:.1f} | {_cell(e['image_free'])} | {_cell(e['video_free'])} | "
-                     f"{_cell(e['video_restricted'])} | {_cell(vs)}{power} | {secs} |")
+                     f"{_cell(e['video_restricted'])} | {_cell(vs)}{power} | {_cell(e['mean_cos'])} |")
     types = sorted({t.split("/")[0] for e in combined for t in e["video_types_restricted"]} - {"static"})
     lines += ["", "| run | " + " | ".join(f"{q}: change; last − chance" for q in types)
               + " | " + " | ".join(f"{q} (m < m_min): change" for q in types) + " |",

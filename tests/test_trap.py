@@ -218,6 +218,10 @@ def test_trap_seeds_probes_and_notebook(tiny_toy, tmp_path, monkeypatch):
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 0 and all(r in res.stdout for r in rows), res.stdout + res.stderr
         assert "gradprobe " not in res.stderr  # no command ran again
+        if name == "trap_seeds.py":  # the last column: the runs' mean cosine along the run, across seeds
+            cos = next(e for e in c["across_seeds"] if e["sampler"] == "static")["mean_cos"]
+            row = next(x for x in res.stdout.splitlines() if x.startswith("| static 4 |"))
+            assert row.endswith(f"| {cos['mean']:+.3f} [{cos['ci95'][0]:+.3f}, {cos['ci95'][1]:+.3f}] |"), row
     # the notebook on the same runs and both scripts' outputs
     import nbformat
     from nbclient import NotebookClient
