@@ -3,8 +3,8 @@
     gradprobe trap --seed 0 --out trap-s0   # and --seed 1, --seed 2 ...
     python benchmarks/trap_seeds.py trap-s0 trap-s1 trap-s2 trap-s3 trap-s4 --out benchmarks/results/trap_toy.json
 
-A run is a (sampler, budget) pair: the uniform sampler, and the static/shuffled controls where the experiment
-ran them. Within a seed, the interval of a change is over held-out records (paired). Across seeds, the mean
+A run is a (sampler, budget) pair: the uniform sampler, and the static/shuffled controls and the hybrid arms
+where the experiment ran them. Within a seed, the interval of a change is over held-out records (paired). Across seeds, the mean
 change gets a t interval over seeds, which is what carries run-to-run variation. Per question type, the video
 change is over the records each budget can answer (m ≥ m_min) and, separately, those it cannot, with the
 final accuracy against chance (a uniform guess among each record's choices).
@@ -175,10 +175,11 @@ def _markdown(combined: list[dict]) -> str:
     """Two tables: accuracy changes per run, and restricted video accuracy per temporal question type."""
     name = [f"{e['sampler']} {e['frames']}" for e in combined]
     lines = ["| run | mean frames | image change | video change (free) | video change (restricted) | "
-             "image vs smallest m (uniform) or vs uniform (controls) | mean cos(update, ḡ_img) along the run |",
+             "image vs smallest m (uniform) or vs uniform at the same m (controls, hybrid arms) | "
+             "mean cos(update, ḡ_img) along the run |",
              "|---|---|---|---|---|---|---|"]
     for n, e in zip(name, combined, strict=True):
-        vs = e["image_free_vs_uniform"] if e["sampler"] in ("static", "shuffled") else e["image_free_vs_smallest"]
+        vs = e["image_free_vs_uniform"] if e["sampler"] != "uniform" else e["image_free_vs_smallest"]
         power = ""  # an unresolved difference: how many seeds would resolve one of its size
         if vs is not None and vs["ci95"] is not None and vs["ci95"][0] < 0 < vs["ci95"][1]:
             need = vs["seeds_for_80pct_power"]

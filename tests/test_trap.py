@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -146,6 +147,15 @@ def test_trap_hybrid_arm_beside_the_fixed_budgets(tiny_toy, tmp_path, monkeypatc
     assert opts["manifest"].endswith("manifest.jsonl") and opts["frames"] == 4  # scored at the largest budget
     vs = hyb["image_vs_uniform"]["image_free"]["diff"]
     assert vs == pytest.approx(hyb["image_free"]["last"] - s["budgets"][1]["image_free"]["last"])
+    # benchmarks/trap_seeds.py compares the hybrid arm with the uniform run at its budget, as the summary does
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "trap_seeds.py"
+    p = subprocess.run([sys.executable, str(script), str(out), "--markdown"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    row = next(x for x in p.stdout.splitlines() if x.startswith("| hybrid-sufficiency 4 |"))
+    assert row.split(" | ")[5].startswith(f"{vs:+.3f}"), row
     r = runner.invoke(app, ["plot", str(out)])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["trap", "--frames", "2", "--hybrid", "oracle", "--out", str(tmp_path / "x")])
