@@ -102,6 +102,14 @@ def read_seed(work: Path, labels: dict[str, str], dec_labels: list[str]) -> dict
     return {"align": align, "decompose": dec}
 
 
+def _over_defined(values: list[float | None]) -> dict:
+    """A t interval over the seeds where the statistic is defined (ρ_tmp is not where the decomposition resolves
+    no temporal direction); ``n_undefined`` counts the others."""
+    vals = [v for v in values if v is not None]
+    out = _t_interval(vals) if vals else {"mean": None, "stderr": None, "ci95": None, "n_seeds": 0}
+    return {**out, "n_undefined": len(values) - len(vals)}
+
+
 def _across(seeds: list[dict]) -> dict:
     """t intervals over seeds, for the checkpoints every seed has (hybrid arms may be missing from some)."""
     first = seeds[0]
@@ -113,7 +121,7 @@ def _across(seeds: list[dict]) -> dict:
             continue
         dec[key] = {
             "rho_sh": _t_interval([s["decompose"][key]["rho_sh"] for s in seeds]),
-            "rho_tmp": _t_interval([s["decompose"][key]["rho_tmp"] for s in seeds]),
+            "rho_tmp": _over_defined([s["decompose"][key]["rho_tmp"] for s in seeds]),
             "alpha": {m: _t_interval([s["decompose"][key]["budgets"][m]["alpha"] for s in seeds]) for m in d["budgets"]},
             "A": {m: _t_interval([s["decompose"][key]["budgets"][m]["A"] for s in seeds]) for m in d["budgets"]},
             "checks": {c: [s["decompose"][key]["checks"][c] for s in seeds] for c in d["checks"]},
@@ -146,8 +154,11 @@ def main() -> None:
 
 
 def _cell(t: dict, digits: int = 2) -> str:
+    if t["mean"] is None:
+        return f"none resolved ({t['n_undefined']} seeds)"
     ci = f" [{t['ci95'][0]:+.{digits}f}, {t['ci95'][1]:+.{digits}f}]" if t["ci95"] else ""
-    return f"{t['mean']:+.{digits}f}{ci}"
+    missing = f" ({t['n_seeds']} of {t['n_seeds'] + t['n_undefined']} seeds)" if t.get("n_undefined") else ""
+    return f"{t['mean']:+.{digits}f}{ci}{missing}"
 
 
 def _markdown(across: dict) -> str:
@@ -169,7 +180,9 @@ def _markdown(across: dict) -> str:
 
 
 def _plain(across: dict) -> None:
-    fmt = "{:+.2f}".format
+    def fmt(x: float | None) -> str:
+        return "none" if x is None else f"{x:+.2f}"
+
     print("A(m) = <g_img, g_vid^(m)> on each checkpoint, mean over seeds [95% CI over seeds]")
     for run, per_m in across["align"].items():
         cells = [f"m={m}: {fmt(v['A']['mean'])}" + (f" [{fmt(v['A']['ci95'][0])}, {fmt(v['A']['ci95'][1])}]"

@@ -219,7 +219,10 @@ def test_trap_seeds_probes_and_notebook(tiny_toy, tmp_path, monkeypatch):
     a = p["across_seeds"]["align"]["static:4"]["4"]["A"]
     assert a["mean"] == pytest.approx(sum(s["align"]["static:4"]["4"]["A"] for s in seeds) / 2) and a["n_seeds"] == 2
     rho = p["across_seeds"]["decompose"]["uniform:4/static"]["rho_tmp"]
-    assert rho["mean"] == pytest.approx(sum(s["decompose"]["uniform:4/static"]["rho_tmp"] for s in seeds) / 2)
+    per_seed = [s["decompose"]["uniform:4/static"]["rho_tmp"] for s in seeds]  # None: no temporal direction
+    defined = [v for v in per_seed if v is not None]
+    assert rho["n_undefined"] == len(per_seed) - len(defined) and rho["n_seeds"] == len(defined)
+    assert rho["mean"] == (pytest.approx(sum(defined) / len(defined)) if defined else None)
     # the tables of RESULTS.md, from the same outputs (nothing is recomputed)
     for name, extra, rows in (("trap_seeds.py", [], ["| uniform 2 | 2.0 |", "| static 4 | 4.0 |"]),
                               ("trap_probes.py", ["--work", str(tmp_path / "probes"), "--batches", batches],
@@ -275,3 +278,25 @@ def test_seeds_for_power_match_the_one_sample_t_tables():
     assert mod._seeds_needed(0.01, 1.0) is None  # more than 1000 seeds
     t = mod._t_interval([0.1, 0.3, 0.2])
     assert t["seeds_for_80pct_power"] == mod._seeds_needed(0.2, 0.1)
+
+
+def test_probes_across_seeds_skip_undefined_values():
+    """benchmarks/trap_probes.py: ρ_tmp is undefined for a seed whose decomposition resolves no temporal
+    direction; the interval is over the seeds that have it, and the others are counted, not averaged in as NaN."""
+    import importlib.util
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("trap_probes", bench / "trap_probes.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench))
+    t = mod._over_defined([1.0, None, 3.0])
+    assert t["mean"] == 2.0 and t["n_seeds"] == 2 and t["n_undefined"] == 1 and t["ci95"] is not None
+    assert mod._cell(t).endswith("(2 of 3 seeds)")
+    none = mod._over_defined([None, None])
+    assert none["mean"] is None and none["n_undefined"] == 2 and mod._cell(none) == "none resolved (2 seeds)"
+    assert mod._over_defined([0.5, 1.5])["n_undefined"] == 0 and "seeds)" not in mod._cell(mod._over_defined([0.5, 1.5]))
