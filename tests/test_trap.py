@@ -264,15 +264,19 @@ def test_trap_seeds_probes_and_notebook(tiny_toy, tmp_path, monkeypatch):
         assert needle in text, needle
 
 
-def test_seeds_for_power_match_the_one_sample_t_tables():
-    """benchmarks/trap_seeds.py's seed count for 80% power (two-sided 5%): standard one-sample t values."""
+def _bench(name: str):
+    """A script of benchmarks/ loaded as a module (trap_probes.py puts its own folder on sys.path itself)."""
     import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "trap_seeds.py"
-    spec = importlib.util.spec_from_file_location("trap_seeds", path)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_seeds_for_power_match_the_one_sample_t_tables():
+    """benchmarks/trap_seeds.py's seed count for 80% power (two-sided 5%): standard one-sample t values."""
+    mod = _bench("trap_seeds")
     assert [mod._seeds_needed(d, 1.0) for d in (2.0, 1.0, 0.5)] == [5, 10, 34]  # Cohen's d = 2, 1, 0.5
     assert mod._seeds_needed(-1.0, 1.0) == 10 and mod._seeds_needed(0.0, 1.0) is None
     assert mod._seeds_needed(0.01, 1.0) is None  # more than 1000 seeds
@@ -283,17 +287,7 @@ def test_seeds_for_power_match_the_one_sample_t_tables():
 def test_probes_across_seeds_skip_undefined_values():
     """benchmarks/trap_probes.py: ρ_tmp is undefined for a seed whose decomposition resolves no temporal
     direction; the interval is over the seeds that have it, and the others are counted, not averaged in as NaN."""
-    import importlib.util
-    import sys
-
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(bench))
-    try:
-        spec = importlib.util.spec_from_file_location("trap_probes", bench / "trap_probes.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(bench))
+    mod = _bench("trap_probes")
     t = mod._over_defined([1.0, None, 3.0])
     assert t["mean"] == 2.0 and t["n_seeds"] == 2 and t["n_undefined"] == 1 and t["ci95"] is not None
     assert mod._cell(t).endswith("(2 of 3 seeds)")
