@@ -90,6 +90,7 @@ def _per_seed(d: str, r: dict, grid: list[int]) -> dict:
             "video_types": {
                 f"{q}/{reach}": {"n": e["n"], "first": e["restricted"]["first"], "last": e["restricted"]["last"],
                                  "change": e["restricted"]["last"] - e["restricted"]["first"],
+                                 "free_change": e["free"]["last"] - e["free"]["first"],
                                  "chance": chance[f"{q}/{reach}"]}
                 for q, parts in b.get("video_types", {}).items() for reach, e in parts.items()
             },
@@ -136,6 +137,8 @@ def main() -> None:
                 "n_records": [s["runs"][key]["video_types"][t]["n"] for s in per_seed]}
             for t in types
         }
+        entry["video_types_free"] = {t: _t_interval([s["runs"][key]["video_types"][t]["free_change"] for s in per_seed])
+                                     for t in types}
         combined.append(entry)
     result = {"options": {k: v for k, v in runs[0]["options"].items() if k not in ("seed", "out")},
               "seeds": per_seed, "across_seeds": combined,
@@ -172,7 +175,8 @@ def _type_cell(v: dict, t: str, chance: bool) -> str:
 
 
 def _markdown(combined: list[dict]) -> str:
-    """Two tables: accuracy changes per run, and restricted video accuracy per temporal question type."""
+    """Three tables: accuracy changes per run, restricted video accuracy per temporal question type, and free
+    accuracy per type with the static questions' restricted accuracy."""
     name = [f"{e['sampler']} {e['frames']}" for e in combined]
     lines = ["| run | mean frames | image change | video change (free) | video change (restricted) | "
              "image vs smallest m (uniform) or vs uniform at the same m (controls, hybrid arms) | "
@@ -195,6 +199,14 @@ def _markdown(combined: list[dict]) -> str:
         row = [_type_cell(v, f"{q}/answerable", True) for q in types]
         row += [_type_cell(v, f"{q}/unanswerable", False) for q in types]
         lines.append(f"| {n} | " + " | ".join(row) + " |")
+    # free accuracy per type (which the answer vocabulary alone can move), and whether static stays answerable
+    lines += ["", "| run | " + " | ".join(f"{q}: free change" for q in types)
+              + " | static: restricted first → last |", "|---|" + "---|" * (len(types) + 1)]
+    for n, e in zip(name, combined, strict=True):
+        free = [_cell(e["video_types_free"].get(f"{q}/answerable"), 2) for q in types]
+        st = e["video_types_restricted"].get("static/answerable")
+        static = f"{st['first']:.2f} → {st['last']:.2f}" if st else "—"
+        lines.append(f"| {n} | " + " | ".join(free) + f" | {static} |")
     return "\n".join(lines)
 
 

@@ -604,7 +604,7 @@ def sft(
     video_data: Annotated[str | None, typer.Option(help="JSONL of video training records.")] = None,
     image_probe: Annotated[str | None, typer.Option(help="JSONL of held-out image records for the probe.")] = None,
     data_root: Annotated[str | None, typer.Option(help="Directory media paths are relative to.")] = None,
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 3000,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 6000,
     batch_size: Annotated[int, typer.Option(help="Video batch size.")] = 8,
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay).")] = 5e-4,
@@ -649,7 +649,7 @@ def sft(
 def trap(
     out: Annotated[str, typer.Option(help="Output directory: one frames-<m> run per budget and trap_summary.json.")] = "gradprobe-trap",
     frames: Annotated[str, typer.Option(help="Frame budgets, one Video-SFT run each.")] = "8,16,32,64",
-    steps: Annotated[int, typer.Option(help="Optimizer steps per run.")] = 3000,
+    steps: Annotated[int, typer.Option(help="Optimizer steps per run.")] = 6000,
     batch_size: Annotated[int, typer.Option(help="Video batch size.")] = 8,
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay).")] = 5e-4,
     probe_every: Annotated[int, typer.Option(help="Probe alignment every N steps.")] = 500,

@@ -39,7 +39,7 @@ class SFTOptions:
     video_data: str | None = None
     image_probe: str | None = None
     data_root: str | None = None
-    steps: int = 3000
+    steps: int = 6000
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 5e-4

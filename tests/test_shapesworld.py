@@ -93,6 +93,7 @@ def test_blink_m_min_matches_the_sampler():
         on = _light_on(frames)
         blinks = _runs(on)
         assert len(blinks) == int(ans)  # the rendered video has n blinks
+        assert on.sum() == sw.BLINK_LIT and len({n for _, n in blinks}) == 1  # lit as long, in equal blinks
 
         def countable(m, on=on, blinks=blinks):
             idx = uniform_indices(len(on), m)
@@ -108,21 +109,32 @@ def _colour_present(frames, colour):
 
 
 def test_order_m_min_matches_the_sampler():
-    """m_min is the smallest budget whose sampled frames include one where the first colour is alone."""
+    """The first colour is alone, then both are on the canvas, then the second is alone, each for as many
+    frames (so the colours' frame counts do not tell the answer); m_min is the smallest budget whose sampled
+    frames fall in two of these phases."""
     rng = np.random.default_rng(3)
-    for _ in range(12):
+    m_mins = []
+    for _ in range(24):
         frames, q, ans, qtype, choices, m_min = sw.video_sample(rng, "order")
         assert qtype == "order" and ans in choices and q == "which colour appears first ?"
         others = [c for c in sw.COLOURS if c != ans and _colour_present(frames, c).any()]
-        assert len(others) == 1  # two shapes: the answer's colour and one other, which comes later
-        alone = _colour_present(frames, ans) & ~_colour_present(frames, others[0])
-        assert alone.any() and not (_colour_present(frames, others[0]) & ~_colour_present(frames, ans)).any()
+        assert len(others) == 1  # two shapes: the answer's colour and one other
+        first, second = _colour_present(frames, ans), _colour_present(frames, others[0])
+        phases = [first & ~second, first & second, second & ~first]
+        runs = [_runs(p) for p in phases]
+        assert all(len(r) == 1 for r in runs)  # each phase is one run of frames
+        (a0, w), (b0, wb), (c0, wc) = (r[0] for r in runs)
+        assert w == wb == wc and 4 <= w <= 16 and b0 == a0 + w and c0 == b0 + w
+        assert first.sum() == second.sum()
 
-        def answerable(m, alone=alone):
-            return bool(alone[uniform_indices(len(alone), m)].any())
+        def answerable(m, phases=phases):
+            idx = uniform_indices(len(first), m)
+            return sum(bool(p[idx].any()) for p in phases) >= 2
 
         assert answerable(m_min)
         assert m_min == 1 or not answerable(m_min - 1)
+        m_mins.append(m_min)
+    assert min(m_mins) >= 2 and max(m_mins) > min(m_mins)  # one frame never tells; budgets vary by clip
 
 
 def test_motion_direction_is_in_the_frames_not_in_one_frame():

@@ -89,6 +89,15 @@ def test_trap_runs_each_budget_and_resumes(tiny_toy, tmp_path, monkeypatch):
     r = runner.invoke(app, ["plot", str(out)])
     assert r.exit_code == 0, r.output
     assert (out / "trap.png").read_bytes()[:4] == b"\x89PNG"
+    # a finished run of another recipe or from another toy is not kept beside the others: refused before training
+    r = runner.invoke(app, [*args[:4], "3", *args[5:]], env={"COLUMNS": "200"})
+    assert r.exit_code == 2 and "a finished run with steps 2 (this experiment: 3)" in r.output, r.output
+    p = out / "frames-2" / "sft_summary.json"
+    kept = json.loads(p.read_text())
+    p.write_text(json.dumps({**kept, "model": str(Path(kept["model"]).parent.parent / "toy-v1-other" / "model")}))
+    r = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert r.exit_code == 2 and "a finished run trained from toy toy-v1-other" in r.output, r.output
+    assert not (out / "frames-2" / "checkpoint-3").exists()
 
 
 def test_trap_controls_run_beside_uniform(tiny_toy, tmp_path, monkeypatch):
@@ -197,6 +206,12 @@ def test_trap_seeds_probes_and_notebook(tiny_toy, tmp_path, monkeypatch):
     assert motion and all(v["chance"] == 0.5 for v in motion)
     v = motion[0]
     assert v["last_minus_chance"]["mean"] == pytest.approx(v["last"] - 0.5)
+    # free accuracy per type: across seeds, the mean of the seeds' own changes
+    for e in c["across_seeds"]:
+        key = f"{e['sampler']}:{e['frames']}"
+        for t, v in e["video_types_free"].items():
+            per = [s["runs"][key]["video_types"][t]["free_change"] for s in c["seeds"]]
+            assert v["mean"] == pytest.approx(sum(per) / 2)
     # benchmarks/trap_probes.py on the same runs: align on every checkpoint, decompose on the start and the
     # uniform run that has a control; across seeds, each statistic is the mean of the seeds'
     script = script.parent / "trap_probes.py"
@@ -224,7 +239,8 @@ def test_trap_seeds_probes_and_notebook(tiny_toy, tmp_path, monkeypatch):
     assert rho["n_undefined"] == len(per_seed) - len(defined) and rho["n_seeds"] == len(defined)
     assert rho["mean"] == (pytest.approx(sum(defined) / len(defined)) if defined else None)
     # the tables of RESULTS.md, from the same outputs (nothing is recomputed)
-    for name, extra, rows in (("trap_seeds.py", [], ["| uniform 2 | 2.0 |", "| static 4 | 4.0 |"]),
+    for name, extra, rows in (("trap_seeds.py", [], ["| uniform 2 | 2.0 |", "| static 4 | 4.0 |",
+                                                       "static: restricted first → last |"]),
                               ("trap_probes.py", ["--work", str(tmp_path / "probes"), "--batches", batches],
                                ["| start |", "| uniform:4/static |"])):
         res = subprocess.run([sys.executable, str(script.parent / name), *map(str, dirs), *extra, "--markdown"],

@@ -9,9 +9,13 @@ need different temporal budgets:
 * ``static`` — an attribute visible in every frame (one frame suffices);
 * ``motion`` — which way a shape crosses the canvas (within 16–24 frames), of the two directions of the axis
   the question names (two frames);
-* ``order`` — which of two colours appears first (a frame inside a window of 4–16 frames where the first
-  shape is alone);
-* ``blink`` — how many times a small light blinks, each blink 4 frames long (dense sampling).
+* ``order`` — which of two colours appears first: the first shape is alone for w frames (w in 4–16), then
+  both are on the canvas for w frames, then the second is alone for w frames. Each colour is on the canvas
+  for as many frames, so which colours a set of frames shows does not tell the answer; the order of two
+  frames from different phases does;
+* ``blink`` — how many times (1–3) a small light blinks: lit 12 frames in all, in equal blinks, so how many
+  lit frames a clip has does not tell the count; the frames must show each blink as a separate run (dense
+  sampling).
 
 Every answer is a word the image questions also use (colours, shapes, numbers, yes/no, left/right) or, for
 vertical motion, up/down, so a model cannot gain accuracy on video questions by learning new answer words.
@@ -61,6 +65,8 @@ DIRECTIONS = ("left", "right", "up", "down")
 
 IMAGE_QTYPES = ("colour", "exist", "count", "position")
 VIDEO_QTYPES = ("static", "motion", "order", "blink")
+#: frames the blink clips' light is lit, whatever the number of blinks (1, 2 or 3: 12, 6 or 4 frames each)
+BLINK_LIT = 12
 
 
 @dataclass(frozen=True)
@@ -200,23 +206,27 @@ def video_sample(rng: np.random.Generator, qtype: str | None = None) -> tuple[np
         pair = ("left", "right") if direction in ("left", "right") else ("up", "down")
         return frames, f"does the {kind} move {pair[0]} or {pair[1]} ?", direction, qtype, pair, 2
     if qtype == "order":
-        # two shapes of different colours; the first is alone on the canvas for a window of 4-16 frames
+        # two shapes of different colours: the first alone for w frames, both for w, the second alone for w
         cols = [str(c) for c in rng.choice(list(COLOURS), size=2, replace=False)]
         kinds = [str(k) for k in rng.choice(SHAPES, size=2)]
-        window = int(rng.integers(4, 17))
-        t1 = int(rng.integers(1, T - window - 8))
-        t2 = t1 + window
+        w = int(rng.integers(4, 17))
+        t1 = int(rng.integers(1, T - 3 * w + 1))
+        spans = ((t1, t1 + 2 * w), (t1 + w, t1 + 3 * w))  # frames on which each shape is on the canvas
         spots = _place(rng, 2)
         frames = np.stack([
-            draw([Shape(kinds[i], cols[i], *spots[i]) for i, ti in enumerate((t1, t2)) if t >= ti])
+            draw([Shape(kinds[i], cols[i], *spots[i]) for i, (a, b) in enumerate(spans) if a <= t < b])
             for t in range(T)
         ])
-        m_min = _m_min(lambda idx: bool(np.any((idx >= t1) & (idx < t2))))
-        return frames, "which colour appears first ?", cols[0], qtype, tuple(COLOURS), m_min
-    # blink: a light blinks n times, each for 4 frames, with at least 4 dark frames between blinks
+
+        def ordered(idx: np.ndarray) -> bool:  # two sampled frames from different phases
+            phase = (idx - t1) // w
+            return len({int(p) for p in phase[(phase >= 0) & (phase < 3)]}) >= 2
+
+        return frames, "which colour appears first ?", cols[0], qtype, tuple(COLOURS), _m_min(ordered)
+    # blink: a light blinks n times, lit 12 frames in all (12 / n per blink), at least 4 dark frames between
     n = int(rng.integers(1, 4))
     (x, y, r), = _place(rng, 1)
-    on_for, dark = 4, 4
+    on_for, dark = BLINK_LIT // n, 4
     while True:
         starts = sorted(int(s) for s in rng.choice(np.arange(1, T - on_for), size=n, replace=False))
         if all(b - a >= on_for + dark for a, b in zip(starts, starts[1:], strict=False)):

@@ -41,7 +41,7 @@ class TrapOptions:
 
     out: str
     frames: str = "8,16,32,64"
-    steps: int = 3000
+    steps: int = 6000
     batch_size: int = 8
     lr: float = 5e-4
     probe_every: int = 500
@@ -110,6 +110,9 @@ def run_trap(opts: TrapOptions, log: Any = None, progress: Any = None) -> dict[s
     if opts.eval_every is not None:
         check_positive_int("eval-every", opts.eval_every)
     out = Path(opts.out)
+    for sampler, m in runs:  # before any training: every finished run kept must be comparable
+        if (budget_dir(out, m, sampler) / "sft_summary.json").is_file():
+            _check_kept(budget_dir(out, m, sampler) / "sft_summary.json", opts)
     out.mkdir(parents=True, exist_ok=True)
     for sampler, m in runs:
         d = budget_dir(out, m, sampler)
@@ -143,6 +146,30 @@ def run_trap(opts: TrapOptions, log: Any = None, progress: Any = None) -> dict[s
 
     write_json(out / SUMMARY, summary)
     return summary
+
+
+#: what must be the same for a finished run to be kept beside the ones this experiment trains
+RECIPE = ("steps", "batch_size", "lr", "seed", "probe_every", "eval_images", "eval_videos")
+
+
+def _check_kept(path: Path, opts: TrapOptions) -> None:
+    """A finished run is kept only if it was trained with this experiment's recipe, from this toy.
+
+    Raises:
+        InputError: naming the first difference (the run would not be comparable with the others).
+    """
+    from gradprobe.run import DEFAULT_TOY
+
+    s = json.loads(path.read_text())
+    kept = s.get("options", {})
+    for name in RECIPE:
+        if kept.get(name) != getattr(opts, name):
+            raise InputError(f"{path.parent}: a finished run with {name.replace('_', '-')} {kept.get(name)} "
+                             f"(this experiment: {getattr(opts, name)}); give another --out or remove it")
+    toy = Path(s.get("model", "")).parent.name
+    if toy != DEFAULT_TOY.key:
+        raise InputError(f"{path.parent}: a finished run trained from toy {toy or '?'} (this experiment: "
+                         f"{DEFAULT_TOY.key}); give another --out or remove it")
 
 
 def _run_facts(d: Path, m: int) -> dict[str, Any]:
