@@ -128,7 +128,7 @@ def test_order_m_min_matches_the_sampler():
         assert first.sum() == second.sum()
 
         def answerable(m, phases=phases):
-            idx = uniform_indices(len(first), m)
+            idx = uniform_indices(len(phases[0]), m)
             return sum(bool(p[idx].any()) for p in phases) >= 2
 
         assert answerable(m_min)
