@@ -47,6 +47,8 @@ def test_noiseless_planted_recovers_g_sh_g_tmp_alpha_and_m_star_exactly():
         assert b["A_pred"] == pytest.approx(p.truth(m), abs=1e-12)
         assert b["residual"] == pytest.approx(0.0, abs=1e-12)
         assert b["var_eps"] == pytest.approx(0.0, abs=1e-12)
+        # d_m lies along ĝ_tmp: all of ‖d_m‖² is explained, except where d_m = 0 (no share to speak of)
+        assert (b["explained"] is None) if p.alpha(m) == 0 else b["explained"] == pytest.approx(1.0, rel=1e-9)
     # ĝ_tmp = Σ c_m d_m with d_m = α_true(m) t is the unit vector along t
     c = s["tmp_direction"]["coefficients"]
     g_tmp = sum(c[str(m)] * p.alpha(m) * p.t for m in FRAMES)
@@ -112,6 +114,15 @@ def _near(estimate, ci, truth):
     """Within twice the interval's half-width (about 4 standard errors) of the truth: one run checks
     recovery; coverage is what test_intervals_cover_in_repeated_planted_runs checks."""
     return abs(estimate - truth) <= (ci[1] - ci[0])
+
+
+def test_per_budget_share_is_none_where_noise_dominates():
+    """A budget's share of ‖d_m‖² along ĝ_tmp is α² / ‖d_m‖² (noise-corrected); where that estimate is not
+    positive or is below α², noise dominates it and there is no share (None), rather than a "share" of 752."""
+    from gradprobe.estimators.decompose import _share
+
+    assert _share(0.25, 1.0) == 0.25 and _share(1.0, 1.0) == 1.0
+    assert _share(0.0015, 2.03e-6) is None and _share(0.1, -0.003) is None and _share(0.0, 0.0) is None
 
 
 def test_noisy_planted_estimates_recover_the_truth():

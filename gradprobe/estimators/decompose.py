@@ -632,6 +632,14 @@ def _monotone(name: str, claim: str, frames: Sequence[int], cols: Sequence[int],
 # ---------------------------------------------------------------------------- report
 
 
+
+def _share(part: float, whole: float) -> float | None:
+    """``part / whole`` as a share of ``whole`` (α(m)² of the noise-corrected ‖d_m‖²); None where the estimate of
+    ``whole`` is not positive or below ``part`` (noise dominates it: a "share" above 1 measures nothing)."""
+    if whole <= 0 or part > whole * (1 + 1e-9):
+        return None
+    return part / whole
+
 def _finalize(*, raw: _Raw | None, frames: list[int], variants: list[_Variant], sh_of: list[int], mode: str,
               label: str, tolerance: float, redundant_from: int | None, n_boot: int, seed: int, complete: bool,
               settings: dict[str, Any], image_rows: list[dict[str, Any]], batch_rows: list[dict[str, Any]],
@@ -705,7 +713,7 @@ def _finalize(*, raw: _Raw | None, frames: list[int], variants: list[_Variant], 
             "var_eps": float(pt["var"][i]), "var_eps_ci95": ci("var", i),
             "sqnorm_d": float(pt["sqnorm_d"][i]),
             "norm_vid": stats.sqrt_or_none(float(pt["norm_vid_sq"][i])),
-            "explained": float(pt["alpha"][i] ** 2 / pt["sqnorm_d"][i]) if pt["sqnorm_d"][i] > 0 else None,
+            "explained": _share(float(pt["alpha"][i] ** 2), float(pt["sqnorm_d"][i])),
             "mean_loss": float(ml.mean()) if ml.size else None,
         }
         if boot is not None and boot.plain is not None:
