@@ -4,7 +4,7 @@
 # checkpoints) and the seed's tables. Runs go two at a time, one thread each (a run barely gains from a second
 # thread, so two runs side by side use two cores best); an interrupted seed resumes when started again.
 #
-#   bash benchmarks/trap_seed.sh SEED OUT [extra gradprobe trap options …]
+#   bash benchmarks/trap_seed.sh SEED OUT [extra gradprobe trap options …]   # in the project's environment
 #
 # OUT/trap-s<SEED> holds the runs, OUT/probes the probes, OUT/trap_seed<SEED>.json and
 # OUT/trap_probes_seed<SEED>.json the combined results. Extra options go to every `gradprobe trap` call
@@ -29,14 +29,20 @@ trap_run() {  # frames samplers [more options]: one gradprobe trap call on one t
 }
 EXTRA=("$@")
 # the fixed budgets: two queues of about equal length (the m = 64 runs take longest)
+both() {  # wait for the two queues; stop if either failed (its log says why)
+    local rc=0
+    wait "$1" || rc=$?
+    wait "$2" || rc=$?
+    [ "$rc" = 0 ] || { echo "seed $S: a run failed (logs in $OUT/logs)" >&2; exit "$rc"; }
+}
 ( trap_run 64 uniform; trap_run 32 uniform; trap_run 16 uniform; trap_run 8 static; trap_run 4 uniform
-  trap_run 2 uniform ) &
-( trap_run 64 static; trap_run 64 shuffled; trap_run 8 shuffled; trap_run 8 uniform ) &
-wait
+  trap_run 2 uniform ) & a=$!
+( trap_run 64 static; trap_run 64 shuffled; trap_run 8 shuffled; trap_run 8 uniform ) & b=$!
+both "$a" "$b"
 # the hybrid arms (each needs the whole grid, now trained and kept)
-( trap_run "$GRID" uniform --hybrid gradient ) &
-( trap_run "$GRID" uniform --hybrid redundancy; trap_run "$GRID" uniform --hybrid sufficiency ) &
-wait
+( trap_run "$GRID" uniform --hybrid gradient ) & a=$!
+( trap_run "$GRID" uniform --hybrid redundancy; trap_run "$GRID" uniform --hybrid sufficiency ) & b=$!
+both "$a" "$b"
 # every run kept: the seed's summary and tables, then the probes on its checkpoints (both threads)
 python -m cli.main trap --frames "$GRID" --samplers uniform,static,shuffled --control-frames 8,64 \
     --hybrid redundancy,sufficiency,gradient --seed "$S" --out "$RUN" "${EXTRA[@]}" > "$RUN/trap_tables.txt"
