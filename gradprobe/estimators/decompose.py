@@ -632,13 +632,13 @@ def _monotone(name: str, claim: str, frames: Sequence[int], cols: Sequence[int],
 # ---------------------------------------------------------------------------- report
 
 
-
 def _share(part: float, whole: float) -> float | None:
     """``part / whole`` as a share of ``whole`` (α(m)² of the noise-corrected ‖d_m‖²); None where the estimate of
     ``whole`` is not positive or below ``part`` (noise dominates it: a "share" above 1 measures nothing)."""
     if whole <= 0 or part > whole * (1 + 1e-9):
         return None
     return part / whole
+
 
 def _finalize(*, raw: _Raw | None, frames: list[int], variants: list[_Variant], sh_of: list[int], mode: str,
               label: str, tolerance: float, redundant_from: int | None, n_boot: int, seed: int, complete: bool,
