@@ -111,8 +111,8 @@ def run_trap(opts: TrapOptions, log: Any = None, progress: Any = None) -> dict[s
         check_positive_int("eval-every", opts.eval_every)
     out = Path(opts.out)
     for sampler, m in runs:  # before any training: every finished run kept must be comparable
-        if (budget_dir(out, m, sampler) / "sft_summary.json").is_file():
-            _check_kept(budget_dir(out, m, sampler) / "sft_summary.json", opts)
+        if (done := budget_dir(out, m, sampler) / "sft_summary.json").is_file():
+            _check_kept(done, opts)
     out.mkdir(parents=True, exist_ok=True)
     for sampler, m in runs:
         d = budget_dir(out, m, sampler)
