@@ -10,7 +10,8 @@ For each seed's trap directory, on the toy's probe sets (the same image and vide
   runs' finals at ``--decompose-at`` (default: the budgets that have controls, else the largest).
 
 Commands that already finished are kept (their ``summary.json`` is there), so an interrupted run resumes. Across
-seeds, each statistic gets a t interval over seeds.
+seeds, each statistic gets a t interval over seeds. ``--read`` runs nothing and reads the outputs already in
+``--work``: the tables from copies of the runs that keep only their summaries (as benchmarks/results does).
 """
 
 from __future__ import annotations
@@ -59,30 +60,39 @@ def _runs(trap: Path) -> tuple[Path, list[tuple[str, Path]], list[int]]:
     return start, finals, grid
 
 
-def probe_seed(trap: Path, work: Path, decompose_at: list[int] | None, batches: list[str]) -> dict:
+def probe_seed(trap: Path, work: Path, decompose_at: list[int] | None, batches: list[str], read: bool = False) -> dict:
+    """Align and decompose one seed's checkpoints (unless ``read``: then only read what ``work`` holds)."""
     start, finals, grid = _runs(trap)
     data = start.parent / "data"
     common = ["--image-data", str(data / "probe_images.jsonl"), "--video-data", str(data / "probe_videos.jsonl"),
               "--frames", ",".join(map(str, grid)), *batches]
-    work.mkdir(parents=True, exist_ok=True)
     models = [start] + [p for _, p in finals]
-    _cli(["align", *[a for m in models for a in ("--model", str(m))], *common], work / "align", work / "align.err")
     controls = sorted({int(k.split(":")[1]) for k, _ in finals if k.split(":")[0] in ("static", "shuffled")})
     by_label = dict(finals)
     dec_models = [("start", start)] + [(f"uniform:{m}", by_label[f"uniform:{m}"])
                                        for m in decompose_at or controls or [max(grid)] if f"uniform:{m}" in by_label]
-    for label, model in dec_models:
-        for shared in ("smallest", "static"):
-            name = f"decompose-{shared}-{label.replace(':', '-')}"
-            _cli(["decompose", "--model", str(model), "--shared", shared, *common], work / name,
-                 work / f"{name}.err")
-    return read_seed(work, {str(start): "start", **{str(p): k for k, p in finals}}, [lab for lab, _ in dec_models])
+    if not read:
+        work.mkdir(parents=True, exist_ok=True)
+        _cli(["align", *[a for m in models for a in ("--model", str(m))], *common], work / "align", work / "align.err")
+        for label, model in dec_models:
+            for shared in ("smallest", "static"):
+                name = f"decompose-{shared}-{label.replace(':', '-')}"
+                _cli(["decompose", "--model", str(model), "--shared", shared, *common], work / name,
+                     work / f"{name}.err")
+    return read_seed(work, [("start", None)] + [(k, p.parent.name) for k, p in finals], [lab for lab, _ in dec_models])
 
 
-def read_seed(work: Path, labels: dict[str, str], dec_labels: list[str]) -> dict:
-    """The align and decompose statistics of one seed; ``labels`` names each checkpoint directory."""
+def read_seed(work: Path, labels: list[tuple[str, str | None]], dec_labels: list[str]) -> dict:
+    """The align and decompose statistics of one seed. ``labels`` names align's checkpoints in the order they were
+    given, each with the name of its run's directory (None for the start), so that outputs whose checkpoints have
+    moved since (a copy of the runs) are still read as the runs they came from."""
+    given = json.loads((work / "align" / "checkpoints.json").read_text())["checkpoints"]
+    found = [Path(c["model"]).parent.name for c in given]
+    want = [d for _, d in labels]
+    if len(given) != len(labels) or any(d is not None and d != f for d, f in zip(want, found, strict=True)):
+        raise SystemExit(f"{work / 'align'} holds checkpoints of {found[1:]}, the trap directory has runs {want[1:]}")
     rows = pd.read_csv(work / "align" / "checkpoints.csv")
-    rows["run"] = rows["model"].map(labels)
+    rows["run"] = rows["model"].map({c["model"]: lab for c, (lab, _) in zip(given, labels, strict=True)})
     align = {run: {int(r.frames): {"A": r["mean"], "ci95": [r.ci95_t_lo, r.ci95_t_hi], "cos": r.mean_cos,
                                    "frac_negative": r.frac_negative}
                    for _, r in g.iterrows()} for run, g in rows.groupby("run", sort=False)}
@@ -139,9 +149,11 @@ def main() -> None:
                     help="batch options given to both align and decompose")
     ap.add_argument("--out", help="write the combined JSON here")
     ap.add_argument("--markdown", action="store_true", help="print the tables as markdown (as in RESULTS.md)")
+    ap.add_argument("--read", action="store_true",
+                    help="run nothing: read the outputs already in --work (the checkpoints need not exist)")
     a = ap.parse_args()
     at = [int(x) for x in a.decompose_at.split(",")] if a.decompose_at else None
-    seeds = [probe_seed(Path(d), Path(a.work) / Path(d).name, at, shlex.split(a.batches)) for d in a.dirs]
+    seeds = [probe_seed(Path(d), Path(a.work) / Path(d).name, at, shlex.split(a.batches), a.read) for d in a.dirs]
     across = _across(seeds)
     if a.markdown:
         print(_markdown(across))

@@ -251,6 +251,27 @@ def test_trap_seeds_probes_and_notebook(tiny_toy, tmp_path, monkeypatch):
             cos = next(e for e in c["across_seeds"] if e["sampler"] == "static")["mean_cos"]
             row = next(x for x in res.stdout.splitlines() if x.startswith("| static 4 |"))
             assert row.endswith(f"| {cos['mean']:+.3f} [{cos['ci95'][0]:+.3f}, {cos['ci95'][1]:+.3f}] |"), row
+    # --read: the same tables from copies of the runs without their checkpoints (as benchmarks/results keeps them)
+    import shutil
+
+    copies = tmp_path / "kept"
+    for d in dirs:
+        shutil.copytree(d, copies / d.name, ignore=shutil.ignore_patterns("final", "checkpoint-*"))
+    assert not list(copies.rglob("final"))
+    res = subprocess.run([sys.executable, str(script), *[str(copies / d.name) for d in dirs], "--work",
+                          str(tmp_path / "probes"), "--read", "--out", str(tmp_path / "p_read.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "gradprobe " not in res.stderr, res.stderr
+    again = json.loads((tmp_path / "p_read.json").read_text())
+    assert list(again["seeds"].values()) == seeds and again["across_seeds"] == p["across_seeds"]
+    # a copy whose runs are not those align measured is refused, not mislabelled
+    shutil.rmtree(copies / dirs[0].name / "static-frames-4")
+    s = json.loads((copies / dirs[0].name / "trap_summary.json").read_text())
+    s["budgets"] = [b for b in s["budgets"] if b.get("sampler", "uniform") != "static"]
+    (copies / dirs[0].name / "trap_summary.json").write_text(json.dumps(s))
+    res = subprocess.run([sys.executable, str(script), str(copies / dirs[0].name), "--work", str(tmp_path / "probes"),
+                          "--read"], capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "holds checkpoints of" in res.stderr, res.stderr
     # the notebook on the same runs and both scripts' outputs
     import nbformat
     from nbclient import NotebookClient
