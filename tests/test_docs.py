@@ -58,13 +58,21 @@ def test_hybrid_frame_notebook_executes(tiny_toy, tmp_path, monkeypatch):
                                  alignment=2, cache_dir=cache))
     run_trap(TrapOptions(out=str(tmp_path / "trap"), frames="2,4", steps=1, batch_size=2, probe_every=1,
                          eval_images=24, eval_videos=4, hybrid="sufficiency", cache_dir=cache))
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trap_seeds.py"), str(tmp_path / "trap"), "--out",
+                          str(tmp_path / "seeds.json")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
     monkeypatch.setenv("GRADPROBE_BUDGET_DIR", str(tmp_path / "budget"))
     monkeypatch.setenv("GRADPROBE_HYBRID_TRAP_DIR", str(tmp_path / "trap"))
+    monkeypatch.setenv("GRADPROBE_TRAP_SEEDS", str(tmp_path / "seeds.json"))
     nb = nbformat.read(ROOT / "notebooks" / "hybrid_frame.ipynb", as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 1
     text = "".join(o.get("text", "") for o in outputs) + "".join(o.get("data", {}).get("text/plain", "") for o in outputs)
-    for needle in ("redundancy: ", "mean frames", "hybrid-sufficiency", "difference"):
+    for needle in ("redundancy: ", "mean frames", "hybrid-sufficiency", "difference", "1 seeds: [0]", "image vs uniform",
+                   "uniform 4"):
         assert needle in text, needle
