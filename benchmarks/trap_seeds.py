@@ -83,6 +83,8 @@ def _per_seed(d: str, r: dict, grid: list[int]) -> dict:
                    "ci95": b[k]["change"]["ci95"]} for k in KEYS},
             "image_free_vs_smallest": b.get("image_vs_smallest", {}).get("image_free", {}).get("diff"),
             "image_free_vs_uniform": b.get("image_vs_uniform", {}).get("image_free", {}).get("diff"),
+            "image_free_vs_smallest_ci95": b.get("image_vs_smallest", {}).get("image_free", {}).get("ci95"),
+            "image_free_vs_uniform_ci95": b.get("image_vs_uniform", {}).get("image_free", {}).get("ci95"),
             "mean_cos": b.get("alignment", {}).get("mean_cos"),
             "mean_frames": b.get("mean_frames", b["frames"]),
             "seconds": b.get("seconds") if b.get("seconds") is not None else json.loads(
@@ -90,6 +92,7 @@ def _per_seed(d: str, r: dict, grid: list[int]) -> dict:
             "video_types": {
                 f"{q}/{reach}": {"n": e["n"], "first": e["restricted"]["first"], "last": e["restricted"]["last"],
                                  "change": e["restricted"]["last"] - e["restricted"]["first"],
+                                 "ci95": (e["restricted"].get("change") or {}).get("ci95"),
                                  "free_change": e["free"]["last"] - e["free"]["first"],
                                  "chance": chance[f"{q}/{reach}"]}
                 for q, parts in b.get("video_types", {}).items() for reach, e in parts.items()
@@ -152,6 +155,8 @@ def main() -> None:
 
     if a.markdown:
         print(_markdown(combined))
+        print()
+        print(_per_seed_markdown(combined, per_seed))
     else:
         _plain(combined, per_seed, grid, cell)
     if a.out:
@@ -207,6 +212,39 @@ def _markdown(combined: list[dict]) -> str:
         st = e["video_types_restricted"].get("static/answerable")
         static = f"{st['first']:.2f} → {st['last']:.2f}" if st else "—"
         lines.append(f"| {n} | " + " | ".join(free) + f" | {static} |")
+    return "\n".join(lines)
+
+
+def _seed_values(values: list[tuple[float | None, list[float] | None]]) -> str:
+    """One value per seed, in seed order, starred where that seed's interval over records excludes 0."""
+    def one(v: float | None, ci: list[float] | None) -> str:
+        if v is None:
+            return "—"
+        return f"{v:+.2f}" + ("*" if ci and (ci[0] > 0 or ci[1] < 0) else "")
+
+    return " / ".join(one(v, ci) for v, ci in values)
+
+
+def _per_seed_markdown(combined: list[dict], per_seed: list[dict]) -> str:
+    """Each seed's own figures side by side (whether the seeds agree, beside the interval over them): the final
+    image accuracy against the smallest budget (uniform) or the uniform run at the same m (controls, hybrid arms),
+    and each temporal type's restricted change on the records the budget answers."""
+    types = sorted({t.split("/")[0] for e in combined for t in e["video_types_restricted"]} - {"static"})
+    seeds = ", ".join(str(s["seed"]) for s in per_seed)
+    lines = [f"| run | image vs smallest m or vs uniform (seeds {seeds}) | "
+             + " | ".join(f"{q}: restricted change (seeds {seeds})" for q in types) + " |",
+             "|---|---|" + "---|" * len(types)]
+    for e in combined:
+        key = f"{e['sampler']}:{e['frames']}"
+        runs = [s["runs"][key] for s in per_seed]
+        vs = "image_free_vs_uniform" if e["sampler"] != "uniform" else "image_free_vs_smallest"
+        row = [_seed_values([(r[vs], r.get(f"{vs}_ci95")) for r in runs])
+               if any(r[vs] is not None for r in runs) else "—"]
+        for q in types:
+            t = f"{q}/answerable"
+            row.append(_seed_values([(r["video_types"][t]["change"], r["video_types"][t].get("ci95"))
+                                     if t in r["video_types"] else (None, None) for r in runs]))
+        lines.append(f"| {e['sampler']} {e['frames']} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

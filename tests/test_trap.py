@@ -251,6 +251,15 @@ def test_trap_seeds_probes_and_notebook(tiny_toy, tmp_path, monkeypatch):
             cos = next(e for e in c["across_seeds"] if e["sampler"] == "static")["mean_cos"]
             row = next(x for x in res.stdout.splitlines() if x.startswith("| static 4 |"))
             assert row.endswith(f"| {cos['mean']:+.3f} [{cos['ci95'][0]:+.3f}, {cos['ci95'][1]:+.3f}] |"), row
+            # the per-seed table: each seed's own figure, starred where its interval over records excludes 0
+            assert "| run | image vs smallest m or vs uniform (seeds 0, 1) |" in res.stdout
+            row = [x for x in res.stdout.splitlines() if x.startswith("| static 4 |")][-1]
+            want = []
+            for s in c["seeds"]:
+                r = s["runs"]["static:4"]
+                lo, hi = r["image_free_vs_uniform_ci95"]
+                want.append(f"{r['image_free_vs_uniform']:+.2f}" + ("*" if lo > 0 or hi < 0 else ""))
+            assert row.startswith(f"| static 4 | {' / '.join(want)} |"), row
     # --read: the same tables from copies of the runs without their checkpoints (as benchmarks/results keeps them)
     import shutil
 
