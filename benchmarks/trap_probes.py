@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from gradprobe.outputs import budget_dir
@@ -120,18 +121,32 @@ def _over_defined(values: list[float | None]) -> dict:
     return {**out, "n_undefined": len(values) - len(vals)}
 
 
+def _same(t: dict, values: list[float | None], within: list[float] | None) -> dict:
+    """Mark a statistic that every seed measured on the same checkpoint with the same batches (the starting model),
+    so equal in every seed: an interval over seeds says nothing there, ``ci95_within`` (over probe batches, of
+    the first seed) does."""
+    if len(values) > 1 and None not in values and np.allclose(values, values[0], rtol=1e-9, atol=0):
+        return {**t, "same_in_every_seed": True, "ci95_within": within}
+    return t
+
+
 def _across(seeds: list[dict]) -> dict:
     """t intervals over seeds, for the checkpoints every seed has (hybrid arms may be missing from some)."""
     first = seeds[0]
     align = {run: {m: {k: _t_interval([s["align"][run][m][k] for s in seeds]) for k in ("A", "cos", "frac_negative")}
                    for m in per_m} for run, per_m in first["align"].items() if all(run in s["align"] for s in seeds)}
+    for run, per_m in align.items():
+        for m, v in per_m.items():
+            v["A"] = _same(v["A"], [s["align"][run][m]["A"] for s in seeds], first["align"][run][m]["ci95"])
     dec = {}
     for key, d in first["decompose"].items():
         if not all(key in s["decompose"] for s in seeds):
             continue
         dec[key] = {
-            "rho_sh": _t_interval([s["decompose"][key]["rho_sh"] for s in seeds]),
-            "rho_tmp": _over_defined([s["decompose"][key]["rho_tmp"] for s in seeds]),
+            "rho_sh": _same(_t_interval([s["decompose"][key]["rho_sh"] for s in seeds]),
+                            [s["decompose"][key]["rho_sh"] for s in seeds], d["rho_sh_ci95"]),
+            "rho_tmp": _same(_over_defined([s["decompose"][key]["rho_tmp"] for s in seeds]),
+                             [s["decompose"][key]["rho_tmp"] for s in seeds], d["rho_tmp_ci95"]),
             "alpha": {m: _t_interval([s["decompose"][key]["budgets"][m]["alpha"] for s in seeds]) for m in d["budgets"]},
             "A": {m: _t_interval([s["decompose"][key]["budgets"][m]["A"] for s in seeds]) for m in d["budgets"]},
             "checks": {c: [s["decompose"][key]["checks"][c] for s in seeds] for c in d["checks"]},
@@ -165,9 +180,16 @@ def main() -> None:
         print(f"wrote {a.out}")
 
 
+SAME = ("† the same checkpoint and probe batches in every seed (the starting model), so the same value: its "
+        "interval is over probe batches (t for A, bootstrap for ρ), not over seeds.")
+
+
 def _cell(t: dict, digits: int = 2) -> str:
     if t["mean"] is None:
         return f"none resolved ({t['n_undefined']} seeds)"
+    if t.get("same_in_every_seed"):
+        ci = t["ci95_within"]
+        return f"{t['mean']:+.{digits}f}" + (f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else "") + "†"
     ci = f" [{t['ci95'][0]:+.{digits}f}, {t['ci95'][1]:+.{digits}f}]" if t["ci95"] else ""
     missing = f" ({t['n_seeds']} of {t['n_seeds'] + t['n_undefined']} seeds)" if t.get("n_undefined") else ""
     return f"{t['mean']:+.{digits}f}{ci}{missing}"
@@ -188,6 +210,8 @@ def _markdown(across: dict) -> str:
         lines.append(f"| {key} | {_cell(d['rho_sh'])} | {_cell(d['rho_tmp'])} | {alpha} | "
                      f"{', '.join(str(x or 'none') for x in d['m_star']['model'])} | "
                      f"{', '.join(str(x or 'none') for x in d['m_star']['empirical'])} | {checks} |")
+    if "†" in "\n".join(lines):
+        lines += ["", SAME]
     return "\n".join(lines)
 
 
@@ -197,9 +221,9 @@ def _plain(across: dict) -> None:
 
     print("A(m) = <g_img, g_vid^(m)> on each checkpoint, mean over seeds [95% CI over seeds]")
     for run, per_m in across["align"].items():
-        cells = [f"m={m}: {fmt(v['A']['mean'])}" + (f" [{fmt(v['A']['ci95'][0])}, {fmt(v['A']['ci95'][1])}]"
-                                                   if v["A"]["ci95"] else "") for m, v in per_m.items()]
-        print(f"{run:>14} | " + "; ".join(cells))
+        print(f"{run:>14} | " + "; ".join(f"m={m}: {_cell(v['A'])}" for m, v in per_m.items()))
+    if any(v["A"].get("same_in_every_seed") for per_m in across["align"].values() for v in per_m.values()):
+        print(SAME)
     print("decomposition: rho_sh, rho_tmp, alpha(m), m* (model, empirical) per seed")
     for key, d in across["decompose"].items():
         alpha = ", ".join(f"{m}: {v['mean']:.2f}" for m, v in d["alpha"].items())

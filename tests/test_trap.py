@@ -340,3 +340,32 @@ def test_probes_across_seeds_skip_undefined_values():
     none = mod._over_defined([None, None])
     assert none["mean"] is None and none["n_undefined"] == 2 and mod._cell(none) == "none resolved (2 seeds)"
     assert mod._over_defined([0.5, 1.5])["n_undefined"] == 0 and "seeds)" not in mod._cell(mod._over_defined([0.5, 1.5]))
+
+
+def test_probes_across_seeds_mark_the_start_measured_alike_in_every_seed():
+    """benchmarks/trap_probes.py: every seed probes the same starting model on the same batches, so its statistics
+    are equal across seeds; they are shown with their interval over probe batches and marked, not with a
+    zero-width 'interval over seeds'. A trained checkpoint's differ by seed and get the interval over seeds."""
+    mod = _bench("trap_probes")
+
+    def seed(a_trained: float, rho: float) -> dict:
+        align = {"start": {8: {"A": -2.0, "ci95": [-3.0, -1.0], "cos": -0.1, "frac_negative": 0.7}},
+                 "uniform:8": {8: {"A": a_trained, "ci95": [a_trained - 1, a_trained + 1], "cos": 0.0,
+                                   "frac_negative": 0.5}}}
+        dec = {f"{k}/smallest": {"rho_sh": r, "rho_sh_ci95": [r - 1, r + 1], "rho_tmp": 0.5, "rho_tmp_ci95": [0.1, 0.9],
+                                 "budgets": {8: {"alpha": 1.0, "A": -2.0}}, "checks": {"assumption_3": "held"},
+                                 "m_star": {"model": 8, "empirical": 8}} for k, r in (("start", 1.5), ("uniform:8", rho))}
+        return {"align": align, "decompose": dec}
+
+    across = mod._across([seed(0.5, 2.0), seed(1.5, 3.0)])
+    start, trained = across["align"]["start"][8]["A"], across["align"]["uniform:8"][8]["A"]
+    assert start["same_in_every_seed"] and start["ci95_within"] == [-3.0, -1.0]
+    assert mod._cell(start) == "-2.00 [-3.00, -1.00]†"
+    assert "same_in_every_seed" not in trained and trained["mean"] == 1.0 and trained["n_seeds"] == 2
+    assert mod._cell(trained).startswith("+1.00 [") and not mod._cell(trained).endswith("†")
+    rho = across["decompose"]["start/smallest"]
+    assert rho["rho_sh"]["same_in_every_seed"] and rho["rho_sh"]["ci95_within"] == [0.5, 2.5]
+    assert "same_in_every_seed" not in across["decompose"]["uniform:8/smallest"]["rho_sh"]
+    md = mod._markdown(across)
+    assert "| start | -2.00 [-3.00, -1.00]† |" in md and md.endswith(mod.SAME)
+    assert "same_in_every_seed" not in mod._across([seed(0.5, 2.0)])["align"]["start"][8]["A"]  # one seed: nothing to mark
