@@ -729,7 +729,8 @@ def budget(
     saved = summary["tokens_saved_fraction"]
     console.print(f"score: {summary['statistic']}")
     if "parsed_fraction" in summary:
-        console.print(f"the judge named a budget in {summary['parsed_fraction']:.0%} of its replies (the rest: the largest)")
+        console.print(f"a number was found in {summary['parsed_fraction']:.0%} of the judge's replies and read as a budget "
+                      "(the rest: the largest); the replies are in the manifest ('reply'): check that they answer the prompt")
     console.print(f"mean frames {summary['mean_frames']:.2f}; visual tokens {summary['visual_tokens']:,} against "
                   f"{summary['visual_tokens_at_largest']:,} at the largest budget"
                   + (f" ({saved:.1%} saved)" if saved is not None else ""))

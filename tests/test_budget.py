@@ -222,7 +222,7 @@ def test_judge_plumbing_on_the_toy(tiny_toy, tmp_path):
     assert r.exit_code == 0, r.output
     rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert all(isinstance(x["reply"], str) and x["frames"] == (4 if not x["parsed"] else x["frames"]) for x in rows)
-    assert "named a budget in" in r.output
+    assert "of the judge's replies and read as a budget" in r.output
 
 
 def test_eq28_alignment_per_clip_against_autograd(tiny_toy, tmp_path):
