@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -100,23 +101,35 @@ def _clean(x: Any) -> Any:
     return x
 
 
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike[str]):
+    """Yield a temporary file name next to ``path``, then rename it onto ``path`` (atomically) if the body succeeds.
+
+    Each call gets its own temporary name, so processes writing the same file at once (two runs of one
+    experiment folder finishing together) each replace it whole instead of taking each other's temp file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: str | os.PathLike[str], obj: Mapping[str, Any]) -> None:
     """Write JSON atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n"
+    with replacing(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_sketches(path: str | os.PathLike[str], spec: Mapping[str, Any], arrays: Mapping[str, Any]) -> None:
     """Save sketched rows with their map (``spec``: :meth:`SketchSpec.to_dict`) in one ``.npz``, atomically."""
     import numpy as np
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, spec=np.array(json.dumps(dict(spec))), **{k: np.asarray(v) for k, v in arrays.items()})
-    os.replace(tmp, path)
 
 
 def read_sketches(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:

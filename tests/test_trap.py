@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -369,3 +370,25 @@ def test_probes_across_seeds_mark_the_start_measured_alike_in_every_seed():
     md = mod._markdown(across)
     assert "| start | -2.00 [-3.00, -1.00]† |" in md and md.endswith(mod.SAME)
     assert "same_in_every_seed" not in mod._across([seed(0.5, 2.0)])["align"]["start"][8]["A"]  # one seed: nothing to mark
+
+
+def test_two_runs_writing_one_summary_at_once_both_succeed(tmp_path, monkeypatch):
+    """Two `gradprobe trap` calls on one --out (benchmarks/trap_seed.sh runs two queues) can write the
+    experiment's summary at the same moment: each must replace the file whole, neither lose its temp file."""
+    import gradprobe.outputs as outputs
+
+    path = tmp_path / "trap_summary.json"
+    real_replace = os.replace
+    calls = []
+
+    def interleaved(src, dst):  # the other writer writes and renames between this one's write and rename
+        calls.append(src)
+        if len(calls) == 1:
+            outputs.write_json(path, {"writer": "second"})
+        real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", interleaved)
+    outputs.write_json(path, {"writer": "first"})
+    assert json.loads(path.read_text()) == {"writer": "first"}
+    assert len(set(calls)) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["trap_summary.json"]  # no temp file left behind

@@ -41,11 +41,12 @@ def truncate_jsonl(path: str | os.PathLike[str], last_step: int) -> int:
     import json
     from pathlib import Path
 
+    from gradprobe.outputs import replacing
+
     p = Path(path)
     if not p.is_file():
         return 0
     keep = [ln for ln in p.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, p)
+    with replacing(p) as tmp:
+        tmp.write_text("".join(ln + "\n" for ln in keep))
     return len(keep)
