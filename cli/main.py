@@ -639,9 +639,11 @@ def sft(
                            f"Held-out {kind} accuracy per question type, first → last evaluation")
         if table is not None:
             console.print(table)
+    probes, guard = summary["probes"], summary["guard"]
+    fired = ", ".join(f"{kind} {n}" for kind, n in guard["fired"].items())
     console.print(
-        f"trained {summary['steps']} steps (loss {summary['train_loss']:.4g}); {summary['probes']} alignment probes "
-        f"in {summary['trajectory']}; guard {summary['guard']['action']} fired {summary['guard']['fired']}"
+        f"trained {summary['steps']} steps (loss {summary['train_loss']:.4g}); {probes} alignment "
+        f"probe{'' if probes == 1 else 's'} in {summary['trajectory']}; guard {guard['action']} (fired: {fired})"
     )
 
 

@@ -31,6 +31,8 @@ def test_sft_writes_trajectory_and_resumes(tiny_toy, tmp_path):
     assert family_for(out / "checkpoint-4").name == family_for(out / "final").name == "toy"
     s = json.loads((out / "sft_summary.json").read_text())
     assert s["steps"] == 4 and s["probes"] == 2
+    said = " ".join(r.output.split())  # the console wraps long lines
+    assert "2 alignment probes in" in said and "guard observe (fired: warn 0, stop 0, project 0)" in said
     # the same run dir again without --resume is refused; with --resume and more steps it continues
     r = runner.invoke(app, _args(tiny_toy, out, "--steps", "4"))
     assert r.exit_code == 2 and "--resume" in r.output
