@@ -230,9 +230,9 @@ def _per_seed_markdown(combined: list[dict], per_seed: list[dict]) -> str:
     image accuracy against the smallest budget (uniform) or the uniform run at the same m (controls, hybrid arms),
     and each temporal type's restricted change on the records the budget answers."""
     types = sorted({t.split("/")[0] for e in combined for t in e["video_types_restricted"]} - {"static"})
-    seeds = ", ".join(str(s["seed"]) for s in per_seed)
-    lines = [f"| run | image vs smallest m or vs uniform (seeds {seeds}) | "
-             + " | ".join(f"{q}: restricted change (seeds {seeds})" for q in types) + " |",
+    seeds = ("seeds " if len(per_seed) > 1 else "seed ") + ", ".join(str(s["seed"]) for s in per_seed)
+    lines = [f"| run | image vs smallest m or vs uniform ({seeds}) | "
+             + " | ".join(f"{q}: restricted change ({seeds})" for q in types) + " |",
              "|---|---|" + "---|" * len(types)]
     for e in combined:
         key = f"{e['sampler']}:{e['frames']}"
