@@ -157,6 +157,10 @@ def main() -> None:
         print(_markdown(combined))
         print()
         print(_per_seed_markdown(combined, per_seed))
+        hybrid = _hybrid_markdown(combined, per_seed)
+        if hybrid:
+            print()
+            print(hybrid)
     else:
         _plain(combined, per_seed, grid, cell)
     if a.out:
@@ -245,6 +249,33 @@ def _per_seed_markdown(combined: list[dict], per_seed: list[dict]) -> str:
             row.append(_seed_values([(r["video_types"][t]["change"], r["video_types"][t].get("ci95"))
                                      if t in r["video_types"] else (None, None) for r in runs]))
         lines.append(f"| {e['sampler']} {e['frames']} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _hybrid_markdown(combined: list[dict], per_seed: list[dict]) -> str:
+    """The Hybrid-Frame arms beside the uniform run at their scoring budget, each seed's figures side by side
+    (wall time, image change, image against that uniform run, each temporal type's restricted change) and the
+    interval over seeds of the image difference. Empty when no seed has an arm."""
+    arms = [e for e in combined if e["sampler"].startswith("hybrid-")]
+    if not arms:
+        return ""
+    top = {e["frames"] for e in arms}
+    rows = [e for e in combined if e["sampler"] == "uniform" and e["frames"] in top] + arms
+    types = sorted({t.split("/")[0] for e in combined for t in e["video_types_restricted"]} - {"static"})
+    lines = ["| run | mean frames | wall time (s) | image change (free) | image vs uniform | across seeds | "
+             + " | ".join(f"{q}: restricted change" for q in types) + " |", "|---|---|---|---|---|---|" + "---|" * len(types)]
+    for e in rows:
+        runs = [s["runs"][f"{e['sampler']}:{e['frames']}"] for s in per_seed]
+        hybrid = e["sampler"] != "uniform"
+        row = [f"{e['mean_frames']['mean']:.1f}", " / ".join(f"{r['seconds']:.0f}" for r in runs),
+               _seed_values([(r["image_free"]["change"], r["image_free"]["ci95"]) for r in runs]),
+               _seed_values([(r["image_free_vs_uniform"], r.get("image_free_vs_uniform_ci95")) for r in runs])
+               if hybrid else "—", _cell(e["image_free_vs_uniform"]) if hybrid else "—"]
+        for q in types:
+            t = f"{q}/answerable"
+            row.append(_seed_values([(r["video_types"][t]["change"], r["video_types"][t].get("ci95"))
+                                     if t in r["video_types"] else (None, None) for r in runs]))
+        lines.append(f"| {e['sampler'].removeprefix('hybrid-')} {e['frames']} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

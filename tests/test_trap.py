@@ -372,6 +372,29 @@ def test_probes_across_seeds_mark_the_start_measured_alike_in_every_seed():
     assert "same_in_every_seed" not in mod._across([seed(0.5, 2.0)])["align"]["start"][8]["A"]  # one seed: nothing to mark
 
 
+def test_seeds_table_of_the_hybrid_arms_shows_each_seed_beside_the_uniform_run():
+    """benchmarks/trap_seeds.py --markdown: the Hybrid-Frame arms beside uniform at their scoring budget, each
+    seed's own figures (starred where its interval over records excludes 0) and the interval over seeds."""
+    mod = _bench("trap_seeds")
+
+    def run(seconds: float, change: float, vs: float | None, motion: float) -> dict:
+        return {"seconds": seconds, "image_free": {"change": change, "ci95": [change - 0.05, change + 0.05]},
+                "image_free_vs_uniform": vs, "image_free_vs_uniform_ci95": None if vs is None else [vs - 0.1, vs + 0.1],
+                "video_types": {"motion/answerable": {"change": motion, "ci95": [motion - 0.1, motion + 0.1]}}}
+
+    per_seed = [{"seed": 0, "runs": {"uniform:64": run(900, -0.3, None, 0.5), "hybrid-gradient:64": run(800, -0.35, -0.05, 0.3)}},
+                {"seed": 1, "runs": {"uniform:64": run(1500, -0.3, None, 0.6), "hybrid-gradient:64": run(810, -0.45, -0.15, 0.5)}}]
+    types = {"motion/answerable": {}}
+    combined = [{"frames": 64, "sampler": "uniform", "mean_frames": {"mean": 64.0}, "image_free_vs_uniform": None,
+                 "video_types_restricted": types},
+                {"frames": 64, "sampler": "hybrid-gradient", "mean_frames": {"mean": 29.8},
+                 "image_free_vs_uniform": {"mean": -0.1, "ci95": [-0.7, 0.5]}, "video_types_restricted": types}]
+    md = mod._hybrid_markdown(combined, per_seed).splitlines()
+    assert md[2] == "| uniform 64 | 64.0 | 900 / 1500 | -0.30* / -0.30* | — | — | +0.50* / +0.60* |"
+    assert md[3] == "| gradient 64 | 29.8 | 800 / 810 | -0.35* / -0.45* | -0.05 / -0.15* | -0.100 [-0.700, +0.500] | +0.30* / +0.50* |"
+    assert mod._hybrid_markdown(combined[:1], per_seed) == ""  # no arm, no table
+
+
 def test_two_runs_writing_one_summary_at_once_both_succeed(tmp_path, monkeypatch):
     """Two `gradprobe trap` calls on one --out (benchmarks/trap_seed.sh runs two queues) can write the
     experiment's summary at the same moment: each must replace the file whole, neither lose its temp file."""
