@@ -199,7 +199,7 @@ def _markdown(combined: list[dict]) -> str:
             power = f" (80% power at {need} seeds)" if need else " (over 1000 seeds for 80% power)"
         lines.append(f"| {n} | {e['mean_frames']['mean']:.1f} | {_cell(e['image_free'])} | {_cell(e['video_free'])} | "
                      f"{_cell(e['video_restricted'])} | {_cell(vs)}{power} | {_cell(e['mean_cos'])} |")
-    types = sorted({t.split("/")[0] for e in combined for t in e["video_types_restricted"]} - {"static"})
+    types = _temporal_types(combined)
     lines += ["", "| run | " + " | ".join(f"{q}: change; last − chance" for q in types)
               + " | " + " | ".join(f"{q} (m < m_min): change" for q in types) + " |",
               "|---|" + "---|" * (2 * len(types))]
@@ -219,6 +219,18 @@ def _markdown(combined: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _temporal_types(combined: list[dict]) -> list[str]:
+    """The question types other than static, in name order."""
+    return sorted({t.split("/")[0] for e in combined for t in e["video_types_restricted"]} - {"static"})
+
+
+def _type_values(runs: list[dict], q: str) -> str:
+    """Each seed's restricted change of type ``q`` on the records the run's budget answers."""
+    t = f"{q}/answerable"
+    return _seed_values([(r["video_types"][t]["change"], r["video_types"][t].get("ci95"))
+                         if t in r["video_types"] else (None, None) for r in runs])
+
+
 def _seed_values(values: list[tuple[float | None, list[float] | None]]) -> str:
     """One value per seed, in seed order, starred where that seed's interval over records excludes 0."""
     def one(v: float | None, ci: list[float] | None) -> str:
@@ -233,7 +245,7 @@ def _per_seed_markdown(combined: list[dict], per_seed: list[dict]) -> str:
     """Each seed's own figures side by side (whether the seeds agree, beside the interval over them): the final
     image accuracy against the smallest budget (uniform) or the uniform run at the same m (controls, hybrid arms),
     and each temporal type's restricted change on the records the budget answers."""
-    types = sorted({t.split("/")[0] for e in combined for t in e["video_types_restricted"]} - {"static"})
+    types = _temporal_types(combined)
     seeds = ("seeds " if len(per_seed) > 1 else "seed ") + ", ".join(str(s["seed"]) for s in per_seed)
     lines = [f"| run | image vs smallest m or vs uniform ({seeds}) | "
              + " | ".join(f"{q}: restricted change ({seeds})" for q in types) + " |",
@@ -244,10 +256,7 @@ def _per_seed_markdown(combined: list[dict], per_seed: list[dict]) -> str:
         vs = "image_free_vs_uniform" if e["sampler"] != "uniform" else "image_free_vs_smallest"
         row = [_seed_values([(r[vs], r.get(f"{vs}_ci95")) for r in runs])
                if any(r[vs] is not None for r in runs) else "—"]
-        for q in types:
-            t = f"{q}/answerable"
-            row.append(_seed_values([(r["video_types"][t]["change"], r["video_types"][t].get("ci95"))
-                                     if t in r["video_types"] else (None, None) for r in runs]))
+        row += [_type_values(runs, q) for q in types]
         lines.append(f"| {e['sampler']} {e['frames']} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -261,7 +270,7 @@ def _hybrid_markdown(combined: list[dict], per_seed: list[dict]) -> str:
         return ""
     top = {e["frames"] for e in arms}
     rows = [e for e in combined if e["sampler"] == "uniform" and e["frames"] in top] + arms
-    types = sorted({t.split("/")[0] for e in combined for t in e["video_types_restricted"]} - {"static"})
+    types = _temporal_types(combined)
     lines = ["| run | mean frames | wall time (s) | image change (free) | image vs uniform | across seeds | "
              + " | ".join(f"{q}: restricted change" for q in types) + " |", "|---|---|---|---|---|---|" + "---|" * len(types)]
     for e in rows:
@@ -271,10 +280,7 @@ def _hybrid_markdown(combined: list[dict], per_seed: list[dict]) -> str:
                _seed_values([(r["image_free"]["change"], r["image_free"]["ci95"]) for r in runs]),
                _seed_values([(r["image_free_vs_uniform"], r.get("image_free_vs_uniform_ci95")) for r in runs])
                if hybrid else "—", _cell(e["image_free_vs_uniform"]) if hybrid else "—"]
-        for q in types:
-            t = f"{q}/answerable"
-            row.append(_seed_values([(r["video_types"][t]["change"], r["video_types"][t].get("ci95"))
-                                     if t in r["video_types"] else (None, None) for r in runs]))
+        row += [_type_values(runs, q) for q in types]
         lines.append(f"| {e['sampler'].removeprefix('hybrid-')} {e['frames']} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
