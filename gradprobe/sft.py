@@ -22,7 +22,7 @@ import torch
 from gradprobe._checks import check_positive_int
 from gradprobe.data.sampling import check_sampler
 from gradprobe.errors import DataError, InputError
-from gradprobe.outputs import TRAJECTORY, check_out_dir
+from gradprobe.outputs import EVAL_FILE, TRAJECTORY, check_out_dir, read_jsonl
 from gradprobe.train.monitor import GUARDS
 
 
@@ -258,6 +258,8 @@ def run_sft(opts: SFTOptions, log: Any = None, progress: Any = None) -> dict[str
         from gradprobe.models.toy import mark
 
         mark(out / "final")
+    # the whole run from its files: a resumed run's callbacks hold only the rows since the checkpoint
+    evaluations = read_jsonl(out / EVAL_FILE) if eval_sets is not None else []
     summary = {
         "schema": "gradprobe.sft/1",
         "options": asdict(opts),
@@ -268,9 +270,9 @@ def run_sft(opts: SFTOptions, log: Any = None, progress: Any = None) -> dict[str
         "train_loss": float(result.training_loss),
         "seconds": time.time() - t0,
         "guard": {"action": opts.guard, "fired": cb.monitor.fired, "stop_reason": cb.monitor.stop_reason},
-        "probes": len(cb.monitor.rows),
-        "evaluations": callbacks[0].rows if eval_sets is not None else [],
-        "types": _type_summary(callbacks[0].rows, eval_budget) if eval_sets is not None else {},
+        "probes": len(read_jsonl(out / TRAJECTORY)),
+        "evaluations": evaluations,
+        "types": _type_summary(evaluations, eval_budget) if eval_sets is not None else {},
         "trajectory": str(out / TRAJECTORY),
     }
     (out / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -104,6 +104,18 @@ def test_sft_evaluates_and_plots(tiny_toy, tmp_path):
     r = runner.invoke(app, ["plot", str(out)])
     assert r.exit_code == 0, r.output
     assert (out / "trajectory.png").read_bytes()[:4] == b"\x89PNG"
+    # resumed, the summary covers the whole run (first evaluation to last), not only the part since the checkpoint
+    r = runner.invoke(app, _args(tiny_toy, out, "--steps", "6", "--eval-every", "2", "--resume",
+                                 "--eval-image-data", str(tiny_toy.data("eval", "images")),
+                                 "--eval-video-data", str(tiny_toy.data("eval", "videos"))))
+    assert r.exit_code == 0, r.output
+    from gradprobe.train.evaluate import type_changes
+
+    s = json.loads((out / "sft_summary.json").read_text())
+    rows = [json.loads(x) for x in (out / "gradprobe_eval.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in s["evaluations"]] == [x["step"] for x in rows] == [0, 2, 4, 6]
+    assert s["probes"] == len(_steps(out)) == 3
+    assert s["types"]["image"] == json.loads(json.dumps(type_changes(rows[0], rows[-1], "image", None)))
 
 
 def test_evaluation_does_not_change_the_run(tiny_toy, tmp_path):
