@@ -97,6 +97,11 @@ def _per_seed(d: str, r: dict, grid: list[int]) -> dict:
                                  "chance": chance[f"{q}/{reach}"]}
                 for q, parts in b.get("video_types", {}).items() for reach, e in parts.items()
             },
+            # image questions per type (free: an image answer has no restriction to lift), first → last
+            "image_types": {q: {"n": e["n"], "first": e["free"]["first"], "last": e["free"]["last"],
+                                "change": e["free"]["last"] - e["free"]["first"],
+                                "ci95": (e["free"].get("change") or {}).get("ci95")}
+                            for q, parts in b.get("image_types", {}).items() for e in parts.values()},
         }
         row["runs"][_run_key(b)] = entry
     # does the cosine along the run follow the batches (same clips, same order at every m) or m?
@@ -142,6 +147,11 @@ def main() -> None:
         }
         entry["video_types_free"] = {t: _t_interval([s["runs"][key]["video_types"][t]["free_change"] for s in per_seed])
                                      for t in types}
+        image_types = sorted(set.intersection(*(set(s["runs"][key]["image_types"]) for s in per_seed)))
+        entry["image_types_free"] = {
+            q: {**_t_interval([s["runs"][key]["image_types"][q]["change"] for s in per_seed]),
+                **{k: float(np.mean([s["runs"][key]["image_types"][q][k] for s in per_seed])) for k in ("first", "last")}}
+            for q in image_types}
         combined.append(entry)
     result = {"options": {k: v for k, v in runs[0]["options"].items() if k not in ("seed", "out")},
               "seeds": per_seed, "across_seeds": combined,
@@ -184,8 +194,8 @@ def _type_cell(v: dict, t: str, chance: bool) -> str:
 
 
 def _markdown(combined: list[dict]) -> str:
-    """Three tables: accuracy changes per run, restricted video accuracy per temporal question type, and free
-    accuracy per type with the static questions' restricted accuracy."""
+    """Four tables: accuracy changes per run, restricted video accuracy per temporal question type, free
+    accuracy per type with the static questions' restricted accuracy, and image accuracy per question type."""
     name = [f"{e['sampler']} {e['frames']}" for e in combined]
     lines = ["| run | mean frames | image change | video change (free) | video change (restricted) | "
              "image vs smallest m (uniform) or vs uniform at the same m (controls, hybrid arms) | "
@@ -216,6 +226,14 @@ def _markdown(combined: list[dict]) -> str:
         st = e["video_types_restricted"].get("static/answerable")
         static = f"{st['first']:.2f} → {st['last']:.2f}" if st else "—"
         lines.append(f"| {n} | " + " | ".join(free) + f" | {static} |")
+    # where the image accuracy goes: each image question type, first → last and the change
+    image_types = sorted({q for e in combined for q in e["image_types_free"]})
+    lines += ["", "| run | " + " | ".join(f"image {q}: first → last, change" for q in image_types) + " |",
+              "|---|" + "---|" * len(image_types)]
+    for n, e in zip(name, combined, strict=True):
+        cells = [f"{t['first']:.2f} → {t['last']:.2f}, {_cell(t, 2)}" if (t := e["image_types_free"].get(q)) else "—"
+                 for q in image_types]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

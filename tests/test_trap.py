@@ -213,6 +213,20 @@ def test_trap_seeds_probes_and_notebook(tiny_toy, tmp_path, monkeypatch):
         for t, v in e["video_types_free"].items():
             per = [s["runs"][key]["video_types"][t]["free_change"] for s in c["seeds"]]
             assert v["mean"] == pytest.approx(sum(per) / 2)
+    # image accuracy per question type: each seed's is the trap summary's, and their mean across seeds
+    summaries = [json.loads((d / "trap_summary.json").read_text()) for d in dirs]
+    for e in c["across_seeds"]:
+        key = f"{e['sampler']}:{e['frames']}"
+        assert e["image_types_free"]
+        for q, v in e["image_types_free"].items():
+            per = []
+            for summary in summaries:
+                b = next(b for b in summary["budgets"]
+                         if (b.get("sampler", "uniform"), b["frames"]) == (e["sampler"], e["frames"]))
+                free = b["image_types"][q]["answerable"]["free"]
+                per.append(free["last"] - free["first"])
+            assert [s["runs"][key]["image_types"][q]["change"] for s in c["seeds"]] == pytest.approx(per)
+            assert v["mean"] == pytest.approx(sum(per) / 2)
     # benchmarks/trap_probes.py on the same runs: align on every checkpoint, decompose on the start and the
     # uniform run that has a control; across seeds, each statistic is the mean of the seeds'
     script = script.parent / "trap_probes.py"
@@ -241,7 +255,7 @@ def test_trap_seeds_probes_and_notebook(tiny_toy, tmp_path, monkeypatch):
     assert rho["mean"] == (pytest.approx(sum(defined) / len(defined)) if defined else None)
     # the tables of RESULTS.md, from the same outputs (nothing is recomputed)
     for name, extra, rows in (("trap_seeds.py", [], ["| uniform 2 | 2.0 |", "| static 4 | 4.0 |",
-                                                       "static: restricted first → last |"]),
+                                                       "static: restricted first → last |", ": first → last, change |"]),
                               ("trap_probes.py", ["--work", str(tmp_path / "probes"), "--batches", batches],
                                ["| start |", "| uniform:4/static |"])):
         res = subprocess.run([sys.executable, str(script.parent / name), *map(str, dirs), *extra, "--markdown"],
