@@ -429,3 +429,31 @@ def test_two_runs_writing_one_summary_at_once_both_succeed(tmp_path, monkeypatch
     assert json.loads(path.read_text()) == {"writer": "first"}
     assert len(set(calls)) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["trap_summary.json"]  # no temp file left behind
+
+
+def test_count_channel_compares_the_two_runs_per_image_type(tmp_path):
+    """benchmarks/count_channel.py on planted evaluations: per-type first → last, and the runs' last evaluations
+    against each other, each a paired difference over the same images."""
+    mod = _bench("count_channel")
+    types = ["count"] * 4 + ["colour"] * 2
+    images = tmp_path / "eval_images.jsonl"
+    images.write_text("".join(json.dumps({"id": str(i), "qtype": t}) + "\n" for i, t in enumerate(types)))
+    first = "111111"
+    last = {"all-2": "000011", "no-blink-2": "110010"}  # count: 0/4 and 2/4 right at the end; colour 2/2 and 1/2
+    for arm, items in last.items():
+        (tmp_path / arm).mkdir()
+        rows = [{"step": s, "n_image": 6, "image_restricted_items": it} for s, it in ((0, first), (6000, items))]
+        (tmp_path / arm / "gradprobe_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = mod.compare(tmp_path, images)
+    count, colour, every = r["types"]["count"], r["types"]["colour"], r["types"]["all"]
+    assert (count["n"], colour["n"], every["n"]) == (4, 2, 6)
+    assert count["all-2"]["first"] == 1.0 and count["all-2"]["last"] == 0.0
+    assert count["all-2"]["change"]["diff"] == -1.0 and count["no-blink-2"]["change"]["diff"] == -0.5
+    assert count["no_blink_vs_all"]["diff"] == 0.5 and colour["no_blink_vs_all"]["diff"] == -0.5
+    assert every["no_blink_vs_all"]["diff"] == pytest.approx(1 / 6) and every["no-blink-2"]["last"] == 0.5
+    table = mod.markdown(r)
+    assert "| count | 4 | 1.00 → 0.00, -1.00 [-1.00, -1.00] | 1.00 → 0.50, -0.50 [-1.42, +0.42] |" in table
+    unfinished = tmp_path / "all-2" / "gradprobe_eval.jsonl"
+    unfinished.write_text(json.dumps({"step": 0, "n_image": 6, "image_restricted_items": first}) + "\n")
+    with pytest.raises(SystemExit, match="have not finished"):
+        mod.compare(tmp_path, images)
