@@ -19,16 +19,17 @@ mkdir -p "$OUT"
 TOY=$(python -m cli.main toy "$@")  # prints the model's and the data's directories
 MODEL=$(sed -n 's/^toy model: *//p' <<< "$TOY") D=$(sed -n 's/^data: *//p' <<< "$TOY")
 python - "$D/train_videos.jsonl" "$OUT/no_blink.jsonl" <<'EOF'
-import json, sys
+import json, os, sys
 src, dst = sys.argv[1:]
 with open(src) as f, open(dst + ".tmp", "w") as g:
     g.writelines(line for line in f if json.loads(line)["qtype"] != "blink")
-import os; os.replace(dst + ".tmp", dst)
+os.replace(dst + ".tmp", dst)
 EOF
 run() {  # name video-data
     local out=$OUT/$1 resume=()
-    [ -f "$out/gradprobe_trajectory.jsonl" ] && resume=(--resume)
     [ -f "$out/sft_summary.json" ] && { echo "$1: complete, kept" >&2; return; }
+    if compgen -G "$out/checkpoint-*" > /dev/null; then resume=(--resume)
+    else rm -rf "$out"; fi  # stopped before its first checkpoint: nothing to resume from
     echo "$(date +%T) $1" >&2
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python -m cli.main sft --frames 2 --seed "$SEED" --keep-clips \
         --model "$MODEL" --video-data "$2" --data-root "$D" --image-probe "$D/probe_images.jsonl" \
