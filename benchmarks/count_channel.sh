@@ -40,6 +40,5 @@ run all-2 "$D/train_videos.jsonl" & a=$!
 run no-blink-2 "$OUT/no_blink.jsonl" & b=$!
 rc=0; wait $a || rc=$?; wait $b || rc=$?
 [ "$rc" = 0 ] || { echo "a run failed (logs: $OUT/*.log)" >&2; exit "$rc"; }
-python benchmarks/count_channel.py "$OUT" --images "$D/eval_images.jsonl" --out "$OUT/count_channel.json" \
-    > "$OUT/count_channel.md"
+python benchmarks/count_channel.py "$OUT" --out "$OUT/count_channel.json" > "$OUT/count_channel.md"
 cat "$OUT/count_channel.md"

@@ -436,15 +436,18 @@ def test_count_channel_compares_the_two_runs_per_image_type(tmp_path):
     against each other, each a paired difference over the same images."""
     mod = _bench("count_channel")
     types = ["count"] * 4 + ["colour"] * 2
-    images = tmp_path / "eval_images.jsonl"
-    images.write_text("".join(json.dumps({"id": str(i), "qtype": t}) + "\n" for i, t in enumerate(types)))
+
+    def row(step: int, items: str) -> dict:  # an evaluation row as gradprobe sft writes it (free = restricted here)
+        return {"step": step, "image_qtypes": types, "image_m_min": [None] * 6, "image_free_items": items,
+                "image_restricted_items": items, "image_restricted": items.count("1") / 6}
+
     first = "111111"
     last = {"all-2": "000011", "no-blink-2": "110010"}  # count: 0/4 and 2/4 right at the end; colour 2/2 and 1/2
     for arm, items in last.items():
         (tmp_path / arm).mkdir()
-        rows = [{"step": s, "n_image": 6, "image_restricted_items": it} for s, it in ((0, first), (6000, items))]
+        rows = [row(0, first), row(6000, items)]
         (tmp_path / arm / "gradprobe_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = mod.compare(tmp_path, images)
+    r = mod.compare(tmp_path)
     count, colour, every = r["types"]["count"], r["types"]["colour"], r["types"]["all"]
     assert (count["n"], colour["n"], every["n"]) == (4, 2, 6)
     assert count["all-2"]["first"] == 1.0 and count["all-2"]["last"] == 0.0
@@ -454,6 +457,10 @@ def test_count_channel_compares_the_two_runs_per_image_type(tmp_path):
     table = mod.markdown(r)
     assert "| count | 4 | 1.00 → 0.00, -1.00 [-1.00, -1.00] | 1.00 → 0.50, -0.50 [-1.42, +0.42] |" in table
     unfinished = tmp_path / "all-2" / "gradprobe_eval.jsonl"
-    unfinished.write_text(json.dumps({"step": 0, "n_image": 6, "image_restricted_items": first}) + "\n")
-    with pytest.raises(SystemExit, match="have not finished"):
-        mod.compare(tmp_path, images)
+    other = tmp_path / "no-blink-2" / "gradprobe_eval.jsonl"
+    other.write_text("".join(json.dumps({**row(s, first), "image_qtypes": types[::-1]}) + "\n" for s in (0, 6000)))
+    with pytest.raises(SystemExit, match="same images"):
+        mod.compare(tmp_path)
+    unfinished.write_text(json.dumps(row(0, first)) + "\n")
+    with pytest.raises(SystemExit, match="has not finished"):
+        mod.compare(tmp_path)
