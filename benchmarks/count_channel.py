@@ -20,8 +20,9 @@ ARMS = ("all-2", "no-blink-2")
 
 def compare(out: Path) -> dict:
     evals = {arm: read_jsonl(out / arm / EVAL_FILE) for arm in ARMS}
-    if any(len(e) < 2 for e in evals.values()):
-        raise SystemExit(f"{out}: a run has not finished (fewer than two evaluations)")
+    for arm, e in evals.items():
+        if len(e) < 2:
+            raise SystemExit(f"{out / arm / EVAL_FILE}: fewer than two evaluations (the run has not finished, or is not there)")
     lasts = [e[-1] for e in evals.values()]
     types = lasts[0]["image_qtypes"]
     if any(r["image_qtypes"] != types for r in lasts):

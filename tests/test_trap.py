@@ -462,5 +462,5 @@ def test_count_channel_compares_the_two_runs_per_image_type(tmp_path):
     with pytest.raises(SystemExit, match="same images"):
         mod.compare(tmp_path)
     unfinished.write_text(json.dumps(row(0, first)) + "\n")
-    with pytest.raises(SystemExit, match="has not finished"):
+    with pytest.raises(SystemExit, match="all-2/gradprobe_eval.jsonl: fewer than two evaluations"):
         mod.compare(tmp_path)
