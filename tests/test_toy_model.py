@@ -38,6 +38,34 @@ def test_toy_qwen_float64_matches_bruteforce(tiny_toy):
             assert got == pytest.approx(Dm.mean(), rel=1e-9, abs=1e-12 * abs(D).max())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_vision_attention_equals_transformers_chunk_by_chunk(tiny_toy, dtype):
+    model, adapter = tiny_toy.load(dtype=dtype)
+    attn = [m for m in model.modules() if hasattr(m, "chunked_forward")]
+    assert len(attn) == model.config.vision_config.depth  # every vision block switched, nothing else
+    assert toy.batch_vision_attention(model) == 0  # and only once
+    vids = tiny_toy.samples("probe", "videos")[:4]
+    manifest = {vids[0].id: 2, vids[1].id: 8}  # clips at different budgets in one batch
+    batches = [SampleCollator(adapter, tiny_toy.data_dir, frames=m)(vids) for m in (2, 6)]
+    batches.append(SampleCollator(adapter, tiny_toy.data_dir, frames=4, frames_of=manifest)(vids))
+    batches.append(SampleCollator(adapter, tiny_toy.data_dir)(tiny_toy.samples("probe", "images")[:4]))
+    model.train()
+    for batch in batches:
+        batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+        got = []
+        for chunked in (False, True):
+            for m in attn if chunked else ():  # transformers' own forward: one attention call per chunk
+                m.forward, m.chunked_forward = m.chunked_forward, m.forward
+            model.zero_grad()
+            out = model(**batch)
+            out.loss.backward()
+            got.append([out.logits.detach()] + [p.grad.clone() for p in model.parameters()])
+        for m in attn:
+            m.forward, m.chunked_forward = m.chunked_forward, m.forward
+        for a, b in zip(*got, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
+
+
 def test_toy_roles_cover_every_parameter(tiny_toy):
     model, _ = tiny_toy.load()
     roles = {toy.role_of(n) for n, _ in model.named_parameters()}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -171,6 +173,14 @@ class ToyAdapter(Qwen2_5_VLAdapter):
     #: found by its checkpoints' marker file, not by its (Qwen2.5-VL) architecture
     marker_only: ClassVar[bool] = True
 
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike[str], **options: Any) -> tuple[torch.nn.Module, ToyAdapter]:
+        """Load as :meth:`Adapter.load` does, then let the vision tower attend over all its equal-length chunks
+        at once (:func:`batch_vision_attention`)."""
+        model, adapter = super().load(model_dir, **options)
+        batch_vision_attention(model)
+        return model, adapter
+
     def frame_size(self, h: int, w: int, m: int) -> tuple[int, int] | None:
         return None
 
@@ -178,6 +188,45 @@ class ToyAdapter(Qwen2_5_VLAdapter):
                samples: Sequence[Any]) -> torch.Tensor:
         return _toy_labels(batch["input_ids"], self.tokenizer.convert_tokens_to_ids("assistant"),
                            self.tokenizer.pad_token_id)
+
+
+def batch_vision_attention(model: torch.nn.Module) -> int:
+    """Make the vision attention of ``model`` one batched SDPA call where its chunks have equal lengths.
+
+    Without flash attention, transformers' ``Qwen2_5_VLVisionAttention`` attends once per ``cu_seqlens`` chunk
+    (one per temporal patch in the full-attention block, one per window in the others): at 64 frames a batch of
+    8 clips makes 256 calls per layer, and the toy spends a sixth of a Video-SFT step on that loop. Every chunk of
+    the toy has the same length (its frames are one window each), so the chunks stack into one batch: the same
+    SDPA per chunk, computed in one call. Modules whose attention is not SDPA, or calls whose chunks differ in
+    length, keep transformers' own forward. ``tests/test_toy_model.py`` checks outputs and gradients against it.
+
+    Returns:
+        how many attention modules were switched.
+    """
+    n = 0
+    for module in model.modules():
+        if type(module).__name__ == "Qwen2_5_VLVisionAttention" and not hasattr(module, "chunked_forward"):
+            module.chunked_forward = module.forward
+            module.forward = types.MethodType(_batched_vision_attention, module)
+            n += 1
+    return n
+
+
+def _batched_vision_attention(self: Any, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                              *args: Any, position_embeddings: Any = None, **kwargs: Any) -> torch.Tensor:
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    if (args or position_embeddings is None or getattr(self.config, "_attn_implementation", None) != "sdpa"
+            or len(set(lengths)) != 1 or (self.training and self.attention_dropout)):
+        return self.chunked_forward(hidden_states, cu_seqlens, *args, position_embeddings=position_embeddings,
+                                    **kwargs)
+    rotate = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
+    n, length, seq = len(lengths), lengths[0], hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = rotate(q, k, cos, sin)
+    q, k, v = (t.reshape(n, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+    return self.proj(out.transpose(1, 2).reshape(seq, -1).contiguous())
 
 
 def _toy_labels(ids: torch.Tensor, assistant_id: int, pad_id: int) -> torch.Tensor:
