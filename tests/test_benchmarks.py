@@ -33,3 +33,12 @@ def test_bench_scale_tiny(tmp_path):
         assert "error" not in r[mode], r[mode]
     assert r["align"]["sketch"]["mode"] == "sketch" and r["align"]["sketch"]["k"] == 4096
     assert r["decompose"]["sketch"]["k"] == 4096
+
+
+def test_bench_toy_attention_tiny(tmp_path):
+    _run(["benchmarks/bench_toy_attention.py", "--tiny", "--frames", "4", "--repeats", "1", "--warmup", "0",
+          "--threads", "1", "--cache-dir", str(tmp_path / "toys"), "--out", str(tmp_path / "a.json")], tmp_path)
+    r = json.loads((tmp_path / "a.json").read_text())
+    (row,) = r["rows"]
+    assert row["frames"] == 4 and row["chunked_ms"] > 0 and row["batched_ms"] > 0
+    assert row["max_abs_difference"] < 1e-4
