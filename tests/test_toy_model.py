@@ -66,6 +66,20 @@ def test_batched_vision_attention_equals_transformers_chunk_by_chunk(tiny_toy, d
             torch.testing.assert_close(a, b, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
 
 
+def test_a_clips_temporal_positions_count_its_seconds(tiny_toy):
+    import inspect
+
+    model, adapter = tiny_toy.load()
+    accepts = inspect.signature(model.model.get_rope_index).parameters
+    clip = tiny_toy.samples("probe", "videos")[:1]  # 64 frames at 8 fps: 8 seconds
+    for m, step in ((8, 2), (16, 1), (64, 1)):
+        batch = SampleCollator(adapter, tiny_toy.data_dir, frames=m)(clip)
+        positions = model.model.get_rope_index(**{k: v for k, v in batch.items() if k in accepts})[0]
+        t = positions[0, 0, batch["input_ids"][0] == model.config.video_token_id]
+        assert (t.diff() >= 0).all()
+        assert t.unique().diff().tolist() == [step] * (8 // step - 1), m  # ⌊seconds × tokens_per_second (1)⌋
+
+
 def test_toy_roles_cover_every_parameter(tiny_toy):
     model, _ = tiny_toy.load()
     roles = {toy.role_of(n) for n, _ in model.named_parameters()}

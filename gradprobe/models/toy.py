@@ -53,6 +53,14 @@ def toy_config(vocab: Mapping[str, int], *, seed: int = 0, text_layers: int = 2,
     section turns by under a milliradian and the height section by under 0.1 rad, so the language model can
     hardly tell where a visual token is. At 10 they turn by 0.1–0.6 rad per token, and the direction a shape
     moves can be learned.
+
+    ``tokens_per_second`` 1 (the config's default is 4; the released models use 2): Qwen2.5-VL gives a clip's
+    temporal groups the temporal position ⌊seconds × tokens_per_second⌋, so a ShapesWorld clip (8 s at 8 fps)
+    spans 8 positions at every budget (at m = 64 four groups share one; at m = 8 they are 2 apart). The toy's
+    temporal RoPE section holds the four highest frequencies (1.0–0.65 rad per position at θ = 10): over 8
+    positions the lowest turns by under one revolution, so a token's place in the clip can be read from it, as
+    from the released models' lowest temporal frequencies (about 0.04 rad per position at θ = 10⁶). At 4 the
+    clip spans 32 positions and every frequency turns three to five times. Images have one temporal group.
     """
     from transformers import Qwen2_5_VLConfig
 
@@ -81,6 +89,7 @@ def toy_config(vocab: Mapping[str, int], *, seed: int = 0, text_layers: int = 2,
             out_hidden_size=128,
             spatial_merge_size=2,
             temporal_patch_size=2,
+            tokens_per_second=1,
             in_channels=3,
         ),
         image_token_id=vocab["<|image_pad|>"],
