@@ -39,8 +39,12 @@ def test_toy_qwen_float64_matches_bruteforce(tiny_toy):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_batched_vision_attention_equals_transformers_chunk_by_chunk(tiny_toy, dtype):
+def test_batched_vision_attention_equals_transformers_chunk_by_chunk(tiny_toy, dtype, monkeypatch):
     model, adapter = tiny_toy.load(dtype=dtype)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[0].shape[0]) or sdpa(*a, **k))
     attn = [m for m in model.modules() if hasattr(m, "chunked_forward")]
     assert len(attn) == model.config.vision_config.depth  # every vision block switched, nothing else
     assert toy.batch_vision_attention(model) == 0  # and only once
@@ -52,14 +56,19 @@ def test_batched_vision_attention_equals_transformers_chunk_by_chunk(tiny_toy, d
     model.train()
     for batch in batches:
         batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
-        got = []
+        got, n_calls = [], []
         for chunked in (False, True):
             for m in attn if chunked else ():  # transformers' own forward: one attention call per chunk
                 m.forward, m.chunked_forward = m.chunked_forward, m.forward
             model.zero_grad()
+            calls.clear()
             out = model(**batch)
             out.loss.backward()
             got.append([out.logits.detach()] + [p.grad.clone() for p in model.parameters()])
+            n_calls.append(len(calls))
+        chunks = int(batch["video_grid_thw" if "video_grid_thw" in batch else "image_grid_thw"][:, 0].sum())
+        text_layers = model.config.text_config.num_hidden_layers
+        assert n_calls == [len(attn) + text_layers, len(attn) * chunks + text_layers]  # batched: one call a layer
         for m in attn:
             m.forward, m.chunked_forward = m.chunked_forward, m.forward
         for a, b in zip(*got, strict=True):
