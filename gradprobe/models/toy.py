@@ -204,9 +204,9 @@ def batch_vision_attention(model: torch.nn.Module) -> int:
 
     Without flash attention, transformers' ``Qwen2_5_VLVisionAttention`` attends once per ``cu_seqlens`` chunk
     (one per temporal patch in the full-attention block, one per window in the others): at 64 frames a batch of
-    8 clips makes 256 calls per layer, and the toy spends a sixth of a Video-SFT step on that loop. Every chunk of
-    the toy has the same length (its frames are one window each), so the chunks stack into one batch: the same
-    SDPA per chunk, computed in one call. Modules whose attention is not SDPA, or calls whose chunks differ in
+    8 clips makes 256 calls per layer, and batching them saves about 30% of a Video-SFT step there
+    (``benchmarks/bench_toy_attention.py``). Every chunk of the toy has the same length (a frame is one window),
+    so the chunks stack into one batch: the same SDPA per chunk, computed in one call. Modules whose attention is not SDPA, or calls whose chunks differ in
     length, keep transformers' own forward. ``tests/test_toy_model.py`` checks outputs and gradients against it.
 
     Returns:
@@ -224,8 +224,9 @@ def batch_vision_attention(model: torch.nn.Module) -> int:
 def _batched_vision_attention(self: Any, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
                               *args: Any, position_embeddings: Any = None, **kwargs: Any) -> torch.Tensor:
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    if (args or position_embeddings is None or getattr(self.config, "_attn_implementation", None) != "sdpa"
-            or len(set(lengths)) != 1 or (self.training and self.attention_dropout)):
+    sdpa = getattr(getattr(self, "config", None), "_attn_implementation", None) == "sdpa"
+    if (args or position_embeddings is None or not sdpa or len(set(lengths)) != 1
+            or (self.training and getattr(self, "attention_dropout", 0.0))):
         return self.chunked_forward(hidden_states, cu_seqlens, *args, position_embeddings=position_embeddings,
                                     **kwargs)
     rotate = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
@@ -234,7 +235,7 @@ def _batched_vision_attention(self: Any, hidden_states: torch.Tensor, cu_seqlens
     cos, sin = position_embeddings
     q, k = rotate(q, k, cos, sin)
     q, k, v = (t.reshape(n, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=getattr(self, "scaling", None))
     return self.proj(out.transpose(1, 2).reshape(seq, -1).contiguous())
 
 
