@@ -17,12 +17,14 @@ logits and gradients between the two on the first batch is recorded as well.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,9 +32,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _swap(attn: list[torch.nn.Module]) -> None:
-    for m in attn:
-        m.forward, m.chunked_forward = m.chunked_forward, m.forward
+def _step(model: torch.nn.Module, batch: dict[str, Any], how: str,
+          opt: torch.optim.Optimizer | None = None) -> tuple[list[torch.Tensor], float]:
+    """One forward and backward with the ``how`` vision attention, and the seconds it took; with ``opt`` an
+    optimizer step as well (timed, nothing returned), without it the logits and gradients."""
+    from gradprobe.models.toy import chunked_vision_attention
+
+    with chunked_vision_attention(model) if how == "chunked" else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        model.zero_grad()
+        out = model(**batch)
+        out.loss.backward()
+        if opt is not None:
+            opt.step()
+        seconds = time.perf_counter() - t0
+    if opt is not None:
+        return [], seconds
+    return [out.logits.detach()] + [q.grad.clone() for q in model.parameters()], seconds
 
 
 def main() -> None:
@@ -55,30 +71,19 @@ def main() -> None:
     toy = ensure_toy(spec, cache_dir=a.cache_dir, log=lambda s: print(s, file=sys.stderr))
     model, adapter = toy.load()
     model.train()
-    attn = [m for m in model.modules() if hasattr(m, "chunked_forward")]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     clips = toy.samples("train", "videos")[: a.batch_size]
     rows = []
     for m in (int(x) for x in a.frames.split(",")):
         batch = SampleCollator(adapter, toy.data_dir, frames=m, keep_clips=True)(clips)
-        got = {}
-        for how in ("batched", "chunked"):
-            model.zero_grad()
-            out = model(**batch)
-            out.loss.backward()
-            got[how] = [out.logits.detach()] + [q.grad.clone() for q in model.parameters()]
-            _swap(attn)
+        got = {how: _step(model, batch, how)[0] for how in ("batched", "chunked")}
         diff = max(float((x - y).abs().max()) for x, y in zip(got["batched"], got["chunked"], strict=True))
         times: dict[str, list[float]] = {"batched": [], "chunked": []}
         for i in range(a.warmup + a.repeats):
             for how in ("batched", "chunked"):
-                t0 = time.perf_counter()
-                model(**batch).loss.backward()
-                opt.step()
-                opt.zero_grad()
+                seconds = _step(model, batch, how, opt)[1]
                 if i >= a.warmup:
-                    times[how].append(time.perf_counter() - t0)
-                _swap(attn)
+                    times[how].append(seconds)
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append({"frames": m, "chunked_ms": 1e3 * med["chunked"], "batched_ms": 1e3 * med["batched"],
                      "ratio": med["batched"] / med["chunked"], "max_abs_difference": diff})

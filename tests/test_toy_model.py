@@ -44,35 +44,35 @@ def test_batched_vision_attention_equals_transformers_chunk_by_chunk(tiny_toy, d
     sdpa = torch.nn.functional.scaled_dot_product_attention
     calls = []
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda *a, **k: calls.append(a[0].shape[0]) or sdpa(*a, **k))
-    attn = [m for m in model.modules() if hasattr(m, "chunked_forward")]
-    assert len(attn) == model.config.vision_config.depth  # every vision block switched, nothing else
-    assert toy.batch_vision_attention(model) == 0  # and only once
+                        lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    depth = model.config.vision_config.depth
+    assert toy.batch_vision_attention(model) == 0  # switched once, by the load
     vids = tiny_toy.samples("probe", "videos")[:4]
     manifest = {vids[0].id: 2, vids[1].id: 8}  # clips at different budgets in one batch
     batches = [SampleCollator(adapter, tiny_toy.data_dir, frames=m)(vids) for m in (2, 6)]
     batches.append(SampleCollator(adapter, tiny_toy.data_dir, frames=4, frames_of=manifest)(vids))
     batches.append(SampleCollator(adapter, tiny_toy.data_dir)(tiny_toy.samples("probe", "images")[:4]))
     model.train()
+
+    def run(batch):
+        model.zero_grad()
+        calls.clear()
+        out = model(**batch)
+        out.loss.backward()
+        return [out.logits.detach()] + [p.grad.clone() for p in model.parameters()], len(calls)
+
     for batch in batches:
         batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
-        got, n_calls = [], []
-        for chunked in (False, True):
-            for m in attn if chunked else ():  # transformers' own forward: one attention call per chunk
-                m.forward, m.chunked_forward = m.chunked_forward, m.forward
-            model.zero_grad()
-            calls.clear()
-            out = model(**batch)
-            out.loss.backward()
-            got.append([out.logits.detach()] + [p.grad.clone() for p in model.parameters()])
-            n_calls.append(len(calls))
+        batched, n_batched = run(batch)
+        with toy.chunked_vision_attention(model) as switched:  # transformers' own forward: a call per chunk
+            chunked, n_chunked = run(batch)
+        assert switched == depth  # every vision block, nothing else
         chunks = int(batch["video_grid_thw" if "video_grid_thw" in batch else "image_grid_thw"][:, 0].sum())
         text_layers = model.config.text_config.num_hidden_layers
-        assert n_calls == [len(attn) + text_layers, len(attn) * chunks + text_layers]  # batched: one call a layer
-        for m in attn:
-            m.forward, m.chunked_forward = m.chunked_forward, m.forward
-        for a, b in zip(*got, strict=True):
+        assert (n_batched, n_chunked) == (depth + text_layers, depth * chunks + text_layers)  # one call a layer
+        for a, b in zip(batched, chunked, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
+    assert run(batches[0])[1] == depth + model.config.text_config.num_hidden_layers  # batched again after
 
 
 def test_a_clips_temporal_positions_count_its_seconds(tiny_toy):

@@ -9,6 +9,7 @@ Nothing is fetched from a hub.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -219,6 +220,20 @@ def batch_vision_attention(model: torch.nn.Module) -> int:
             module.forward = types.MethodType(_batched_vision_attention, module)
             n += 1
     return n
+
+
+@contextlib.contextmanager
+def chunked_vision_attention(model: torch.nn.Module) -> Any:
+    """Inside the block, the vision attention switched by :func:`batch_vision_attention` runs transformers' own
+    forward again (one call per chunk), for comparisons; yields how many modules that is."""
+    switched = [m for m in model.modules() if hasattr(m, "chunked_forward")]
+    for m in switched:
+        m.forward = m.chunked_forward
+    try:
+        yield len(switched)
+    finally:
+        for m in switched:
+            m.forward = types.MethodType(_batched_vision_attention, m)
 
 
 def _batched_vision_attention(self: Any, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
