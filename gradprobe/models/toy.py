@@ -207,8 +207,9 @@ def batch_vision_attention(model: torch.nn.Module) -> int:
     (one per temporal patch in the full-attention block, one per window in the others): at 64 frames a batch of
     8 clips makes 256 calls per layer, and batching them saves about 30% of a Video-SFT step there
     (``benchmarks/bench_toy_attention.py``). Every chunk of the toy has the same length (a frame is one window),
-    so the chunks stack into one batch: the same SDPA per chunk, computed in one call. Modules whose attention is not SDPA, or calls whose chunks differ in
-    length, keep transformers' own forward. ``tests/test_toy_model.py`` checks outputs and gradients against it.
+    so the chunks stack into one batch: the same SDPA per chunk, computed in one call. Modules whose attention
+    is not SDPA, or calls whose chunks differ in length, keep transformers' own forward.
+    ``tests/test_toy_model.py`` checks outputs and gradients against it.
 
     Returns:
         how many attention modules were switched.
@@ -226,14 +227,14 @@ def batch_vision_attention(model: torch.nn.Module) -> int:
 def chunked_vision_attention(model: torch.nn.Module) -> Any:
     """Inside the block, the vision attention switched by :func:`batch_vision_attention` runs transformers' own
     forward again (one call per chunk), for comparisons; yields how many modules that is."""
-    switched = [m for m in model.modules() if hasattr(m, "chunked_forward")]
+    switched = {m: m.forward for m in model.modules() if hasattr(m, "chunked_forward")}
     for m in switched:
         m.forward = m.chunked_forward
     try:
         yield len(switched)
     finally:
-        for m in switched:
-            m.forward = types.MethodType(_batched_vision_attention, m)
+        for m, forward in switched.items():
+            m.forward = forward
 
 
 def _batched_vision_attention(self: Any, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
