@@ -280,7 +280,7 @@ def main() -> None:
     result.update(stage="done", decompose=decompose)
     save(result)
     if a.out:
-        print(f"wrote {a.out}")
+        print(f"wrote {a.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

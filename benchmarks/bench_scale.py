@@ -241,7 +241,7 @@ def main() -> None:
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {a.out}")
+        print(f"wrote {a.out}", file=sys.stderr)
 
 
 def _mem_total_gib() -> float | None:

@@ -177,7 +177,7 @@ def main() -> None:
     if a.out:
         Path(a.out).write_text(json.dumps({"seeds": dict(zip(a.dirs, seeds, strict=True)), "across_seeds": across},
                                           indent=2) + "\n")
-        print(f"wrote {a.out}")
+        print(f"wrote {a.out}", file=sys.stderr)
 
 
 SAME = ("† the same checkpoint and probe batches in every seed (the starting model), so the same value: its "

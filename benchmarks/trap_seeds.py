@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -175,7 +176,7 @@ def main() -> None:
         _plain(combined, per_seed, grid, cell)
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {a.out}")
+        print(f"wrote {a.out}", file=sys.stderr)
 
 
 def _cell(t: dict | None, digits: int = 3) -> str:
