@@ -1,6 +1,6 @@
 """Alignment and α(m) decomposition on the checkpoints of `gradprobe trap` runs, per seed and across seeds.
 
-    python benchmarks/trap_probes.py trap-s0 trap-s1 ... --work probes --out benchmarks/results/trap_probes.json
+    python benchmarks/trap_probes.py trap-s0 trap-s1 ... --work probes --out benchmarks/results/toy_v6/trap_probes.json
 
 For each seed's trap directory, on the toy's probe sets (the same image and video batches for every checkpoint):
 

@@ -1,7 +1,7 @@
 """Combine `gradprobe trap` runs made with different seeds: per-run changes, per seed and across seeds.
 
     gradprobe trap --seed 0 --out trap-s0   # and --seed 1, --seed 2 ...
-    python benchmarks/trap_seeds.py trap-s0 trap-s1 trap-s2 trap-s3 trap-s4 --out benchmarks/results/trap_toy.json
+    python benchmarks/trap_seeds.py trap-s0 trap-s1 trap-s2 trap-s3 trap-s4 --out benchmarks/results/toy_v6/trap_seeds.json
 
 A run is a (sampler, budget) pair: the uniform sampler, and the static/shuffled controls and the hybrid arms
 where the experiment ran them. Within a seed, the interval of a change is over held-out records (paired). Across seeds, the mean

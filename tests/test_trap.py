@@ -275,6 +275,20 @@ def test_trap_seeds_probes_and_notebook(tiny_toy, tmp_path, monkeypatch):
                 lo, hi = r["image_free_vs_uniform_ci95"]
                 want.append(f"{r['image_free_vs_uniform']:+.2f}" + ("*" if lo > 0 or hi < 0 else ""))
             assert row.startswith(f"| static 4 | {' / '.join(want)} |"), row
+    # benchmarks/colour_answers.py: each checkpoint's answers to the image colour questions, scored as the trap
+    # scored them (its restricted colour accuracy at the end), and whether each names a colour drawn in the image
+    res = subprocess.run([sys.executable, str(script.parent / "colour_answers.py"), *map(str, dirs),
+                          "--out", str(tmp_path / "colour.json"), "--markdown"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "| start |" in res.stdout, res.stdout + res.stderr
+    colour = json.loads((tmp_path / "colour.json").read_text())["seeds"]
+    for s, summary in zip(colour, summaries, strict=True):
+        assert sorted(s["runs"]) == sorted(["start", "uniform 2", "uniform 4", "static 4"])
+        for b in summary["budgets"]:
+            got = s["runs"][f"{b.get('sampler', 'uniform')} {b['frames']}"]
+            want = b["image_types"]["colour"]["answerable"]
+            assert got["n"] == want["n"] > 0 and got["correct"] / got["n"] == pytest.approx(want["restricted"]["last"])
+            assert got["correct"] <= got["in_image"] <= got["n"] and sum(got["answers"].values()) == got["n"]
     # --read: the same tables from copies of the runs without their checkpoints (as benchmarks/results keeps them)
     import shutil
 
