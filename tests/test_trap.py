@@ -466,10 +466,12 @@ def test_count_channel_compares_the_two_runs_per_image_type(tmp_path):
     assert (count["n"], colour["n"], every["n"]) == (4, 2, 6)
     assert count["all-2"]["first"] == 1.0 and count["all-2"]["last"] == 0.0
     assert count["all-2"]["change"]["diff"] == -1.0 and count["no-blink-2"]["change"]["diff"] == -0.5
-    assert count["no_blink_vs_all"]["diff"] == 0.5 and colour["no_blink_vs_all"]["diff"] == -0.5
-    assert every["no_blink_vs_all"]["diff"] == pytest.approx(1 / 6) and every["no-blink-2"]["last"] == 0.5
+    assert count["without_vs_all"]["diff"] == 0.5 and colour["without_vs_all"]["diff"] == -0.5
+    assert every["without_vs_all"]["diff"] == pytest.approx(1 / 6) and every["no-blink-2"]["last"] == 0.5
+    assert r["without"] == "blink" and r["arms"] == ["all-2", "no-blink-2"]
     table = mod.markdown(r)
     assert "| count | 4 | 1.00 → 0.00, -1.00 [-1.00, -1.00] | 1.00 → 0.50, -0.50 [-1.42, +0.42] |" in table
+    assert "| without blink: first → last, change | last: without blink − all |" in table
     unfinished = tmp_path / "all-2" / "gradprobe_eval.jsonl"
     other = tmp_path / "no-blink-2" / "gradprobe_eval.jsonl"
     other.write_text("".join(json.dumps({**row(s, first), "image_qtypes": types[::-1]}) + "\n" for s in (0, 6000)))
@@ -477,4 +479,7 @@ def test_count_channel_compares_the_two_runs_per_image_type(tmp_path):
         mod.compare(tmp_path)
     unfinished.write_text(json.dumps(row(0, first)) + "\n")
     with pytest.raises(SystemExit, match="all-2/gradprobe_eval.jsonl: fewer than two evaluations"):
+        mod.compare(tmp_path)
+    (tmp_path / "no-order-16").mkdir()  # a second run without some type: which one to compare is not clear
+    with pytest.raises(SystemExit, match="expected one all-<m> and one no-<type>-<m> run"):
         mod.compare(tmp_path)
