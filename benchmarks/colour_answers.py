@@ -28,7 +28,7 @@ from gradprobe.data.records import read_samples
 from gradprobe.data.shapesworld import COLOURS
 from gradprobe.models.registry import family_named
 from gradprobe.train.collate import SampleCollator
-from gradprobe.train.evaluate import choice_ids
+from gradprobe.train.evaluate import answer_rows, choice_ids
 
 
 def colours_in(path: Path) -> set[str]:
@@ -36,22 +36,14 @@ def colours_in(path: Path) -> set[str]:
     return {c for c, rgb in COLOURS.items() if (pixels == np.array(rgb)).all(axis=1).any()}
 
 
-@torch.no_grad()
-def answers(model_dir: Path, data: Path, records: list, batch_size: int = 32) -> list[str]:
+def answers(model_dir: Path, data: Path, records: list) -> list[str]:
     """The restricted argmax answer to each record (the first answer token, as the trap scores it)."""
     model, adapter = family_named("toy").adapter_class().load(model_dir)
-    model.eval()
     collate = SampleCollator(adapter, data)
     out = []
-    for i in range(0, len(records), batch_size):
-        chunk = records[i : i + batch_size]
-        batch = collate(chunk)
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        for r, rec in enumerate(chunk):
-            pos = int((batch["labels"][r] != -100).nonzero()[0])
-            choices = list(rec.extra["choices"])
-            ids = torch.tensor(choice_ids(collate.tokenizer, choices))
-            out.append(choices[int(logits[r, pos - 1][ids].argmax())])
+    for rec, row, _ in answer_rows(model, collate, records):
+        choices = list(rec.extra["choices"])
+        out.append(choices[int(row[torch.tensor(choice_ids(collate.tokenizer, choices))].argmax())])
     return out
 
 

@@ -12,7 +12,7 @@ answer-vocabulary drift.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +34,32 @@ def choice_ids(tokenizer: Any, choices: Sequence[str]) -> list[int]:
 
 
 @torch.no_grad()
+def answer_rows(
+    model: torch.nn.Module,
+    collator: Any,
+    records: Sequence[Sample],
+    batch_size: int = 32,
+) -> Iterator[tuple[Sample, torch.Tensor, int]]:
+    """Per record, in order: the record, the logits that predict its answer's first token, and that token.
+
+    The records are scored in batches of ``batch_size`` in eval mode (restored afterwards).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(records), batch_size):
+            chunk = records[i : i + batch_size]
+            batch = collator(chunk)
+            logits = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
+            labels = batch["labels"]
+            for r, rec in enumerate(chunk):
+                pos = int((labels[r] != -100).nonzero()[0])
+                yield rec, logits[r, pos - 1], int(labels[r, pos])
+    finally:
+        model.train(was_training)
+
+
 def accuracy(
     model: torch.nn.Module,
     collator: Any,
@@ -51,32 +77,18 @@ def accuracy(
         are per-record correctness as strings of ``0``/``1`` (for paired comparisons between evaluations).
     """
     tok = collator.tokenizer
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     free_items: list[bool] = []
     restricted_items: list[bool] = []
     answers = []
-    try:
-        for i in range(0, len(records), batch_size):
-            chunk = records[i : i + batch_size]
-            batch = collator(chunk)
-            logits = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
-            labels = batch["labels"]
-            for r, rec in enumerate(chunk):
-                pos = int((labels[r] != -100).nonzero()[0])
-                target = int(labels[r, pos])
-                row = logits[r, pos - 1]
-                free_items.append(int(row.argmax()) == target)
-                choices = choice_ids(tok, list(rec.extra.get("choices") or []))
-                if choices:
-                    best = choices[int(row[torch.tensor(choices)].argmax())]
-                    restricted_items.append(best == target)
-                else:
-                    restricted_items.append(free_items[-1])
-                answers.append(rec.answer)
-    finally:
-        model.train(was_training)
+    for rec, row, target in answer_rows(model, collator, records, batch_size):
+        free_items.append(int(row.argmax()) == target)
+        choices = choice_ids(tok, list(rec.extra.get("choices") or []))
+        if choices:
+            best = choices[int(row[torch.tensor(choices)].argmax())]
+            restricted_items.append(best == target)
+        else:
+            restricted_items.append(free_items[-1])
+        answers.append(rec.answer)
     n = len(records)
     majority = max(answers.count(a) for a in set(answers)) / n if n else float("nan")
     return {
