@@ -289,6 +289,28 @@ def test_trap_seeds_probes_and_notebook(tiny_toy, tmp_path, monkeypatch):
             want = b["image_types"]["colour"]["answerable"]
             assert got["n"] == want["n"] > 0 and got["correct"] / got["n"] == pytest.approx(want["restricted"]["last"])
             assert got["correct"] <= got["in_image"] <= got["n"] and sum(got["answers"].values()) == got["n"]
+    # benchmarks/checkpoint_curves.py: the uniform runs' checkpoints scored again per video type on the clips the
+    # budget answers; step 0 is the run's first evaluation and final/ must answer as its last evaluation did
+    res = subprocess.run([sys.executable, str(script.parent / "checkpoint_curves.py"), *map(str, dirs), "--frames",
+                          "2,4", "--out", str(tmp_path / "curves.json"), "--markdown"], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and "| 4 | " in res.stdout, res.stdout + res.stderr
+    curves = json.loads((tmp_path / "curves.json").read_text())["seeds"]
+    for s, summary, d in zip(curves, summaries, dirs, strict=True):
+        for b in summary["budgets"]:
+            if b.get("sampler", "uniform") != "uniform":
+                continue
+            run = s["runs"][str(b["frames"])]
+            saved = sorted(int(c.name.split("-")[1]) for c in (d / f"frames-{b['frames']}").glob("checkpoint-*"))
+            assert run["steps"] == [0, *[x for x in saved if x < 2], 2] and len(run["steps"]) > 2
+            want = {t: v["answerable"] for t, v in b["video_types"].items() if "answerable" in v}
+            assert sorted(run["types"]) == sorted(want)
+            for t, v in run["types"].items():
+                r = want[t]["restricted"]
+                assert v["n"] == want[t]["n"] and [v["restricted"][0], v["restricted"][-1]] == pytest.approx([r["first"], r["last"]])
+    res = subprocess.run([sys.executable, str(script.parent / "checkpoint_curves.py"), str(dirs[0]), "--frames",
+                          "8", "--out", str(tmp_path / "none.json")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "no uniform run at m = 8" in res.stderr, res.stderr
     # --read: the same tables from copies of the runs without their checkpoints (as benchmarks/results keeps them)
     import shutil
 
