@@ -275,6 +275,21 @@ def test_trap_seeds_probes_and_notebook(tiny_toy, tmp_path, monkeypatch):
                 lo, hi = r["image_free_vs_uniform_ci95"]
                 want.append(f"{r['image_free_vs_uniform']:+.2f}" + ("*" if lo > 0 or hi < 0 else ""))
             assert row.startswith(f"| static 4 | {' / '.join(want)} |"), row
+    # benchmarks/compare_recipes.py: a second recipe's runs beside the first's, run for run; only the runs both hold
+    other = json.loads((tmp_path / "c.json").read_text())
+    other["seeds"] = other["seeds"][1:]
+    moved = other["seeds"][0]["runs"]["uniform:4"]["video_types"]["motion/answerable"]
+    moved.update(last=0.25, change=0.25 - moved["first"], ci95=[-0.9, -0.1])
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    res = subprocess.run([sys.executable, str(script.parent / "compare_recipes.py"), str(tmp_path / "c.json"),
+                          str(tmp_path / "other.json"), "--labels", "a,b"], capture_output=True, text=True, timeout=60)
+    lines = res.stdout.splitlines()
+    assert res.returncode == 0 and lines[0].startswith("| run | seed | blink: a | blink: b |"), res.stdout + res.stderr
+    seed = other["seeds"][0]["seed"]
+    assert len(lines) == 2 + len(other["seeds"][0]["runs"])  # seed 0's runs are not in both
+    row = next(x for x in lines if x.startswith(f"| uniform 4 | {seed} |")).split(" | ")
+    was = c["seeds"][1]["runs"]["uniform:4"]["video_types"]["motion/answerable"]
+    assert row[4].startswith(f"{was['last']:.2f} ({was['change']:+.2f}") and row[5] == f"0.25 ({0.25 - was['first']:+.2f}*)"
     # benchmarks/colour_answers.py: each checkpoint's answers to the image colour questions, scored as the trap
     # scored them (its restricted colour accuracy at the end), and whether each names a colour drawn in the image
     res = subprocess.run([sys.executable, str(script.parent / "colour_answers.py"), *map(str, dirs),
