@@ -4,9 +4,10 @@
         benchmarks/results/toy_v6/pilot/9000steps/trap_seed{0,1,2,3,4}.json --labels "6000 steps,9000 steps"
 
 BASE and each OTHER are outputs of ``benchmarks/trap_seeds.py`` (the second recipe's may be one per seed, when its
-seeds ran different budgets). For every run of the OTHERs whose seed and key (sampler and budget) BASE also has, one markdown row: each temporal type's restricted accuracy at the end on the clips the
-budget answers, with its change over the run (``*``: the run's paired interval over records excludes 0), the
-image accuracy (restricted) and the image ``colour`` questions' at the end. Nothing is recomputed.
+seeds ran different budgets). For every run of the OTHERs whose seed and key (sampler and budget) BASE also has,
+one markdown row: each temporal type's restricted accuracy at the end on the clips the budget answers, with its
+change over the run (``*``: the run's paired interval over records excludes 0), the image accuracy (restricted)
+and the image ``colour`` questions' at the end. Nothing is recomputed.
 """
 
 from __future__ import annotations
