@@ -57,6 +57,12 @@ class ToySpec:
         )
 
 
+#: The smallest toy the real build path makes (six Trainer steps on 48 images, in seconds): what the tests
+#: and ``benchmarks/learnability.py`` train from.
+TINY = ToySpec(steps=6, batch_size=8, n_train_images=48, n_eval_images=24, n_probe_images=32,
+               n_train_videos=4, n_eval_videos=4, n_probe_videos=12)
+
+
 @dataclass(frozen=True)
 class Toy:
     """A built toy: where its model and data are, and its held-out image accuracy."""

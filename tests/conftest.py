@@ -1,7 +1,10 @@
 import os
+from dataclasses import asdict
 
 import pytest
 import torch
+
+from gradprobe.toybox import TINY
 
 # one thread per pytest-xdist worker (the workers share the cores), else up to two
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
@@ -47,19 +50,15 @@ def tiny():
     return TinyNet()
 
 
-TINY_TOY = dict(
-    steps=6, batch_size=8, n_train_images=48, n_eval_images=24, n_probe_images=32,
-    n_train_videos=4, n_eval_videos=4, n_probe_videos=12,
-)
+TINY_TOY = asdict(TINY)
 
 
 @pytest.fixture(scope="session")
 def tiny_toy(tmp_path_factory):
     """A tiny toy built through the real path (ShapesWorld files, save_pretrained, Trainer, from_pretrained)."""
-    from gradprobe.toybox import ToySpec, ensure_toy
+    from gradprobe.toybox import ensure_toy
 
-    cache = tmp_path_factory.mktemp("toycache")
-    return ensure_toy(ToySpec(**TINY_TOY), cache)
+    return ensure_toy(TINY, tmp_path_factory.mktemp("toycache"))
 
 
 def require_stack(module: str) -> None:

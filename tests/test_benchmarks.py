@@ -42,3 +42,14 @@ def test_bench_toy_attention_tiny(tmp_path):
     (row,) = r["rows"]
     assert row["frames"] == 4 and row["chunked_ms"] > 0 and row["batched_ms"] > 0
     assert row["max_abs_difference"] < 1e-4
+
+
+def test_learnability_script(tiny_toy, tmp_path):
+    out = _run(["benchmarks/learnability.py", "--samplers", "uniform,static", "--seeds", "0", "--steps", "2",
+                "--eval-every", "1", "--cache-dir", str(tiny_toy.root.parent), "--out", str(tmp_path / "l.json"),
+                "--markdown"], tmp_path)
+    r = json.loads((tmp_path / "l.json").read_text())
+    assert [(x["sampler"], x["seed"]) for x in r["runs"]] == [("uniform", 0), ("static", 0)]
+    assert all(list(x["curve"]) == ["0", "1", "2"] and x["curve"]["2"] == x["last"] for x in r["runs"])
+    assert r["recipe"]["steps"] == 2 and set(r["learns"]) == {"uniform", "static"}
+    assert r["environment"]["threads"] == 1 and len(out.stdout.strip().splitlines()) == 4  # header, rule, 2 runs
