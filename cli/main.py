@@ -59,6 +59,7 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
 DtypeOpt = Annotated[str | None, typer.Option(help="Model dtype (default float32 on CPU, bfloat16 on GPU).")]
 DeviceMapOpt = Annotated[str | None, typer.Option(help="from_pretrained device_map (e.g. auto) instead of --device.")]
 AttnOpt = Annotated[str | None, typer.Option(help="from_pretrained attn_implementation: eager, sdpa, flash_attention_2.")]
+CheckpointingOpt = Annotated[str, typer.Option(help="Activation checkpointing of every decoder layer and vision block in the measurement passes: auto (on when a video batch would not fit the free memory without it), on, off.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print summary.json to stdout instead of the table.")]
 CacheOpt = Annotated[str | None, typer.Option(help="Toy cache directory (default $GRADPROBE_CACHE or ~/.cache/gradprobe).")]
 ImageGroupsOpt = Annotated[int | None, typer.Option(help="G, image-group means kept (default: largest divisor of K ≤ 8).")]
@@ -302,6 +303,7 @@ def align(
     dtype: DtypeOpt = None,
     device_map: DeviceMapOpt = None,
     attn_implementation: AttnOpt = None,
+    checkpointing: CheckpointingOpt = "auto",
     reference_device: RefDeviceOpt = "model",
     reference_dtype: RefDtypeOpt = None,
     sketch: SketchOpt = "auto",
@@ -475,6 +477,7 @@ def curvature(
     dtype: DtypeOpt = None,
     device_map: DeviceMapOpt = None,
     attn_implementation: AttnOpt = None,
+    checkpointing: CheckpointingOpt = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the start and probe vectors.")] = 0,
     out: Annotated[str, typer.Option(help="Output directory.")] = "gradprobe-curvature",
     json_out: JsonOpt = False,
@@ -563,6 +566,7 @@ def decompose(
     dtype: DtypeOpt = None,
     device_map: DeviceMapOpt = None,
     attn_implementation: AttnOpt = None,
+    checkpointing: CheckpointingOpt = "auto",
     reference_device: RefDeviceOpt = "model",
     reference_dtype: RefDtypeOpt = None,
     sketch: SketchOpt = "auto",
@@ -713,6 +717,7 @@ def budget(
     )] = None,
     image_data: Annotated[str | None, typer.Option(help="--alignment: image records for ḡ_img (default: the toy's probe images; the first 32, in batches of 8).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    checkpointing: CheckpointingOpt = "auto",
     cache_dir: Annotated[str | None, typer.Option(help="Toy cache directory.")] = None,
 ) -> None:
     """Per-sample frame budgets (Hybrid-Frame): a manifest for `gradprobe sft --manifest`, optionally scored against m_min."""

@@ -7,10 +7,11 @@ none are given), builds paired image and video batches, and calls
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from gradprobe._checks import check_positive_int, parse_frames
 from gradprobe.errors import DataError, GradprobeError, InputError, ModelError
 from gradprobe.estimators.align import AlignReport, Progress, align
+from gradprobe.probe.checkpoint import check_checkpointing, checkpointed
 from gradprobe.probe.measure import image_group_count, parse_sketch
 from gradprobe.probe.store import resolve_dtype
 from gradprobe.toybox import ToySpec, ensure_toy
@@ -48,6 +50,7 @@ class RunOptions:
     dtype: str | None = None
     device_map: str | None = None
     attn_implementation: str | None = None
+    checkpointing: str = "auto"
     sampler: str = "uniform"
     pixel_policy: str = "fixed"
     frame_pixels: int | None = None
@@ -159,6 +162,8 @@ class _Prepared:
     images: dict[str, Any]
     store: Any
     meta: dict[str, Any]
+    #: activation checkpointing in the measurement passes: ``on`` (bool), ``requested``, ``reason``
+    checkpointing: dict[str, Any]
 
 
 def _prepare(opts: RunOptions, log: Callable[[str], None],
@@ -190,6 +195,7 @@ def _prepare(opts: RunOptions, log: Callable[[str], None],
         resolve_dtype(opts.reference_dtype, torch.float32, "reference_dtype")
         parse_sketch(opts.sketch)
     check_sampler(opts.sampler)
+    check_checkpointing(opts.checkpointing)
     policy = PixelPolicy(opts.pixel_policy, opts.frame_pixels, opts.total_pixels)
     device = _device(opts.device)
     dtype = resolve_dtype(opts.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -251,8 +257,10 @@ def _prepare(opts: RunOptions, log: Callable[[str], None],
     store = ClipStore(video_root, frames, opts.sampler, size_of=sizer.frame_size)
     need_img = opts.batch_size * opts.image_batches
     need_vid = opts.video_batch_size * opts.video_batches
-    _check_budget_fits(sizer, model_dirs[0], store, vid_set.samples[:need_vid], max(frames), opts.video_batch_size,
-                       device, dtype, quadratic=device.type == "cpu" or opts.attn_implementation == "eager")
+    ckpt = plan_memory(sizer, model_dirs[0], store, vid_set.samples[:need_vid], max(frames),
+                              opts.video_batch_size, device, dtype,
+                              quadratic=device.type == "cpu" or opts.attn_implementation == "eager",
+                              checkpointing=opts.checkpointing)
     good_img = _good(img_set.samples, need_img, load_img, opts.skip_bad, skipped["image"])
     log(f"decoding {min(need_vid, len(vid_set.samples))} clips at {len(frames)} budgets ({opts.sampler} sampler)")
     good_vid = _good(vid_set.samples, need_vid, store.load, opts.skip_bad, skipped["video"])
@@ -281,14 +289,19 @@ def _prepare(opts: RunOptions, log: Callable[[str], None],
             log(f"frames={m}: {len(ids)} clips have fewer than {m} frames; their frames repeat (short_clips)")
     if any(skipped.values()):
         log(f"skipped {len(skipped['image'])} image and {len(skipped['video'])} video records (--skip-bad)")
-    return _Prepared(model_dirs, fams[0], frames, device, dtype, img_chunks, vid_chunks, images, store, meta)
+    return _Prepared(model_dirs, fams[0], frames, device, dtype, img_chunks, vid_chunks, images, store, meta, ckpt)
 
 
-def _check_budget_fits(adapter: Any, model_dir: Path, store: Any, samples: Sequence[Any], m: int, batch: int,
-                       device: torch.device, dtype: torch.dtype, quadratic: bool) -> None:
-    """Refuse a budget whose video batch cannot fit the free memory, before any clip is decoded: the
-    adapter's lower bound on its forward and backward (:meth:`Adapter.min_batch_bytes`) for the largest
-    clip among the first ones read.
+def plan_memory(adapter: Any, model_dir: Path, store: Any, samples: Sequence[Any], m: int, batch: int,
+                       device: torch.device, dtype: torch.dtype, quadratic: bool,
+                       checkpointing: str = "auto") -> dict[str, Any]:
+    """Decide activation checkpointing for the measurement passes and refuse a budget whose video batch cannot
+    fit the free memory even so, before any clip is decoded: the adapter's lower bound on its forward and
+    backward (:meth:`Adapter.min_batch_bytes`) for the largest clip among the first ones read. ``auto``
+    checkpoints when the bound without it exceeds the free memory.
+
+    Returns:
+        ``{"requested", "on", "reason"}``.
 
     Raises:
         BudgetError: even the lower bound exceeds the free memory of the device.
@@ -299,6 +312,9 @@ def _check_budget_fits(adapter: Any, model_dir: Path, store: Any, samples: Seque
     from gradprobe.errors import BudgetError
     from gradprobe.probe.measure import _gib, free_bytes
 
+    decided = {"requested": checkpointing, "on": checkpointing == "on",
+               "reason": f"--checkpointing {checkpointing}" if checkpointing != "auto" else
+               "auto: the free memory or the clip sizes are unknown, off"}
     free = free_bytes(device)
     sizes: list[VideoInfo] = []
     for s in samples[:8]:
@@ -307,20 +323,38 @@ def _check_budget_fits(adapter: Any, model_dir: Path, store: Any, samples: Seque
         except GradprobeError:
             continue  # reported (or skipped) when the clip is decoded
     if free is None or not sizes:
-        return
+        return decided
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError):
-        return  # reported when the model is loaded
+        return decided  # reported when the model is loaded
     h, w = max(((i.height, i.width) for i in sizes), key=lambda hw: hw[0] * hw[1])
-    need = adapter.min_batch_bytes(config, h, w, m, batch, dtype, quadratic_attention=quadratic)
+    plain, kept = (adapter.min_batch_bytes(config, h, w, m, batch, dtype, quadratic_attention=quadratic,
+                                           checkpointing=c) for c in (False, True))
+    if checkpointing == "auto":
+        decided["on"] = plain > free
+        decided["reason"] = (f"auto: a video batch at m={m} needs at least {_gib(plain)} without checkpointing, "
+                             f"{_gib(kept)} with it; {device} has {_gib(free)} free")
+    need = kept if decided["on"] else plain
     if need > free:
         patches, tokens = adapter.visual_tokens(h, w, m)
+        how = "with activation checkpointing" if decided["on"] else (
+            f"without activation checkpointing ({_gib(kept)} with --checkpointing on)")
         raise BudgetError(
             f"frames {m}: a video batch of {batch} clips is {batch * tokens:,} visual tokens ({tokens:,} per clip, "
-            f"{patches:,} vision patches) and needs at least {_gib(need)} for its forward and backward; "
+            f"{patches:,} vision patches) and needs at least {_gib(need)} for its forward and backward {how}; "
             f"{device} has {_gib(free)} free. Lower --frames or --video-batch-size"
         )
+    return decided
+
+
+@contextlib.contextmanager
+def _checkpointing(model: torch.nn.Module, prep: _Prepared, meta: dict[str, Any]) -> Iterator[None]:
+    """The measurement passes of the block under activation checkpointing when ``prep`` decided so; ``meta``
+    records the decision and how many blocks it wrapped."""
+    with checkpointed(model, prep.checkpointing["on"]) as blocks:
+        meta["checkpointing"] = dict(prep.checkpointing, blocks=len(blocks))
+        yield
 
 
 def _load(opts: RunOptions, prep: _Prepared, model_dir: Path,
@@ -413,28 +447,14 @@ def _align_one(opts: AlignOptions, prep: _Prepared, model_dir: Path, out: str | 
     model, out = _distribute(model, prep, meta, out)
     _fresh_out(out, log)
     torch.manual_seed(opts.seed)
-    return align(
-        model,
-        images,
-        videos,
-        loss_fn,
-        include=opts.include or None,
-        exclude=opts.exclude or None,
-        roles=opts.roles,
-        role_of=adapter.role_of,
-        module_of=adapter.module_of,
-        image_groups=opts.image_groups,
-        sketch=opts.sketch,
-        sketch_seed=opts.sketch_seed,
-        reference_device=opts.reference_device,
-        reference_dtype=opts.reference_dtype,
-        n_boot=opts.n_boot,
-        seed=opts.seed,
-        batch_info=batch_info,
-        out_dir=out,
-        progress=progress,
-        meta=meta,
-    )
+    with _checkpointing(model, prep, meta):
+        return align(
+            model, images, videos, loss_fn, include=opts.include or None, exclude=opts.exclude or None,
+            roles=opts.roles, role_of=adapter.role_of, module_of=adapter.module_of, image_groups=opts.image_groups,
+            sketch=opts.sketch, sketch_seed=opts.sketch_seed, reference_device=opts.reference_device,
+            reference_dtype=opts.reference_dtype, n_boot=opts.n_boot, seed=opts.seed, batch_info=batch_info,
+            out_dir=out, progress=progress, meta=meta,
+        )
 
 
 def run_align(
@@ -569,14 +589,15 @@ def run_curvature(
     model, out = _distribute(model, prep, meta, opts.out)
     _fresh_out(out, log)
     torch.manual_seed(opts.seed)
-    return curvature(
-        model, images, videos, loss_fn,
-        lrs=lrs, backend=opts.backend, method=opts.method, max_iter=opts.max_iter, tol=opts.tol,
-        beta_vid=opts.beta_vid, trace_samples=opts.trace_samples, per_module=opts.per_module,
-        include=opts.include or None, exclude=opts.exclude or None, roles=opts.roles,
-        role_of=adapter.role_of, module_of=adapter.module_of, fd_step=opts.fd_step, seed=opts.seed,
-        out_dir=out, progress=progress, meta=meta,
-    )
+    with _checkpointing(model, prep, meta):
+        return curvature(
+            model, images, videos, loss_fn,
+            lrs=lrs, backend=opts.backend, method=opts.method, max_iter=opts.max_iter, tol=opts.tol,
+            beta_vid=opts.beta_vid, trace_samples=opts.trace_samples, per_module=opts.per_module,
+            include=opts.include or None, exclude=opts.exclude or None, roles=opts.roles,
+            role_of=adapter.role_of, module_of=adapter.module_of, fd_step=opts.fd_step, seed=opts.seed,
+            out_dir=out, progress=progress, meta=meta,
+        )
 
 
 @dataclass
@@ -652,12 +673,13 @@ def run_decompose(
                                   videos[m].device, prep.dtype) for m in grid}
         label = SHARED_LABELS[opts.shared]
     torch.manual_seed(opts.seed)
-    return decompose(
-        model, images, videos, loss_fn, shared=shared, shared_label=label,
-        include=opts.include or None, exclude=opts.exclude or None, roles=opts.roles,
-        role_of=adapter.role_of, module_of=adapter.module_of, image_groups=opts.image_groups,
-        video_groups=opts.video_groups, sketch=opts.sketch, sketch_seed=opts.sketch_seed,
-        reference_device=opts.reference_device,
-        reference_dtype=opts.reference_dtype, tolerance=opts.tolerance, redundant_from=opts.redundant_from,
-        n_boot=opts.n_boot, seed=opts.seed, batch_info=batch_info, out_dir=out, progress=progress, meta=meta,
-    )
+    with _checkpointing(model, prep, meta):
+        return decompose(
+            model, images, videos, loss_fn, shared=shared, shared_label=label,
+            include=opts.include or None, exclude=opts.exclude or None, roles=opts.roles,
+            role_of=adapter.role_of, module_of=adapter.module_of, image_groups=opts.image_groups,
+            video_groups=opts.video_groups, sketch=opts.sketch, sketch_seed=opts.sketch_seed,
+            reference_device=opts.reference_device,
+            reference_dtype=opts.reference_dtype, tolerance=opts.tolerance, redundant_from=opts.redundant_from,
+            n_boot=opts.n_boot, seed=opts.seed, batch_info=batch_info, out_dir=out, progress=progress, meta=meta,
+        )

@@ -1,3 +1,4 @@
+import math
 import os
 from dataclasses import asdict
 
@@ -80,3 +81,19 @@ def exported_toy(tiny_toy, tmp_path_factory):
         return made[fmt]
 
     return export
+
+
+def assert_close(a, b, rel=1e-6, path=""):
+    """Two JSON-like trees are equal: the same keys, lengths and non-float leaves, floats within ``rel``."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_close(a[k], b[k], rel, f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_close(x, y, rel, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert math.isclose(a, b, rel_tol=rel, abs_tol=1e-12), f"{path}: {a} vs {b}"
+    else:
+        assert a == b, path

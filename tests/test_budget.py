@@ -168,8 +168,8 @@ def test_score_needs_m_min(tiny_toy, tmp_path):
     assert r.exit_code == 2 and "--score needs records with an m_min" in r.output, r.output
 
 
-@pytest.mark.parametrize("sketched", [False, True])
-def test_gradient_cosine_against_float64_autograd(tiny_toy, tmp_path, monkeypatch, sketched):
+@pytest.mark.parametrize(("sketched", "checkpointing"), [(False, "off"), (True, "off"), (False, "on")])
+def test_gradient_cosine_against_float64_autograd(tiny_toy, tmp_path, monkeypatch, sketched, checkpointing):
     from gradprobe.budget.methods import Gradient
     from gradprobe.data.clips import ClipStore
     from gradprobe.models.base import loss_fn
@@ -178,9 +178,11 @@ def test_gradient_cosine_against_float64_autograd(tiny_toy, tmp_path, monkeypatc
     if sketched:
         monkeypatch.setattr(Gradient, "EXACT_BYTES", 0)
     out = tmp_path / "g"
-    r = runner.invoke(app, _toy_args(tiny_toy, out, "--method", "gradient", "--frames", "2,4,8", "--limit", "3"),
-                      env=ENV)
+    r = runner.invoke(app, _toy_args(tiny_toy, out, "--method", "gradient", "--frames", "2,4,8", "--limit", "3",
+                                     "--checkpointing", checkpointing), env=ENV)
     assert r.exit_code == 0, r.output
+    ran = json.loads((out / "budget_summary.json").read_text())["checkpointing"]
+    assert ran["on"] == (checkpointing == "on") and ran["requested"] == checkpointing
     rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     model, adapter = ToyAdapter.load(tiny_toy.model_dir, dtype=torch.float64)
     model.eval()

@@ -4,12 +4,12 @@ and the Trainer callback.
 Each distributed run is launched with torchrun (``torch.distributed.run --standalone``) in a subprocess."""
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_close
 
 pytestmark = pytest.mark.slow  # subprocesses and whole runs: `pytest -m "not slow"` skips them
 
@@ -28,21 +28,6 @@ def _run(mode, tmp_path):
     return json.loads(out.read_text())
 
 
-def _close(a, b, rel=1e-6, path=""):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _close(a[k], b[k], rel, f"{path}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=False)):
-            _close(x, y, rel, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert math.isclose(a, b, rel_tol=rel, abs_tol=1e-12), f"{path}: {a} vs {b}"
-    else:
-        assert a == b, path
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     return _run("single", tmp_path_factory.mktemp("single"))
@@ -54,9 +39,9 @@ def test_two_ranks_equal_single_process(mode, single, tmp_path):
     # the planted conflict makes the project guard act, so the weights depend on the projection too
     assert single["fired"]["project"] >= 1
     assert len(single["rows"]) == 3 and all(r["alignment"] < 0 for r in single["rows"])
-    _close(single["rows"], got["rows"])
+    assert_close(single["rows"], got["rows"])
     assert got["fired"] == single["fired"]
-    _close(single["params"], got["params"])
+    assert_close(single["params"], got["params"])
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +55,14 @@ def test_sketched_groups_over_two_ranks_equal_single_process(mode, single_sketch
     and the sketches are summed, so the sketched interval equals the single process's; the alignment, the
     projection and the weights are those of exact rows."""
     got = _run(mode, tmp_path)
-    _close(single_sketch["rows"], got["rows"])
+    assert_close(single_sketch["rows"], got["rows"])
     assert got["fired"] == single_sketch["fired"] == single["fired"]
-    _close(single_sketch["params"], got["params"])
+    assert_close(single_sketch["params"], got["params"])
     for exact, sk in zip(single["rows"], single_sketch["rows"], strict=True):
         for key in ("alignment", "cos", "update_norm", "reference_norm", "modules"):
-            _close(exact[key], sk[key], rel=1e-9, path=key)
+            assert_close(exact[key], sk[key], rel=1e-9, path=key)
         assert sk["alignment_stderr"] != exact["alignment_stderr"]  # the spread over groups comes from sketches
-    _close(single["params"], single_sketch["params"], rel=1e-9)
+    assert_close(single["params"], single_sketch["params"], rel=1e-9)
 
 
 def test_deepspeed_zero3_equals_single_process(tmp_path):
@@ -91,7 +76,7 @@ def test_deepspeed_zero3_equals_single_process(tmp_path):
     ref = _run("single_late_clip", tmp_path)
     got = _run("zero3", tmp_path)
     assert ref["fired"]["project"] >= 1 and got["fired"] == ref["fired"]
-    _close(ref["rows"], got["rows"], rel=2e-5)
+    assert_close(ref["rows"], got["rows"], rel=2e-5)
     for name, values in ref["params"].items():
         assert got["params"][name] == pytest.approx(values, abs=1e-6), name
     # ZeRO-1/2 expose only the assembled gradient publicly: refused with a reason
@@ -128,9 +113,9 @@ def test_trainer_callback_under_ddp_equals_single_process(how, trainer_single, t
     assert len(single["rows"]) == 2 and single["fired"]["project"] >= 1
     # bound, the callback works on the DDP wrapper (probe through DDP's backward); unbound, on every rank alone
     assert ddp["by_backward"] == (how != "unbound") and not single["by_backward"]
-    _close(single["rows"], ddp["rows"])
+    assert_close(single["rows"], ddp["rows"])
     assert ddp["fired"] == single["fired"]
-    _close(single["params"], ddp["params"])
+    assert_close(single["params"], ddp["params"])
 
 
 def test_trainer_callback_under_accelerate_fsdp2_equals_single_process(trainer_single, tmp_path):
@@ -138,8 +123,8 @@ def test_trainer_callback_under_accelerate_fsdp2_equals_single_process(trainer_s
     reads its pieces of the sharded gradients; rows and final weights equal one process's (float64)."""
     got = _trainer_run("fsdp2", tmp_path, 2)
     assert got["by_backward"] and got["fired"] == trainer_single["fired"]
-    _close(trainer_single["rows"], got["rows"])
-    _close(trainer_single["params"], got["params"])
+    assert_close(trainer_single["rows"], got["rows"])
+    assert_close(trainer_single["params"], got["params"])
 
 
 def test_trainer_callback_under_deepspeed_zero3_equals_single_process(tmp_path):
@@ -151,7 +136,7 @@ def test_trainer_callback_under_deepspeed_zero3_equals_single_process(tmp_path):
     ref = _trainer_run("single32", tmp_path / "one", 1)
     got = _trainer_run("zero3", tmp_path / "two", 2)
     assert ref["fired"]["project"] >= 1 and got["fired"] == ref["fired"]
-    _close(ref["rows"], got["rows"], rel=2e-5)
+    assert_close(ref["rows"], got["rows"], rel=2e-5)
     for name, values in ref["params"].items():
         assert got["params"][name] == pytest.approx(values, abs=1e-6), name
 
@@ -181,6 +166,6 @@ def test_trainer_callback_on_the_toy_sharded_equals_single_process(tiny_toy, tmp
     got = _toy_run(how, tmp_path / "two", 2, tiny_toy)
     assert got["by_backward"] and len(ref["rows"]) == 2 and got["fired"] == ref["fired"]
     assert all(r["finite"] and r["reference_norm"] > 0 for r in ref["rows"])
-    _close(ref["rows"], got["rows"], rel=rel)
+    assert_close(ref["rows"], got["rows"], rel=rel)
     for name, values in ref["params"].items():
         assert got["params"][name] == pytest.approx(values, rel=rel, abs=weights), name

@@ -201,3 +201,19 @@ def test_curvature_refuses_double_backward_under_torchrun(tiny_toy, monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "2")
     r = CliRunner().invoke(app, ["curvature", "--backend", "double_backward", "--model", str(tiny_toy.model_dir)])
     assert r.exit_code == 2 and "no path on a sharded model" in r.output, r.output
+
+
+def test_checkpointed_align_under_torchrun_equals_one_process(tiny_toy, tmp_path):
+    """Activation checkpointing on a model sharded with FSDP2 across two gloo ranks (each block's forward
+    checkpointed inside FSDP2's unshard and reshard): the rows of one process without it (float64)."""
+    import csv
+
+    root = Path(__file__).resolve().parents[1]
+    args = _toy_args(tiny_toy, "align", "2,4") + ["--video-batches", "3", "--video-batch-size", "2", "--n-boot",
+                                                   "200", "--checkpointing", "on"]
+    _one_and_two(root, args, tmp_path, one_only=["--checkpointing", "off"])
+    s = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s["meta"]["ranks"] == 2 and s["meta"]["checkpointing"]["on"] and s["meta"]["checkpointing"]["blocks"] > 0
+    assert not json.loads((tmp_path / "one" / "summary.json").read_text())["meta"]["checkpointing"]["on"]
+    ra, rb = (list(csv.DictReader((tmp_path / n / "alignment.csv").open())) for n in ("one", "two"))
+    _close_rows(ra, rb, ["value"])

@@ -48,6 +48,7 @@ class BudgetOptions:
     image_data: str | None = None
     export: tuple[str, str] | None = None
     device: str = "auto"
+    checkpointing: str = "auto"
     cache_dir: str | None = None
 
 
@@ -74,12 +75,15 @@ def run_budget(opts: BudgetOptions, log: Callable[[str], None] | None = None, pr
     Raises:
         GradprobeError: bad options, paths or records (before any model is loaded).
     """
+    import torch
+
     from gradprobe._checks import check_positive_int
     from gradprobe.data.clips import ClipStore
     from gradprobe.data.records import read_samples
     from gradprobe.models.registry import family_for, family_named
+    from gradprobe.probe.checkpoint import check_checkpointing, checkpointed
     from gradprobe.probe.measure import Progress
-    from gradprobe.run import DEFAULT_TOY, _device
+    from gradprobe.run import DEFAULT_TOY, _device, plan_memory
     from gradprobe.toybox import ensure_toy
 
     log = log or (lambda s: None)
@@ -92,6 +96,7 @@ def run_budget(opts: BudgetOptions, log: Callable[[str], None] | None = None, pr
     if opts.limit is not None:
         check_positive_int("limit", opts.limit)
     check_positive_int("alignment", opts.alignment, 0)
+    check_checkpointing(opts.checkpointing)
     if opts.export is not None:
         from gradprobe.data.export import FORMATS
 
@@ -146,16 +151,20 @@ def run_budget(opts: BudgetOptions, log: Callable[[str], None] | None = None, pr
     if rows:
         log(f"resuming: {len(rows)} of {len(samples)} clips already allocated")
         (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in rows))  # drop a torn last line
+    memory = None
     if todo:
         log(f"loading {model_dir}")
         model, adapter = adapter_cls.load(model_dir, device=str(device))
         model.eval()
         store = ClipStore(Path(opts.data_root) if opts.data_root else data.parent, grid, size_of=adapter.frame_size)
+        # one clip at the largest budget: checkpointing for the gradient method's backward, or a refusal
+        memory = plan_memory(adapter, model_dir, store, todo, grid[-1], 1, device, torch.float32,
+                             quadratic=device.type == "cpu", checkpointing=opts.checkpointing)
         method = cls(Context(model=model, adapter=adapter, store=store, grid=grid, tolerance=tolerance,
                              embedder=opts.embedder, judge=opts.judge, log=log))
         phase = f"allocating budgets ({opts.method})"
         progress.start(phase, len(todo))
-        with open(out / MANIFEST, "a") as fh:
+        with open(out / MANIFEST, "a") as fh, checkpointed(model, memory["on"]):
             for s in todo:
                 sc = method.scores(s)
                 m = method.choose(sc)
@@ -173,6 +182,8 @@ def run_budget(opts: BudgetOptions, log: Callable[[str], None] | None = None, pr
     by_id = {s.id: s for s in samples}
     rows = [r for r in rows if r["id"] in by_id]
     summary = summarize(rows, grid, opts, tolerance, cls)
+    if memory is not None:
+        summary["checkpointing"] = memory
     summary.update(_tokens(rows, [by_id[r["id"]] for r in rows], grid[-1], adapter_cls, model_dir,
                            Path(opts.data_root) if opts.data_root else data.parent))
     if opts.score:
@@ -200,10 +211,14 @@ def _alignment(opts: BudgetOptions, rows: list[dict[str, Any]], by_id: dict[str,
     measured again)."""
     import csv
 
+    import torch
+
     from gradprobe.budget.alignment import clip_alignment
     from gradprobe.data.clips import ClipStore
     from gradprobe.data.records import read_samples
     from gradprobe.models.base import load_image
+    from gradprobe.probe.checkpoint import checkpointed
+    from gradprobe.run import plan_memory
 
     path = out / "alignment.csv"
     done = list(csv.DictReader(path.open())) if path.is_file() else []
@@ -216,9 +231,11 @@ def _alignment(opts: BudgetOptions, rows: list[dict[str, Any]], by_id: dict[str,
     loaded = {s.media: load_image(root, s) for s in images}
     batches = [adapter.collate(images[i:i + 8], images=loaded) for i in range(0, len(images), 8)]
     store = ClipStore(Path(opts.data_root) if opts.data_root else data.parent, grid, size_of=adapter.frame_size)
+    memory = plan_memory(adapter, model_dir, store, [s for s, _ in todo], grid[-1], 1, device, torch.float32,
+                         quadratic=device.type == "cpu", checkpointing=opts.checkpointing)
     fields = ["id", "frames", "A_allocated", "A_largest", "difference", "qtype", "m_min"]
     new = not path.is_file()
-    with path.open("a", newline="") as fh:
+    with path.open("a", newline="") as fh, checkpointed(model, memory["on"]):
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()

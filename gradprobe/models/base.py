@@ -221,27 +221,31 @@ class Adapter:
         raise NotImplementedError
 
     def min_batch_bytes(self, config: Any, h: int, w: int, m: int, batch: int, dtype: torch.dtype,
-                        quadratic_attention: bool = True) -> int:
+                        quadratic_attention: bool = True, checkpointing: bool = False) -> int:
         """A lower bound on the memory one video batch needs for its forward and backward: the inputs every
         linear layer keeps for the backward (4·d + 3·d_ff values per token and layer, in the vision tower
         for its patches and in the language model for the visual tokens alone), the language model's
         attention probabilities (heads · s² per layer, with s the visual tokens alone) when the attention
         kernel keeps them (eager, and SDPA on the CPU; not flash or memory-efficient kernels), plus the
-        float32 pixels."""
+        float32 pixels. With ``checkpointing`` (:mod:`gradprobe.probe.checkpoint`) each layer keeps only its
+        input (d values per token) and one layer at a time holds the rest while it is recomputed."""
         patches, tokens = self.visual_tokens(h, w, m)
         elem = torch.tensor([], dtype=dtype).element_size()
 
-        def per_token(cfg: Any) -> int:
+        def dims(cfg: Any) -> tuple[int, int, int]:
             d = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "embed_dim", 0) or 0)
             ff = int(getattr(cfg, "intermediate_size", 0) or 4 * d)
-            layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "depth", 0) or 0)
-            return (4 * d + 3 * ff) * layers
+            return d, ff, int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "depth", 0) or 0)
 
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         vision = getattr(config, "vision_config", None)
-        act = tokens * per_token(text) + (patches * per_token(vision) if vision is not None else 0)
-        if quadratic_attention:
-            act += int(getattr(text, "num_attention_heads", 1)) * tokens * tokens * int(text.num_hidden_layers)
+        (d, ff, layers), (dv, ffv, depth) = dims(text), dims(vision) if vision is not None else (0, 0, 0)
+        attention = int(getattr(text, "num_attention_heads", 1)) * tokens * tokens if quadratic_attention else 0
+        text_layer, vision_layer = tokens * (4 * d + 3 * ff) + attention, patches * (4 * dv + 3 * ffv)
+        if checkpointing:
+            act = tokens * d * layers + patches * dv * depth + max(text_layer, vision_layer)
+        else:
+            act = text_layer * layers + vision_layer * depth
         fh, fw = self.frame_size(h, w, m) or (h, w)
         return batch * (act * elem + m * fh * fw * 3 * 4)
 

@@ -144,7 +144,7 @@ class AlignmentCallback(TrainerCallback):
         opts = {k: v for k, v in self.options.items() if k in ("include", "exclude", "roles", "role_of",
                                                                  "module_of", "image_groups", "reference_dtype", "sketch",
                                                                  "sketch_seed")}
-        with _isolated(model), warnings.catch_warnings():
+        with _isolated(model, self.monitor.checkpointing), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # per-run notes stay in the row itself
             rep = align(model, self.image_batches, self.video_probe, self.loss_fn, n_boot=500, **opts)
         keep = ("frames", "n", "mean", "stderr", "ci95_t", "ci95_boot", "frac_negative", "mean_cos")

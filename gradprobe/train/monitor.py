@@ -43,6 +43,7 @@ import torch
 
 from gradprobe.errors import DataError, InputError
 from gradprobe.estimators import stats
+from gradprobe.probe.checkpoint import check_checkpointing, checkpointed
 from gradprobe.probe.hooks import LossFn
 from gradprobe.probe.measure import image_group_count, resolve_mode, sketch_spec
 from gradprobe.probe.select import ModuleOf, RoleOf, select_parameters
@@ -54,14 +55,16 @@ GUARDS = ("observe", "warn", "stop", "project")
 
 
 @contextlib.contextmanager
-def _isolated(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and saved RNG state inside; both restored, so the run continues bit for bit."""
+def _isolated(model: torch.nn.Module, checkpointing: bool = False) -> Iterator[None]:
+    """Eval mode and saved RNG state inside, and activation checkpointing of every block if asked
+    (:func:`gradprobe.probe.checkpoint.checkpointed`); all restored, so the run continues bit for bit."""
     was_training = model.training
     cpu_state = torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
         model.eval()
-        yield
+        with checkpointed(unwrap(model), checkpointing):
+            yield
     finally:
         model.train(was_training)
         torch.set_rng_state(cpu_state)
@@ -88,6 +91,9 @@ class AlignmentMonitor:
             (the mean ḡ_img: the alignment, the cosine, the modules and the projection stay exact) and G
             sketched group rows for the interval over image groups.
         sketch_seed: seed of the sketch map.
+        checkpointing: activation checkpointing of the probe passes: ``on``, ``off``, or ``auto`` (the
+            default): on when the run itself trains with transformers' gradient checkpointing, since a probe
+            batch then holds more activations than a training batch would.
         trajectory: JSONL file that probe rows are appended to (None: keep in memory only);
             written by rank 0.
         process_group: the group to sum sharded dots over (default: the default group, if any).
@@ -125,9 +131,11 @@ class AlignmentMonitor:
         reference_dtype: str | torch.dtype | None = None,
         sketch: str | int | None = "exact",
         sketch_seed: int = 0,
+        checkpointing: str = "auto",
         trajectory: str | os.PathLike[str] | None = None,
         process_group: Any = None,
     ) -> None:
+        mode = check_checkpointing(checkpointing)
         if guard not in GUARDS:
             raise InputError(f"guard: unknown action {guard!r}; use one of {', '.join(GUARDS)}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -139,6 +147,9 @@ class AlignmentMonitor:
         self.groups = image_group_count(K, image_groups)
         self.model = model
         self.loss_fn = loss_fn
+        #: whether the probe passes checkpoint activations
+        self.checkpointing = mode == "on" or (
+            mode == "auto" and bool(getattr(unwrap(model), "is_gradient_checkpointing", False)))
         self.every = every
         self.guard = guard
         self.selection = select_parameters(
@@ -258,7 +269,7 @@ class AlignmentMonitor:
     def _reference_by_grad(self, batches: Sequence[int], sketch: bool = True) -> list[float]:
         """Single process: ``torch.autograd.grad`` per batch, so ``.grad`` is never touched."""
         losses = []
-        with _isolated(self.model):
+        with _isolated(self.model, self.checkpointing):
             for k in batches:
                 loss = self.loss_fn(self.model, self.images[k])
                 grads = torch.autograd.grad(loss, self.params, allow_unused=True)
@@ -280,7 +291,7 @@ class AlignmentMonitor:
         losses = []
         saved = self.layout.take_grads(trainable)
         try:
-            with _isolated(self.model):
+            with _isolated(self.model, self.checkpointing):
                 for k in batches:
                     loss = self.loss_fn(self.model, self.images[k])
                     losses.append(float(loss.detach()))
