@@ -261,6 +261,8 @@ def _prepare(opts: RunOptions, log: Callable[[str], None],
                               opts.video_batch_size, device, dtype,
                               quadratic=device.type == "cpu" or opts.attn_implementation == "eager",
                               checkpointing=opts.checkpointing)
+    if ckpt["on"]:
+        log(f"activation checkpointing on ({ckpt['reason']})")
     good_img = _good(img_set.samples, need_img, load_img, opts.skip_bad, skipped["image"])
     log(f"decoding {min(need_vid, len(vid_set.samples))} clips at {len(frames)} budgets ({opts.sampler} sampler)")
     good_vid = _good(vid_set.samples, need_vid, store.load, opts.skip_bad, skipped["video"])

@@ -53,3 +53,25 @@ def test_learnability_script(tiny_toy, tmp_path):
     assert all(list(x["curve"]) == ["0", "1", "2"] and x["curve"]["2"] == x["last"] for x in r["runs"])
     assert r["recipe"]["steps"] == 2 and set(r["learns"]) == {"uniform", "static"}
     assert r["environment"]["threads"] == 1 and len(out.stdout.strip().splitlines()) == 4  # header, rule, 2 runs
+
+
+def test_bench_memory_child_and_fit(tmp_path):
+    """One child of bench_memory.py (a probed, checkpointed pass on a tiny Qwen2.5-VL), and its fit recovering a
+    planted c + a·n + b·n²."""
+    import importlib.util
+
+    import numpy as np
+
+    from gradprobe.data import shapesworld as sw
+    from gradprobe.models.tiny import create_tiny
+
+    model = create_tiny("qwen2_5_vl", tmp_path / "q", sw.vocabulary(), side=32)
+    out = _run(["benchmarks/bench_memory.py", "--child", "--model", str(model), "--m", "4", "--mode", "probed",
+                "--checkpointing", "on", "--attn", "sdpa", "--side", "32", "--threads", "1"], tmp_path)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["frames"] == 4 and r["tokens"] > 0 and r["blocks"] > 0 and r["peak_gib"] >= 0
+    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "benchmarks" / "bench_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [{"tokens": n, "peak_gib": 1.5 + 0.8 * n / 1000 + 0.3 * (n / 1000) ** 2} for n in (128, 256, 512, 1024)]
+    assert np.allclose(list(bench.fit(rows).values()), [1.5, 0.8, 0.3])
