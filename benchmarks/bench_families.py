@@ -147,6 +147,9 @@ def main() -> None:
     ap.add_argument("--video-batches", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sketch", default="auto", help="auto, exact or k buckets (gradprobe align --sketch)")
+    ap.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"],
+                    help="activation checkpointing (gradprobe align --checkpointing); the plain passes follow "
+                         "align's decision, so the ratio compares like with like")
     ap.add_argument("--work", default="/tmp/gradprobe-bench")
     ap.add_argument("--video-format", default="auto", choices=["auto", "mp4", "frames"],
                     help="videos as MP4 files or PNG frame folders (auto: frames where PyAV is missing)")
@@ -159,6 +162,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from gradprobe.models.base import loss_fn, strip_info
+    from gradprobe.probe.checkpoint import checkpointed
     from gradprobe.probe.store import resolve_dtype
     from gradprobe.run import AlignOptions, _align_one, _prepare
 
@@ -183,7 +187,7 @@ def main() -> None:
                         image_batches=a.image_batches, video_batches=a.video_batches, batch_size=1,
                         video_batch_size=1, device=a.device, dtype=str(dtype).removeprefix("torch."),
                         attn_implementation=a.attn_implementation, n_boot=200, sketch=a.sketch,
-                        include=a.include)
+                        include=a.include, checkpointing=a.checkpointing)
     prep = _prepare(opts, log=print)
 
     # plain forward+backward of the first video batch at each budget
@@ -197,7 +201,7 @@ def main() -> None:
         "family": a.family, "shape": a.shape, "parameters": params, "side": a.side,
         "dtype": str(dtype).removeprefix("torch."), "attn_implementation": a.attn_implementation,
         "image_batches": a.image_batches, "video_batches": a.video_batches, "batch_size": 1,
-        "include": a.include, "build_seconds": build_s,
+        "include": a.include, "build_seconds": build_s, "checkpointing": prep.checkpointing,
         "env": {"torch": torch.__version__, "transformers": transformers.__version__,
                 "python": platform.python_version(),
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()},
@@ -216,23 +220,24 @@ def main() -> None:
                  for k, v in strip_info(b).items()}
         return moved, dict(b["_gradprobe"])
 
-    for m in prep.frames:
-        batch, info = collated(m)
-        times = []
-        _reset_peak(device)
-        try:
-            for _ in range(a.repeats):
-                model.zero_grad(set_to_none=True)
-                _sync(device)
-                t = time.perf_counter()
-                batch, _ = collated(m)  # collation is timed on both sides (align collates each batch it reads)
-                loss_fn(model, batch).backward()
-                _sync(device)
-                times.append(time.perf_counter() - t)
-            plain[m] = dict(info, plain_s=statistics.median(times), plain_peak_gib=_peak_gib(device))
-        except torch.OutOfMemoryError:
-            plain[m] = dict(info, plain_s=None, plain_peak_gib=None, plain_error="out of memory")
-        model.zero_grad(set_to_none=True)
+    with checkpointed(model, prep.checkpointing["on"]):  # the plain passes as align's will run
+        for m in prep.frames:
+            batch, info = collated(m)
+            times = []
+            _reset_peak(device)
+            try:
+                for _ in range(a.repeats):
+                    model.zero_grad(set_to_none=True)
+                    _sync(device)
+                    t = time.perf_counter()
+                    batch, _ = collated(m)  # collation is timed on both sides (align collates each batch it reads)
+                    loss_fn(model, batch).backward()
+                    _sync(device)
+                    times.append(time.perf_counter() - t)
+                plain[m] = dict(info, plain_s=statistics.median(times), plain_peak_gib=_peak_gib(device))
+            except torch.OutOfMemoryError:
+                plain[m] = dict(info, plain_s=None, plain_peak_gib=None, plain_error="out of memory")
+            model.zero_grad(set_to_none=True)
     result.update(plain=[dict(frames=m, **plain[m]) for m in prep.frames])
     save(result)
     del model, batch

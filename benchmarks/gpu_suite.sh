@@ -12,6 +12,8 @@
 #                         every gradient once
 #   families_sketch.json  plain forward+backward against a probed one at 8/16/32/64 frames, every parameter,
 #                         a 2^22-bucket sketch, peak memory per budget
+#   families_ckpt.json    the same with activation checkpointing of every block (--checkpointing on) in both passes:
+#                         whether 64 frames of the 7B shape fit one GPU, and what the recomputation costs
 #   families_exact.json   the same over the last 4 decoder layers with --sketch auto (exact rows where they take at
 #                         most a quarter of the free memory), and the decompose code path at the largest budget
 #   trainstep.json        the alignment callback's share of a Trainer Video-SFT step (AdamW, 8 frames)
@@ -65,6 +67,8 @@ run sketch 60 "$PY" benchmarks/bench_sketch.py --shape "$SHAPE" --device "$DEVIC
     --out "$OUT/sketch.json"
 run families_sketch 150 "$PY" benchmarks/bench_families.py --family qwen2_5_vl "${common[@]}" --frames "$FRAMES" \
     --repeats "$REPEATS" --sketch 4194304 --out "$OUT/families_sketch.json"
+run families_ckpt 150 "$PY" benchmarks/bench_families.py --family qwen2_5_vl "${common[@]}" --frames "$FRAMES" \
+    --repeats "$REPEATS" --sketch 4194304 --checkpointing on --out "$OUT/families_ckpt.json"
 run families_exact 150 "$PY" benchmarks/bench_families.py --family qwen2_5_vl "${common[@]}" --frames "$FRAMES" \
     --repeats "$REPEATS" --sketch auto --include "$EXACT" --decompose --out "$OUT/families_exact.json"
 run trainstep 120 "$PY" benchmarks/bench_trainstep.py --family qwen2_5_vl "${common[@]}" --frames 8 --steps "$STEPS" \

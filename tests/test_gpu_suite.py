@@ -25,13 +25,15 @@ def test_gpu_suite_runs_at_the_tiny_shape(tmp_path):
     r = _suite(out, "--shape", "tiny", work=tmp_path / "work")
     assert r.returncode == 0, r.stderr + "".join((out / f).read_text()[-2000:] for f in os.listdir(out) if f.endswith(".log"))
     suite = json.loads((out / "suite.json").read_text())
-    assert [s["step"] for s in suite["steps"]] == ["build", "sketch", "families_sketch", "families_exact", "trainstep",
-                                                   "hvp"]
+    assert [s["step"] for s in suite["steps"]] == ["build", "sketch", "families_sketch", "families_ckpt",
+                                                   "families_exact", "trainstep", "hvp"]
     assert all(s["rc"] == 0 for s in suite["steps"])
     exact = json.loads((out / "families_exact.json").read_text())
     assert [b["frames"] for b in exact["budgets"]] == [8, 16]
     assert all(b["plain_s"] > 0 and b["probed_s"] > 0 for b in exact["budgets"])
     assert exact["decompose"]["frames"] == 16 and exact["decompose"]["seconds"] > 0
+    ckpt = json.loads((out / "families_ckpt.json").read_text())
+    assert ckpt["checkpointing"]["on"] and all(b["plain_s"] > 0 and b["probed_s"] > 0 for b in ckpt["budgets"])
     sketch = json.loads((out / "families_sketch.json").read_text())
     assert sketch["sketch"]["mode"] == "sketch" and sketch["sketch"]["k"] == 4194304
     assert exact["stage"] == "done" and exact["include"] == ["language_model.layers.1\\."]
