@@ -30,11 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,31 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize()
-
-
-class _Peak:
-    """Samples the resident memory in a thread; ``peak`` is the largest seen since start."""
-
-    def __init__(self) -> None:
-        self.base = _rss()
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._th = threading.Thread(target=self._run, daemon=True)
-        self._th.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.001)
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._th.join()
-        return (self.peak - self.base) / 2**30
+from resident import PeakMemory  # noqa: E402
 
 
 class _Timer:
@@ -135,7 +109,7 @@ def _imports() -> None:
 
 
 def child_plain(a: argparse.Namespace) -> dict[str, Any]:
-    peak = _Peak()
+    peak = PeakMemory()
     m = max(int(x) for x in a.frames.split(","))
     model, batch, _ = _video_batch(a, m)
     times = _plain_times(model, batch, 2)
@@ -147,7 +121,7 @@ def child_plain(a: argparse.Namespace) -> dict[str, Any]:
 def child_align(a: argparse.Namespace) -> dict[str, Any]:
     from gradprobe.run import AlignOptions, run_align
 
-    peak = _Peak()
+    peak = PeakMemory()
     timer = _Timer()
     rep = run_align(_opts(a, AlignOptions, frames=a.frames, image_batches=a.image_batches,
                           video_batches=a.video_batches, sketch=a.sketch), progress=timer)
@@ -166,7 +140,7 @@ def child_align(a: argparse.Namespace) -> dict[str, Any]:
 def child_decompose(a: argparse.Namespace) -> dict[str, Any]:
     from gradprobe.run import DecomposeOptions, run_decompose
 
-    peak = _Peak()
+    peak = PeakMemory()
     timer = _Timer()
     rep = run_decompose(_opts(a, DecomposeOptions, frames=a.frames, image_batches=a.image_batches,
                               video_batches=a.video_batches, sketch=a.sketch), progress=timer)
