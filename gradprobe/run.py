@@ -257,10 +257,9 @@ def _prepare(opts: RunOptions, log: Callable[[str], None],
     store = ClipStore(video_root, frames, opts.sampler, size_of=sizer.frame_size)
     need_img = opts.batch_size * opts.image_batches
     need_vid = opts.video_batch_size * opts.video_batches
-    ckpt = plan_memory(sizer, model_dirs[0], store, vid_set.samples[:need_vid], max(frames),
-                              opts.video_batch_size, device, dtype,
-                              quadratic=device.type == "cpu" or opts.attn_implementation == "eager",
-                              checkpointing=opts.checkpointing)
+    ckpt = plan_memory(sizer, model_dirs[0], store, vid_set.samples[:need_vid], max(frames), opts.video_batch_size,
+                       device, dtype, quadratic=device.type == "cpu" or opts.attn_implementation == "eager",
+                       checkpointing=opts.checkpointing)
     if ckpt["on"]:
         log(f"activation checkpointing on ({ckpt['reason']})")
     good_img = _good(img_set.samples, need_img, load_img, opts.skip_bad, skipped["image"])
@@ -295,8 +294,7 @@ def _prepare(opts: RunOptions, log: Callable[[str], None],
 
 
 def plan_memory(adapter: Any, model_dir: Path, store: Any, samples: Sequence[Any], m: int, batch: int,
-                       device: torch.device, dtype: torch.dtype, quadratic: bool,
-                       checkpointing: str = "auto") -> dict[str, Any]:
+                device: torch.device, dtype: torch.dtype, quadratic: bool, checkpointing: str = "auto") -> dict[str, Any]:
     """Decide activation checkpointing for the measurement passes and refuse a budget whose video batch cannot
     fit the free memory even so, before any clip is decoded: the adapter's lower bound on its forward and
     backward (:meth:`Adapter.min_batch_bytes`) for the largest clip among the first ones read. ``auto``

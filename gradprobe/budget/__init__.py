@@ -157,14 +157,14 @@ def run_budget(opts: BudgetOptions, log: Callable[[str], None] | None = None, pr
         model, adapter = adapter_cls.load(model_dir, device=str(device))
         model.eval()
         store = ClipStore(Path(opts.data_root) if opts.data_root else data.parent, grid, size_of=adapter.frame_size)
-        # one clip at the largest budget: checkpointing for the gradient method's backward, or a refusal
-        memory = plan_memory(adapter, model_dir, store, todo, grid[-1], 1, device, torch.float32,
-                             quadratic=device.type == "cpu", checkpointing=opts.checkpointing)
+        if cls.backward:  # one clip at the largest budget: checkpointing for its backward, or a refusal
+            memory = plan_memory(adapter, model_dir, store, todo, grid[-1], 1, device, torch.float32,
+                                 quadratic=device.type == "cpu", checkpointing=opts.checkpointing)
         method = cls(Context(model=model, adapter=adapter, store=store, grid=grid, tolerance=tolerance,
                              embedder=opts.embedder, judge=opts.judge, log=log))
         phase = f"allocating budgets ({opts.method})"
         progress.start(phase, len(todo))
-        with open(out / MANIFEST, "a") as fh, checkpointed(model, memory["on"]):
+        with open(out / MANIFEST, "a") as fh, checkpointed(model, bool(memory and memory["on"])):
             for s in todo:
                 sc = method.scores(s)
                 m = method.choose(sc)

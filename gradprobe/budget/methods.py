@@ -71,6 +71,8 @@ class BudgetMethod:
     #: what the per-budget score is, for the summary
     statistic: ClassVar[str] = ""
     default_tolerance: ClassVar[float] = 0.0
+    #: whether scoring runs backward passes (then activation checkpointing and the memory bound apply)
+    backward: ClassVar[bool] = False
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -217,6 +219,7 @@ class Gradient(BudgetMethod):
                  "parameter (exact where the gradients fit in EXACT_BYTES, else sketched with k = 2^16 buckets "
                  "and each clip's sketch error in score_sd)")
     default_tolerance = 0.1
+    backward = True
     #: buckets of the per-clip gradient sketches
     K = 2**16
     #: exact gradients (one float32 copy per budget) up to this size
