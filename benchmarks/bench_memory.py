@@ -21,51 +21,24 @@ the gradients and the attention's work space:
 Each at ``--checkpointing off`` and ``on`` (:func:`gradprobe.probe.checkpoint.checkpointed`), with the
 attention implementations of ``--attn`` (``sdpa``: on the CPU a flash kernel that keeps no n × n
 probabilities; ``eager``: the probabilities kept for the backward). The JSON holds every peak and, per
-configuration, the least-squares fit of c + a·n + b·n² (GiB, n in thousands of tokens), with an environment
-record.
+configuration, the least-squares fits of c + a·n and of c + a·n + b·n² (GiB, n in thousands of tokens), with an
+environment record; ``--from JSON`` prints a saved run's table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
-import resource
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize()
-
-
-class _Peak:
-    """The largest resident memory seen by a sampling thread between construction and :meth:`stop`."""
-
-    def __init__(self) -> None:
-        self.base = self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.001)
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-        return (self.peak - self.base) / 2**30
+from resident import PeakMemory
 
 
 class _Clips:
@@ -100,36 +73,38 @@ def child(a: argparse.Namespace) -> dict[str, Any]:
     batch = strip_info(batch)
     with checkpointed(model, a.checkpointing == "on") as blocks:
         if a.mode == "plain":
-            peak = _Peak()
+            peak = PeakMemory()
             loss_fn(model, batch).backward()
         else:
             meas = Measurement(model, loss_fn, sketch=1 << 16)
             with meas.session():
-                peak = _Peak()
+                peak = PeakMemory()
                 meas.run(batch)
         gib = peak.stop()
     return {"frames": a.m, "tokens": tokens, "peak_gib": gib, "blocks": len(blocks),
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def fit(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Least squares of peak (GiB) on 1, n and n² (n in thousands of tokens)."""
+def fit(rows: list[dict[str, Any]], quadratic: bool = True) -> dict[str, float]:
+    """Least squares of peak (GiB) on 1, n and (``quadratic``) n², n in thousands of tokens."""
     n = np.array([r["tokens"] for r in rows], dtype=float) / 1000
     y = np.array([r["peak_gib"] for r in rows])
-    (c, a, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(n), n, n * n], axis=1), y, rcond=None)
-    return {"c": float(c), "a": float(a), "b": float(b)}
+    terms = [np.ones_like(n), n, n * n][: 3 if quadratic else 2]
+    coef, *_ = np.linalg.lstsq(np.stack(terms, axis=1), y, rcond=None)
+    return dict(zip("cab", (float(x) for x in coef), strict=False))
 
 
 def markdown(configs: list[dict[str, Any]]) -> str:
+    """Peaks (GiB) per token count; the linear fit's slope and the quadratic fit's c, a, b."""
     tokens = [r["tokens"] for r in configs[0]["rows"]]
-    head = "| attention | checkpointing | pass | " + " | ".join(f"n = {t}" for t in tokens) + \
-        " | c | a (per 1000 tokens) | b (per 1000² tokens) |"
-    lines = [head, "|" + "---|" * (6 + len(tokens))]
+    head = ("| attention | checkpointing | pass | " + " | ".join(f"n = {t}" for t in tokens)
+            + " | slope, linear fit (GiB per 1000 tokens) | quadratic fit: c, a, b |")
+    lines = [head, "|" + "---|" * (5 + len(tokens))]
     for c in configs:
-        f = c["fit"]
+        q, lin = fit(c["rows"]), fit(c["rows"], quadratic=False)
         lines.append(f"| {c['attn']} | {c['checkpointing']} | {c['mode']} | "
                      + " | ".join(f"{r['peak_gib']:.2f}" for r in c["rows"])
-                     + f" | {f['c']:.2f} | {f['a']:.2f} | {f['b']:.3f} |")
+                     + f" | {lin['a']:.2f} | {q['c']:.2f}, {q['a']:.2f}, {q['b']:+.2f} |")
     return "\n".join(lines)
 
 
@@ -143,6 +118,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/gradprobe-memory")
     ap.add_argument("--out", default=None)
     ap.add_argument("--markdown", action="store_true", help="print the table on stdout")
+    ap.add_argument("--from", dest="saved", default=None, help="print the table of a saved JSON; measure nothing")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--m", type=int, help=argparse.SUPPRESS)
@@ -152,6 +128,9 @@ def main() -> None:
     if a.child:
         print(json.dumps(child(a)))
         return
+    if a.saved:
+        print(markdown(json.loads(Path(a.saved).read_text())["configs"]))
+        return
     frames = [int(x) for x in a.frames.split(",")]
     if len(frames) < 4:
         ap.error("--frames: give at least four budgets")
@@ -160,7 +139,8 @@ def main() -> None:
 
     model = Path(a.work) / f"qwen2_5_vl-{a.shape}-{a.side}"
     if not (model / "config.json").is_file():
-        create_tiny("qwen2_5_vl", model, sw.vocabulary(), shape=a.shape, side=a.side)
+        with contextlib.redirect_stdout(sys.stderr):  # what the build's imports print is not a result
+            create_tiny("qwen2_5_vl", model, sw.vocabulary(), shape=a.shape, side=a.side)
     configs = []
     for attn in a.attn.split(","):
         for checkpointing in ("off", "on"):
@@ -176,7 +156,7 @@ def main() -> None:
                         sys.exit(f"child failed ({attn}, {checkpointing}, {mode}, m={m}):\n{res.stderr[-3000:]}")
                     rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
                 configs.append({"attn": attn, "checkpointing": checkpointing, "mode": mode, "rows": rows,
-                                "fit": fit(rows)})
+                                "fit": fit(rows), "fit_linear": fit(rows, quadratic=False)})
     out = {"shape": a.shape, "side": a.side, "frames": frames, "threads": a.threads, "configs": configs,
            "environment": {"torch": torch.__version__, "python": platform.python_version(),
                            "machine": platform.machine(), "processor": platform.processor()}}

@@ -55,7 +55,7 @@ def test_learnability_script(tiny_toy, tmp_path):
     assert r["environment"]["threads"] == 1 and len(out.stdout.strip().splitlines()) == 4  # header, rule, 2 runs
 
 
-def test_bench_memory_child_and_fit(tmp_path):
+def test_bench_memory_child_and_fit(tmp_path, monkeypatch):
     """One child of bench_memory.py (a probed, checkpointed pass on a tiny Qwen2.5-VL), and its fit recovering a
     planted c + a·n + b·n²."""
     import importlib.util
@@ -70,8 +70,10 @@ def test_bench_memory_child_and_fit(tmp_path):
                 "--checkpointing", "on", "--attn", "sdpa", "--side", "32", "--threads", "1"], tmp_path)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["frames"] == 4 and r["tokens"] > 0 and r["blocks"] > 0 and r["peak_gib"] >= 0
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when the script runs: its folder on the path
     spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "benchmarks" / "bench_memory.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = [{"tokens": n, "peak_gib": 1.5 + 0.8 * n / 1000 + 0.3 * (n / 1000) ** 2} for n in (128, 256, 512, 1024)]
     assert np.allclose(list(bench.fit(rows).values()), [1.5, 0.8, 0.3])
+    assert list(bench.fit(rows, quadratic=False)) == ["c", "a"]
