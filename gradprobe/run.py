@@ -3,6 +3,10 @@
 :func:`run_align` resolves the model and data (the embedded toy default when
 none are given), builds paired image and video batches, and calls
 :func:`gradprobe.align`.
+
+``_prepare`` is long because its order is the contract that bad input fails before heavy work: every option
+check, then the paths and records, then the memory plan (:func:`plan_memory`), and only then the decoding of
+images and clips; its pieces are the helpers below it.
 """
 
 from __future__ import annotations

@@ -75,15 +75,12 @@ def run_budget(opts: BudgetOptions, log: Callable[[str], None] | None = None, pr
     Raises:
         GradprobeError: bad options, paths or records (before any model is loaded).
     """
-    import torch
-
     from gradprobe._checks import check_positive_int
-    from gradprobe.data.clips import ClipStore
     from gradprobe.data.records import read_samples
     from gradprobe.models.registry import family_for, family_named
-    from gradprobe.probe.checkpoint import check_checkpointing, checkpointed
+    from gradprobe.probe.checkpoint import check_checkpointing
     from gradprobe.probe.measure import Progress
-    from gradprobe.run import DEFAULT_TOY, _device, plan_memory
+    from gradprobe.run import DEFAULT_TOY, _device
     from gradprobe.toybox import ensure_toy
 
     log = log or (lambda s: None)
@@ -151,34 +148,8 @@ def run_budget(opts: BudgetOptions, log: Callable[[str], None] | None = None, pr
     if rows:
         log(f"resuming: {len(rows)} of {len(samples)} clips already allocated")
         (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in rows))  # drop a torn last line
-    memory = None
-    if todo:
-        log(f"loading {model_dir}")
-        model, adapter = adapter_cls.load(model_dir, device=str(device))
-        model.eval()
-        store = ClipStore(Path(opts.data_root) if opts.data_root else data.parent, grid, size_of=adapter.frame_size)
-        if cls.backward:  # one clip at the largest budget: checkpointing for its backward, or a refusal
-            memory = plan_memory(adapter, model_dir, store, todo, grid[-1], 1, device, torch.float32,
-                                 quadratic=device.type == "cpu", checkpointing=opts.checkpointing)
-        method = cls(Context(model=model, adapter=adapter, store=store, grid=grid, tolerance=tolerance,
-                             embedder=opts.embedder, judge=opts.judge, log=log))
-        phase = f"allocating budgets ({opts.method})"
-        progress.start(phase, len(todo))
-        with open(out / MANIFEST, "a") as fh, checkpointed(model, bool(memory and memory["on"])):
-            for s in todo:
-                sc = method.scores(s)
-                m = method.choose(sc)
-                row = {"id": s.id, "frames": m, "method": opts.method, "score": sc[m],
-                       "scores": {str(k): v for k, v in sc.items()}, **method.extra(s)}
-                for key in ("qtype", "m_min"):
-                    if key in s.extra:
-                        row[key] = s.extra[key]
-                fh.write(json.dumps(row) + "\n")
-                fh.flush()
-                rows.append(row)
-                store._frames.pop(s.media, None)  # each clip is read once: keep nothing
-                progress.advance(phase)
-        progress.finish(phase)
+    memory = _allocate(opts, cls, adapter_cls, model_dir, data, grid, tolerance, todo, rows, out, device, log,
+                       progress) if todo else None
     by_id = {s.id: s for s in samples}
     rows = [r for r in rows if r["id"] in by_id]
     summary = summarize(rows, grid, opts, tolerance, cls)
@@ -201,6 +172,48 @@ def run_budget(opts: BudgetOptions, log: Callable[[str], None] | None = None, pr
         log(f"wrote {fmt} records with each clip's frames at its budget: {dst}")
     write_json(out / SUMMARY, summary)
     return summary
+
+
+def _allocate(opts: BudgetOptions, cls: Any, adapter_cls: Any, model_dir: Path, data: Path, grid: list[int],
+              tolerance: float, todo: list[Any], rows: list[dict[str, Any]], out: Path, device: Any,
+              log: Callable[[str], None], progress: Any) -> dict[str, Any] | None:
+    """Score and allocate each clip of ``todo``, appending its row to ``rows`` and to the manifest as it is done
+    (an interrupted run keeps every finished clip). Returns the memory plan of a method that runs a backward
+    (:func:`gradprobe.run.plan_memory`: activation checkpointing, or a refusal before any clip), else None."""
+    import torch
+
+    from gradprobe.data.clips import ClipStore
+    from gradprobe.probe.checkpoint import checkpointed
+    from gradprobe.run import plan_memory
+
+    log(f"loading {model_dir}")
+    model, adapter = adapter_cls.load(model_dir, device=str(device))
+    model.eval()
+    store = ClipStore(Path(opts.data_root) if opts.data_root else data.parent, grid, size_of=adapter.frame_size)
+    memory = None
+    if cls.backward:  # one clip at the largest budget
+        memory = plan_memory(adapter, model_dir, store, todo, grid[-1], 1, device, torch.float32,
+                             quadratic=device.type == "cpu", checkpointing=opts.checkpointing)
+    method = cls(Context(model=model, adapter=adapter, store=store, grid=grid, tolerance=tolerance,
+                         embedder=opts.embedder, judge=opts.judge, log=log))
+    phase = f"allocating budgets ({opts.method})"
+    progress.start(phase, len(todo))
+    with open(out / MANIFEST, "a") as fh, checkpointed(model, bool(memory and memory["on"])):
+        for s in todo:
+            sc = method.scores(s)
+            m = method.choose(sc)
+            row = {"id": s.id, "frames": m, "method": opts.method, "score": sc[m],
+                   "scores": {str(k): v for k, v in sc.items()}, **method.extra(s)}
+            for key in ("qtype", "m_min"):
+                if key in s.extra:
+                    row[key] = s.extra[key]
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            rows.append(row)
+            store._frames.pop(s.media, None)  # each clip is read once: keep nothing
+            progress.advance(phase)
+    progress.finish(phase)
+    return memory
 
 
 def _alignment(opts: BudgetOptions, rows: list[dict[str, Any]], by_id: dict[str, Any], grid: list[int],
