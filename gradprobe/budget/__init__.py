@@ -69,27 +69,16 @@ def read_manifest_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def run_budget(opts: BudgetOptions, log: Callable[[str], None] | None = None, progress: Any = None) -> dict[str, Any]:
-    """Allocate a budget to every clip, write the manifest and the summary; return the summary.
+def _check_options(opts: BudgetOptions) -> None:
+    """The options' own checks, before any model or record is read.
 
     Raises:
-        GradprobeError: bad options, paths or records (before any model is loaded).
+        GradprobeError: a bad value, path or combination (one line, for the CLI).
     """
     from gradprobe._checks import check_positive_int
-    from gradprobe.data.records import read_samples
-    from gradprobe.models.registry import family_for, family_named
+    from gradprobe.models.registry import family_for
     from gradprobe.probe.checkpoint import check_checkpointing
-    from gradprobe.probe.measure import Progress
-    from gradprobe.run import DEFAULT_TOY, _device
-    from gradprobe.toybox import ensure_toy
 
-    log = log or (lambda s: None)
-    progress = progress or Progress()
-    grid = parse_frames(opts.frames)
-    cls = method_named(opts.method)
-    tolerance = cls.default_tolerance if opts.tolerance is None else float(opts.tolerance)
-    if not tolerance >= 0:
-        raise InputError(f"tolerance: expected a number ≥ 0, got {opts.tolerance}")
     if opts.limit is not None:
         check_positive_int("limit", opts.limit)
     check_positive_int("alignment", opts.alignment, 0)
@@ -111,8 +100,29 @@ def run_budget(opts: BudgetOptions, log: Callable[[str], None] | None = None, pr
             raise InputError(f"{name}: {path} is not a directory")
     if opts.judge:
         family_for(opts.judge)  # a supported family, or a one-line error
-    family = family_for(opts.model) if opts.model else family_named("toy")
-    adapter_cls = family.adapter_class()
+
+
+def run_budget(opts: BudgetOptions, log: Callable[[str], None] | None = None, progress: Any = None) -> dict[str, Any]:
+    """Allocate a budget to every clip, write the manifest and the summary; return the summary.
+
+    Raises:
+        GradprobeError: bad options, paths or records (before any model is loaded).
+    """
+    from gradprobe.data.records import read_samples
+    from gradprobe.models.registry import family_for, family_named
+    from gradprobe.probe.measure import Progress
+    from gradprobe.run import DEFAULT_TOY, _device
+    from gradprobe.toybox import ensure_toy
+
+    log = log or (lambda s: None)
+    progress = progress or Progress()
+    grid = parse_frames(opts.frames)
+    cls = method_named(opts.method)
+    tolerance = cls.default_tolerance if opts.tolerance is None else float(opts.tolerance)
+    if not tolerance >= 0:
+        raise InputError(f"tolerance: expected a number ≥ 0, got {opts.tolerance}")
+    _check_options(opts)
+    adapter_cls = (family_for(opts.model) if opts.model else family_named("toy")).adapter_class()
     for m in grid:
         adapter_cls.check_budget(m)
     device = _device(opts.device)
